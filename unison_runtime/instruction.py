@@ -1,0 +1,94 @@
+"""Reading a user's instruction: ``###path###`` media references, the planning text, the prompt.
+
+Stage one plans from a text where each reference is replaced by ``<IMGPAD>`` or ``<VIDPAD>``;
+stage two's umT5 sees the instruction with the references removed. Both come from here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from .errors import PathError
+from .paths import check_reference_text, resolve_reference
+from .plan import IMAGE_PAD, VIDEO_PAD, MediaKind, MediaRef
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".webm", ".mkv"})
+MAX_REFERENCES = 16
+MAX_INSTRUCTION_CHARS = 20_000
+
+REFERENCE_PATTERN = re.compile(r"###(.*?)###", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """An instruction split into what each stage reads.
+
+    ``media`` keeps the references as written (role ``context`` until a planner assigns one);
+    ``resolved`` holds their real paths when allowed roots were given, else is empty.
+    """
+
+    text: str
+    prompt: str
+    planning_text: str
+    media: tuple[MediaRef, ...]
+    resolved: tuple[Path, ...] = ()
+
+
+def media_kind(reference: str) -> MediaKind:
+    """Image or video, from the file extension; anything else is refused with the accepted list."""
+    suffix = PurePath(reference).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    accepted = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+    raise PathError(f"media reference {reference!r} has an unsupported extension; expected one of {accepted}")
+
+
+def clean_prompt(text: str) -> str:
+    """Collapse the gaps left by removed references: no double spaces, no space before punctuation."""
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" +([,.;:!?])", r"\1", text)
+    text = re.sub(r"\(\s*\)", "", text)
+    return re.sub(r" *\n *", "\n", text).strip()
+
+
+def parse_instruction(
+    text: str,
+    roots: Sequence[str | Path] | None = None,
+    *,
+    must_exist: bool = False,
+    kinds: dict[str, MediaKind] | None = None,
+) -> Instruction:
+    """Split ``text`` into media references, the ``<IMGPAD>``/``<VIDPAD>`` text and the prompt.
+
+    With ``roots``, every reference must resolve inside them (see :mod:`.paths`). ``kinds``
+    names references whose kind is known without an extension (media wired in a graph).
+    """
+    if not isinstance(text, str):
+        raise PathError(f"instruction must be text, got {type(text).__name__}")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise PathError(f"instruction is {len(text)} characters long; at most {MAX_INSTRUCTION_CHARS}")
+    kinds = kinds or {}
+    media: list[MediaRef] = []
+    resolved: list[Path] = []
+
+    def to_pad(match: re.Match[str]) -> str:
+        reference = check_reference_text(match.group(1))
+        if len(media) >= MAX_REFERENCES:
+            raise PathError(f"instruction references more than {MAX_REFERENCES} media")
+        kind = kinds.get(reference) or media_kind(reference)
+        media.append(MediaRef(path=reference, kind=kind))
+        if roots is not None and reference not in kinds:
+            resolved.append(resolve_reference(reference, roots, must_exist=must_exist))
+        return IMAGE_PAD if kind == "image" else VIDEO_PAD
+
+    planning_text = REFERENCE_PATTERN.sub(to_pad, text)
+    prompt = clean_prompt(REFERENCE_PATTERN.sub(" ", text))
+    return Instruction(
+        text=text, prompt=prompt, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)
+    )
