@@ -1,0 +1,1 @@
+"""Stage two: Wan2.1-VACE loading (every format), source preparation, sampling, decoding."""
