@@ -182,12 +182,17 @@ def _unpickling_detail(message: str) -> str:
     for line in message.splitlines():
         line = line.strip()
         if "GLOBAL" in line or line.startswith("Unsupported"):
-            return f" ({line})"
+            return f" ({_first_line(line.removeprefix('WeightsUnpickler error: '))})"
     return ""
 
 
 def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+    """The first sentence of a library message, without its advice on how to bypass checks."""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    for end in (". Please", ". This is", ". If you"):
+        first = first.split(end)[0]
+    return first
 
 
 def _flat_tensor_mapping(obj: Any, label: str) -> dict[str, torch.Tensor]:
