@@ -170,6 +170,8 @@ def _load_pickle(path: Path, label: str, device: str | torch.device) -> Any:
         except pickle.UnpicklingError as exc:
             detail = _unpickling_detail(str(exc))
             raise WeightsError(f"{not_plain}; it was refused without running it{detail}") from None
+        except MemoryError:
+            raise
         except Exception as exc:  # corrupt archives raise RuntimeError, EOFError, ValueError, ...
             raise WeightsError(
                 f"{label}: cannot read it as a torch checkpoint, it may be truncated or corrupt "
