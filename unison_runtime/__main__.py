@@ -24,7 +24,7 @@ EXAMPLE = (
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="Qwen2.5-VL directory (base, or a merged Unison planner)")
     parser.add_argument("--lora", type=Path, help="Unison planning LoRA adapter directory (with --model)")
-    parser.add_argument("--device", default=None, help="torch device for stage one (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="stage-one torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="stage-one dtype")
     parser.add_argument(
         "--attention", default=None, choices=["sdpa", "flash_attention_2", "eager"], help="attention backend"
