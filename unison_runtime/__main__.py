@@ -138,26 +138,32 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         raise UnisonError("give either an INSTRUCTION or --batch FILE (not both)")
     planner = _make_planner(args)
     if args.batch is None:
-        out.write(json.dumps(_plan_one(planner, args.instruction, args.input_dir, args.fallback_to_rules),
-                             ensure_ascii=False, indent=2) + "\n")
+        plan = _plan_one(planner, args.instruction, args.input_dir, args.fallback_to_rules)
+        out.write(json.dumps(plan, ensure_ascii=False, indent=2) + "\n")
         return 0
     failures = 0
     for number, line in _batch_lines(args.batch):
-        record: dict[str, Any]
-        item_id: Any = None
-        try:
-            item = json.loads(line)
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise UnisonError(f'{args.batch}:{number}: expected {{"id": ..., "prompt": "..."}}')
-            item_id = item.get("id")
-            record = {"id": item_id, **_plan_one(planner, item["prompt"], args.input_dir, args.fallback_to_rules)}
-        except (UnisonError, json.JSONDecodeError) as exc:
-            failures += 1
-            record = {"id": item_id, "error": str(exc) if not isinstance(exc, json.JSONDecodeError)
-                      else f"{args.batch}:{number}: not valid JSON ({exc.msg})"}
+        record = _plan_batch_line(planner, args, number, line)
+        failures += "error" in record
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         out.flush()
     return 0 if failures == 0 else 1
+
+
+def _plan_batch_line(planner: Any, args: argparse.Namespace, number: int, line: str) -> dict[str, Any]:
+    """One batch record: the plan with its id, or the id with the error; the batch goes on either way."""
+    where = f"{args.batch}:{number}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"id": None, "error": f"{where}: not valid JSON ({exc.msg})"}
+    item_id = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        return {"id": item_id, "error": f'{where}: expected {{"id": ..., "prompt": "..."}}'}
+    try:
+        return {"id": item_id, **_plan_one(planner, item["prompt"], args.input_dir, args.fallback_to_rules)}
+    except UnisonError as exc:
+        return {"id": item_id, "error": str(exc)}
 
 
 def cmd_ask(args: argparse.Namespace, out: TextIO) -> int:
