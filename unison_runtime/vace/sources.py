@@ -224,7 +224,7 @@ def _editing(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
             notes.append(f"mask {mask_label} has {m_count} frames; the first {k} (one per source frame) are used")
         _pad_note(notes, "mask", mask_label, m_count, k, "are fully editable (mask 1)")
     if not fitted.any():
-        notes.append(f"mask {mask_label} marks no pixel to regenerate (all dark): the source is kept as is")
+        notes.append(f"mask {mask_label} marks no pixel to regenerate (all dark): the source frames are kept")
     return VaceInputs(frames, masks, _no_references(plan), notes)
 
 
