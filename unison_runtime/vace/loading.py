@@ -1,0 +1,219 @@
+"""Loading Wan2.1-VACE from a diffusers-layout directory (``Wan2.1-VACE-1.3B-diffusers``), offline.
+
+Each component has its own small loader (``load_transformer``, ``load_vae``, ``load_text_encoder``,
+``load_tokenizer``, ``read_scheduler_config``) so loaders for other formats (single-file
+checkpoints, ComfyUI folders) can reuse the ones they need and still return one
+:class:`~unison_runtime.vace.models.VaceModels`. Nothing here reaches for a hub: every call is
+``local_files_only`` and a missing part is a :class:`WeightsError` naming the file that is missing.
+Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import WeightsError
+from .models import VaceModels
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+                "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is usable, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
+    """The torch dtype for ``role`` on ``device``: an explicit choice wins, else a sensible default.
+
+    Defaults: on a GPU the transformer runs in bf16 (fp16 where bf16 is unsupported); the umT5
+    encoder in bf16, or fp32 where bf16 is unsupported because umT5 overflows in fp16; the VAE in
+    fp32 everywhere (Wan's reference and diffusers both decode in fp32 for quality). On the CPU
+    everything is fp32.
+    """
+    import torch
+
+    if dtype is not None and dtype != "auto":
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        name = _DTYPE_NAMES.get(str(dtype).lower())
+        if name is None:
+            raise WeightsError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16")
+        return getattr(torch, name)
+    kind = torch.device(device).type
+    if kind == "cpu" or role == "vae":
+        return torch.float32
+    bf16_ok = kind != "cuda" or torch.cuda.is_bf16_supported()
+    if role == "text_encoder":
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return torch.bfloat16 if bf16_ok else torch.float16
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise WeightsError(f"{what}: folder {path} is missing; expected the {path.name}/ sub-folder of a "
+                           "Wan2.1-VACE-1.3B-diffusers directory")
+    return path
+
+
+def _require_weights(folder: Path, filename: str, what: str) -> None:
+    """A config.json plus single or sharded safetensors weights must be present."""
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"{what}: {folder / 'config.json'} is missing")
+    index = folder / f"{filename}.index.json"
+    if (folder / filename).is_file():
+        return
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError) as exc:
+            raise WeightsError(f"{what}: {index} is not a valid shard index ({exc})") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise WeightsError(f"{what}: shard(s) {', '.join(missing)} listed in {index.name} are missing in {folder}")
+        return
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" (found {', '.join(others)}: only safetensors are loaded)" if others else ""
+    raise WeightsError(f"{what}: {folder / filename} (or a sharded {index.name}) is missing{hint}")
+
+
+def check_diffusers_dir(directory: str | Path) -> Path:
+    """Refuse an incomplete directory up front, naming the first missing sub-folder or file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WeightsError(f"VACE model folder {directory} does not exist; expected a Wan2.1-VACE-1.3B-diffusers "
+                           f"directory with {', '.join(COMPONENTS)} and scheduler sub-folders")
+    _require_weights(_require_dir(directory / "transformer", "VACE transformer"), DIFFUSERS_WEIGHTS,
+                     "VACE transformer")
+    _require_weights(_require_dir(directory / "vae", "Wan VAE"), DIFFUSERS_WEIGHTS, "Wan VAE")
+    _require_weights(_require_dir(directory / "text_encoder", "umT5 text encoder"), TRANSFORMERS_WEIGHTS,
+                     "umT5 text encoder")
+    tokenizer = _require_dir(directory / "tokenizer", "umT5 tokenizer")
+    if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+        raise WeightsError(f"umT5 tokenizer: neither {' nor '.join(TOKENIZER_FILES)} is in {tokenizer}")
+    return directory
+
+
+def _wrap(what: str, folder: Path, exc: Exception) -> WeightsError:
+    return WeightsError(f"{what}: cannot load {folder}: {type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- components
+
+
+def load_transformer(folder: str | Path, *, dtype: Any, device: str) -> Any:
+    """``WanVACETransformer3DModel`` from a diffusers folder, in ``dtype`` on ``device``, in eval mode."""
+    from diffusers import WanVACETransformer3DModel
+
+    folder = Path(folder)
+    try:
+        model = WanVACETransformer3DModel.from_pretrained(
+            folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _wrap("VACE transformer", folder, exc) from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(folder: str | Path, *, dtype: Any, device: str) -> Any:
+    """``AutoencoderKLWan`` from a diffusers folder."""
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(folder)
+    try:
+        model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _wrap("Wan VAE", folder, exc) from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(folder: str | Path, *, dtype: Any, device: str) -> Any:
+    """transformers' ``UMT5EncoderModel`` (umT5-XXL for the released model)."""
+    from transformers import UMT5EncoderModel
+
+    folder = Path(folder)
+    try:
+        model = UMT5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _wrap("umT5 text encoder", folder, exc) from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The umT5 tokenizer (``tokenizer.json`` / ``spiece.model``); remote code is never run."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _wrap("umT5 tokenizer", folder, exc) from exc
+
+
+def read_scheduler_config(folder: str | Path) -> dict[str, Any]:
+    """The scheduler config as plain data, or ``{}`` when absent (the sampler then uses Wan's defaults)."""
+    path = Path(folder) / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise WeightsError(f"scheduler: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"scheduler: {path} must hold a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- the whole model
+
+
+def load_vace_diffusers(
+    directory: str | Path,
+    *,
+    dtype: Any = None,
+    device: str | None = None,
+    text_device: str | None = None,
+    text_dtype: Any = None,
+    vae_dtype: Any = None,
+) -> VaceModels:
+    """Load every stage-two part from a ``Wan2.1-VACE-1.3B-diffusers`` directory, offline.
+
+    ``device`` holds the transformer and VAE (default: cuda if available); ``text_device`` the umT5
+    encoder (default: ``device``; pass ``"cpu"`` to keep umT5-XXL off the GPU). ``dtype`` is the
+    transformer's; ``text_dtype`` / ``vae_dtype`` default as :func:`resolve_dtype` says.
+    """
+    directory = check_diffusers_dir(directory)
+    device = device or default_device()
+    text_device = text_device or device
+    transformer_dtype = resolve_dtype(dtype, device, role="transformer")
+    models = VaceModels(
+        transformer=load_transformer(directory / "transformer", dtype=transformer_dtype, device=device),
+        vae=load_vae(directory / "vae", dtype=resolve_dtype(vae_dtype, device, role="vae"), device=device),
+        text_encoder=load_text_encoder(
+            directory / "text_encoder", dtype=resolve_dtype(text_dtype, text_device, role="text_encoder"),
+            device=text_device,
+        ),
+        tokenizer=load_tokenizer(directory / "tokenizer"),
+        device=device,
+        text_device=text_device,
+        dtype=transformer_dtype,
+        scheduler_config=read_scheduler_config(directory / "scheduler"),
+    )
+    models.origin = {name: str(directory / name) for name in (*COMPONENTS, "scheduler")}
+    return models

@@ -1,0 +1,337 @@
+"""Wan2.1-VACE sampling: VACE inputs + text contexts → float frames.
+
+The loop runs over the same parts as diffusers' ``WanVACEPipeline`` and prepares the latents the
+same way (so, with ``batch_cfg=False``, it reproduces that pipeline's output for the same inputs and
+noise), with three differences that matter to Unison:
+
+* guidance can run the conditional and unconditional passes as **one batched forward**
+  (``batch_cfg``; same result within float tolerance, faster where memory allows);
+* several reference images are placed in the order given (``r0, r1, ..., video``), as Wan's VACE
+  code does (diffusers prepends each in turn, which reverses them);
+* a ``progress(step, total)`` callback and a ``cancel()`` check run every step.
+
+Conventions (VACE's): the source video is in [-1, 1] (grey 0.5 → 0), the mask is binary with
+1 = regenerate; the VAE encodes ``video * (1 - mask)`` (kept) and ``video * mask`` (to regenerate)
+separately; the mask is pixel-unshuffled 8x8 into 64 channels and resized in time to the latent
+frames; each reference image is encoded alone, paired with zeros, and prepended in time, with a
+zero mask. The noise is drawn on the CPU from ``seed``, so a seed means the same noise everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import MediaError, SamplingCancelled, UnisonError
+from ..plan import Plan
+from .models import VaceModels
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+class VaceInputsLike(Protocol):
+    """What the sampler reads from :class:`unison_runtime.vace.sources.VaceInputs`."""
+
+    frames: torch.Tensor  # [T, H, W, 3] float 0..1, grey 0.5
+    masks: torch.Tensor  # [T, H, W] float 0/1, 1 = regenerate
+    references: torch.Tensor  # [R, H, W, 3] float 0..1 on a white canvas
+
+
+@dataclass
+class SamplingOptions:
+    """Stage-two settings; the defaults are the reference's (DESIGN section 8).
+
+    ``negative_prompt`` is used by whoever builds the negative context (``None``: Wan's default).
+    ``batch_cfg`` runs both guidance branches in one forward; turn it off to halve peak activations.
+    ``fps`` overrides the plan's frame rate (``None``: the plan's, 24 unless a planner or user set it).
+    """
+
+    steps: int = 50
+    guidance: float = 5.0
+    shift: float = 5.0
+    seed: int = 0
+    negative_prompt: str | None = None
+    context_scale: float = 1.0
+    batch_cfg: bool = True
+    fps: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UnisonError(f"sampling option steps={self.steps!r}: expected an integer >= 1")
+        if not self.shift > 0:
+            raise UnisonError(f"sampling option shift={self.shift!r}: expected a positive number")
+        if self.guidance < 0:
+            raise UnisonError(f"sampling option guidance={self.guidance!r}: expected >= 0 (1 = no guidance)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise UnisonError(f"sampling option seed={self.seed!r}: expected an integer in [0, 2**64)")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
+            raise UnisonError(f"sampling option fps={self.fps!r}: expected >= 1")
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs when the scale is above 1, as in diffusers."""
+        return self.guidance > 1.0
+
+
+@dataclass
+class Generation:
+    """The result: ``frames`` float32 ``[T, H, W, 3]`` in 0..1 on the CPU (T == 1 for images), and its fps."""
+
+    frames: torch.Tensor
+    fps: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedLatents:
+    """Everything the denoising loop needs besides the contexts (exposed for tests and benchmarks)."""
+
+    control: torch.Tensor  # [1, 2*z + 64, R + F, h, w]: inactive, reactive latents and the mask
+    noise: torch.Tensor  # [1, z, R + F, h, w] float32
+    num_references: int
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def vae_scales(models: VaceModels) -> tuple[int, int]:
+    """(temporal, spatial) compression of the VAE: 4 and 8 for Wan2.1's."""
+    down = list(models.vae.config.temperal_downsample)
+    return 2 ** sum(bool(d) for d in down), 2 ** len(down)
+
+
+def check_inputs(models: VaceModels, plan: Plan, inputs: VaceInputsLike) -> None:
+    """Refuse inputs that do not match the plan or the model before any heavy work."""
+    if plan.output == "text":
+        raise UnisonError(f"task {plan.task.value} is an understanding task; there is nothing to sample")
+    if models.transformer is None or models.vae is None:
+        raise UnisonError("the VACE transformer/VAE were released (or never loaded); load the VACE models again")
+    t, h, w = plan.num_frames, plan.height, plan.width
+    frames, masks, refs = inputs.frames, inputs.masks, inputs.references
+    if tuple(frames.shape) != (t, h, w, 3):
+        raise MediaError(f"VACE source frames are {tuple(frames.shape)}; the plan needs [{t}, {h}, {w}, 3]")
+    if tuple(masks.shape) != (t, h, w):
+        raise MediaError(f"VACE masks are {tuple(masks.shape)}; the plan needs [{t}, {h}, {w}]")
+    if refs.dim() != 4 or tuple(refs.shape[1:]) != (h, w, 3):
+        raise MediaError(f"VACE reference images are {tuple(refs.shape)}; expected [R, {h}, {w}, 3]")
+    temporal, spatial = vae_scales(models)
+    step = spatial * models.transformer.config.patch_size[1]
+    if h % step or w % step:
+        raise MediaError(f"size {w}x{h} is not a multiple of {step}, which this VACE model needs")
+    if (t - 1) % temporal:
+        raise MediaError(f"{t} frames: this VACE model needs {temporal}k+1 frames")
+
+
+# --------------------------------------------------------------------------- latents
+
+
+def _latent_stats(models: VaceModels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    config = models.vae.config
+    mean = torch.tensor(config.latents_mean, device=device, dtype=torch.float32).view(1, config.z_dim, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(config.latents_std, device=device, dtype=torch.float32).view(1, config.z_dim, 1, 1, 1)
+    return mean, inv_std
+
+
+def _encode(models: VaceModels, video: torch.Tensor) -> torch.Tensor:
+    """Normalised VAE latents (the distribution's mode, as VACE uses) of a [1, 3, T, H, W] video in [-1, 1]."""
+    vae = models.vae
+    latents = vae.encode(video.to(vae.dtype)).latent_dist.mode()
+    mean, inv_std = _latent_stats(models, latents.device)
+    return ((latents.float() - mean) * inv_std).to(vae.dtype)
+
+
+def _mask_latents(mask: torch.Tensor, latent_frames: int, spatial: int, patch: int) -> torch.Tensor:
+    """[T, H, W] mask → [spatial², F, h, w]: 8x8 pixel blocks become channels; time is resized (nearest-exact)."""
+    t, h, w = mask.shape
+    lh, lw = h // (spatial * patch) * patch, w // (spatial * patch) * patch
+    blocks = mask.view(t, lh, spatial, lw, spatial).permute(2, 4, 0, 1, 3).flatten(0, 1)
+    return torch.nn.functional.interpolate(blocks[None], size=(latent_frames, lh, lw), mode="nearest-exact")[0]
+
+
+def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int) -> PreparedLatents:
+    """VACE's control latents (source, mask, references) and the starting noise, on ``models.device``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = torch.device(models.device)
+    temporal, spatial = vae_scales(models)
+    patch = models.transformer.config.patch_size[1]
+    video = (inputs.frames.to(device=device, dtype=torch.float32) * 2.0 - 1.0).permute(3, 0, 1, 2)[None]
+    mask = torch.where(inputs.masks.to(device=device, dtype=torch.float32) > 0.5, 1.0, 0.0)
+    refs = inputs.references.to(device=device, dtype=torch.float32) * 2.0 - 1.0
+    num_refs = int(refs.shape[0])
+
+    with torch.no_grad():
+        video_mask = mask[None, None].to(models.vae.dtype)
+        video = video.to(models.vae.dtype)
+        inactive = _encode(models, video * (1 - video_mask))
+        reactive = _encode(models, video * video_mask)
+        source = torch.cat([inactive, reactive], dim=1)  # [1, 2z, F, h, w]
+        parts = []
+        for ref in refs:
+            latent = _encode(models, ref.permute(2, 0, 1)[None, :, None])  # [1, z, 1, h, w]
+            parts.append(torch.cat([latent, torch.zeros_like(latent)], dim=1))
+        source = torch.cat([*parts, source], dim=2)
+
+    latent_frames = (inputs.frames.shape[0] - 1) // temporal + 1
+    mask_latent = _mask_latents(mask, latent_frames, spatial, patch)
+    if num_refs:
+        mask_latent = torch.cat([mask_latent.new_zeros(mask_latent.shape[0], num_refs, *mask_latent.shape[2:]),
+                                 mask_latent], dim=1)
+    control = torch.cat([source, mask_latent[None].to(source.dtype)], dim=1).to(models.transformer.dtype)
+
+    z = models.transformer.config.in_channels
+    shape = (1, z, latent_frames + num_refs, inputs.frames.shape[1] // spatial, inputs.frames.shape[2] // spatial)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    return PreparedLatents(control=control, noise=noise, num_references=num_refs)
+
+
+def make_scheduler(models: VaceModels, shift: float) -> Any:
+    """A fresh UniPC scheduler in flow-prediction mode with ``flow_shift = shift`` (Wan's solver)."""
+    from diffusers import UniPCMultistepScheduler
+
+    # Keys of another scheduler class (e.g. FlowMatchEuler's) are not UniPC's: keep only UniPC's own.
+    known = set(UniPCMultistepScheduler().config)
+    config = {k: v for k, v in models.scheduler_config.items() if k in known}
+    config.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=float(shift))
+    return UniPCMultistepScheduler.from_config(config)
+
+
+# --------------------------------------------------------------------------- denoising
+
+
+def _forward(transformer: Any, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+             control: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    batch = context.shape[0]
+    x = latents.to(transformer.dtype)
+    if batch != x.shape[0]:
+        x = x.expand(batch, -1, -1, -1, -1)
+        control = control.expand(batch, -1, -1, -1, -1)
+    # diffusers' cache hooks (first-block cache etc.) key their state on this name; a no-op otherwise.
+    scope = transformer.cache_context(name) if hasattr(transformer, "cache_context") else nullcontext()
+    with scope:
+        return transformer(
+            hidden_states=x,
+            timestep=t.expand(batch),
+            encoder_hidden_states=context,
+            control_hidden_states=control,
+            control_hidden_states_scale=scale,
+            return_dict=False,
+        )[0]
+
+
+def _context(models: VaceModels, context: torch.Tensor | None, name: str) -> torch.Tensor:
+    if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != 1:
+        shape = tuple(context.shape) if isinstance(context, torch.Tensor) else context
+        raise UnisonError(f"{name} context is {shape}; expected a tensor [1, length, text_dim]")
+    text_dim = models.transformer.config.text_dim
+    if context.shape[2] != text_dim:
+        raise UnisonError(f"{name} context has width {context.shape[2]}; this VACE model's text_dim is {text_dim} "
+                          "(the umT5 encoder and projector must match it)")
+    return context.to(device=models.device, dtype=models.transformer.dtype)
+
+
+def denoise(
+    models: VaceModels,
+    prepared: PreparedLatents,
+    cond_context: torch.Tensor,
+    neg_context: torch.Tensor | None,
+    options: SamplingOptions,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    notes: list[str] | None = None,
+) -> torch.Tensor:
+    """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents."""
+    transformer = models.transformer
+    cond = _context(models, cond_context, "conditional")
+    guided = options.uses_guidance
+    neg = _context(models, neg_context, "negative") if guided else None
+    if guided and cond.shape[1] != neg.shape[1] and options.batch_cfg:
+        raise UnisonError(f"conditional ({cond.shape[1]}) and negative ({neg.shape[1]}) contexts differ in length; "
+                          "pad both to the same length (the reference uses 2048)")
+    batched = guided and options.batch_cfg
+    both = torch.cat([cond, neg]) if batched else None
+    scale = torch.full((len(transformer.config.vace_layers),), float(options.context_scale),
+                       device=models.device, dtype=transformer.dtype)
+    scheduler = make_scheduler(models, options.shift)
+    scheduler.set_timesteps(options.steps, device=models.device)
+    latents = prepared.noise
+    control = prepared.control
+    total = len(scheduler.timesteps)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            if cancel is not None and cancel():
+                raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {total}")
+            if batched:
+                try:
+                    cond_pred, uncond_pred = _forward(transformer, latents, t, both, control, scale,
+                                                      "cond_uncond").chunk(2)
+                except torch.OutOfMemoryError:
+                    batched, both = False, None
+                    if notes is not None:
+                        notes.append(f"batched guidance ran out of memory at step {i + 1}; continued with two passes")
+                    _empty_cache(models.device)
+            if not batched:
+                cond_pred = _forward(transformer, latents, t, cond, control, scale, "cond")
+                if guided:
+                    uncond_pred = _forward(transformer, latents, t, neg, control, scale, "uncond")
+            noise_pred = uncond_pred + options.guidance * (cond_pred - uncond_pred) if guided else cond_pred
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, total)
+    return latents
+
+
+def _empty_cache(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def decode(models: VaceModels, latents: torch.Tensor, num_references: int) -> torch.Tensor:
+    """Drop the reference frames, undo the latent normalisation, decode: float32 [T, H, W, 3] in 0..1 on the CPU."""
+    vae = models.vae
+    latents = latents[:, :, num_references:].to(vae.dtype)
+    mean, inv_std = _latent_stats(models, latents.device)
+    latents = (latents / inv_std.to(latents.dtype) + mean.to(latents.dtype))
+    with torch.no_grad():
+        video = vae.decode(latents, return_dict=False)[0]  # [1, 3, T, H, W] in [-1, 1]
+    frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+    return frames.cpu().contiguous()
+
+
+def sample(
+    models: VaceModels,
+    plan: Plan,
+    inputs: VaceInputsLike,
+    cond_context: torch.Tensor,
+    neg_context: torch.Tensor | None,
+    options: SamplingOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Generation:
+    """Generate the plan's image or video from VACE inputs and the two text contexts.
+
+    ``cond_context`` / ``neg_context`` are ``[1, L, text_dim]`` (see :mod:`.text`); ``neg_context``
+    may be ``None`` when ``options.guidance <= 1``. ``progress(step, total)`` is called after each
+    step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`). Deterministic
+    for a given seed on a given device.
+    """
+    options = options or SamplingOptions()
+    check_inputs(models, plan, inputs)
+    if options.uses_guidance and neg_context is None:
+        raise UnisonError(f"guidance {options.guidance} needs a negative context (or set guidance to 1)")
+    notes: list[str] = []
+    if cancel is not None and cancel():
+        raise SamplingCancelled("sampling cancelled before it started")
+    prepared = prepare_latents(models, inputs, options.seed)
+    latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
+                      notes=notes)
+    frames = decode(models, latents, prepared.num_references)
+    return Generation(frames=frames, fps=options.fps or plan.fps, notes=notes)
