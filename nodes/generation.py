@@ -1,0 +1,201 @@
+"""Stage two in the graph: Projector (hidden states → tokens), VACE Inputs (plan → native VACE
+tensors) and the VACE Sampler (plan + models → frames)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import comfy_bridge as comfy
+from ._runtime import errors, runtime_module
+from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, PlanPacket
+
+log = logging.getLogger("unison")
+
+REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _generation_plan(packet: Any, node: str) -> PlanPacket:
+    if comfy.is_blocked(packet) or not isinstance(packet, PlanPacket):
+        raise errors.UnisonError(f"{node}: expected a Unison plan (from the Planner or the Router), got "
+                                 f"{type(packet).__name__}")
+    if packet.plan.output == "text":
+        raise errors.PlanError("task", f"{node}: {packet.plan.task.value} is answered by stage one; there is nothing "
+                                        "to generate (wire the Task Router's image or video output here)")
+    return packet
+
+
+# --------------------------------------------------------------------------- projector
+
+
+class UnisonProjector:
+    DESCRIPTION = ("Turns stage one's hidden states into Unison's extra text tokens. Optionally appends them to a "
+                   "native Wan CONDITIONING (positive) and pads both branches to the reference context length, "
+                   "for ComfyUI's own WanVaceToVideo + KSampler path.")
+    CATEGORY = "Unison"
+    FUNCTION = "project"
+    RETURN_TYPES = (TOKENS, "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("tokens", "positive", "negative")
+    OUTPUT_TOOLTIPS = (
+        "The projector tokens [1, 4, 4096] for the Unison VACE Sampler (empty with the rule planner).",
+        "The positive conditioning with the tokens appended (and zero-padded to context_length).",
+        "The negative conditioning, zero-padded to context_length (no tokens: the reference adds none there).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "projector": (PROJECTOR, {"tooltip": "From Unison Projector Loader."}),
+                "hidden": (HIDDEN, {"tooltip": "Stage one's hidden states from the Unison Planner (empty with the "
+                                               "rule planner: then no tokens are added)."}),
+                "context_length": ("INT", {
+                    "default": REFERENCE_CONTEXT_LENGTH, "min": 0, "max": 8192,
+                    "tooltip": "Zero-pad both conditionings to this many positions, as the reference does (2048); "
+                               "0 = no padding."}),
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "Native Wan text conditioning (umT5 of the prompt) to append "
+                                                         "the tokens to."}),
+                "negative": ("CONDITIONING", {"tooltip": "Native Wan negative conditioning, padded the same way."}),
+            },
+        }
+
+    def project(self, projector: Any, hidden: Any, context_length: int = REFERENCE_CONTEXT_LENGTH,
+                positive: Any = None, negative: Any = None) -> dict[str, Any]:
+        module = runtime_module("projector")
+        notes = []
+        tokens = None
+        if hidden is None:
+            notes.append("no hidden states (the rule planner decided): no projector tokens are added")
+        else:
+            tokens = module.project(projector, hidden)
+            notes.append(f"projector tokens: {tuple(tokens.shape)}")
+        total = context_length or None
+        missing = "connect a CONDITIONING to the Unison Projector's {} input to use this output"
+        pos = module.append_to_conditioning(positive, tokens, total) if positive is not None else \
+            comfy.execution_blocker(missing.format("positive"))
+        neg = module.append_to_conditioning(negative, None, total) if negative is not None else \
+            comfy.execution_blocker(missing.format("negative"))
+        return {"ui": {"text": ["\n".join(notes)]}, "result": (tokens, pos, neg)}
+
+
+# --------------------------------------------------------------------------- VACE inputs
+
+
+class UnisonVaceInputs:
+    DESCRIPTION = ("Builds the plan's VACE inputs (source frames, masks, reference image) in the form ComfyUI's "
+                   "WanVaceToVideo takes, so the native Wan path follows the same task recipe as Unison's sampler.")
+    CATEGORY = "Unison"
+    FUNCTION = "prepare"
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
+    RETURN_NAMES = ("control_video", "control_masks", "reference_image")
+    OUTPUT_TOOLTIPS = (
+        "Source / control frames at the plan's size (0.5 grey = nothing given); WanVaceToVideo's control_video.",
+        "Masks, 1 = generate, 0 = keep; WanVaceToVideo's control_masks.",
+        "The first reference image on a white canvas (reference tasks; empty otherwise); WanVaceToVideo's "
+        "reference_image.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        tooltip = "A generation plan (the Task Router's plan, image or video output)."
+        return {"required": {"plan": (PLAN, {"tooltip": tooltip})}}
+
+    def prepare(self, plan: Any) -> dict[str, Any]:
+        packet = _generation_plan(plan, "Unison VACE Inputs")
+        sources = runtime_module("vace.sources")
+        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
+        control_video, control_masks, reference = sources.to_comfy_vace_inputs(inputs)
+        notes = list(inputs.notes)
+        if inputs.references.shape[0] > 1:
+            notes.append(f"{inputs.references.shape[0]} reference images; WanVaceToVideo takes only the first "
+                         "(the Unison VACE Sampler uses all)")
+        text = "\n".join(notes) or "inputs ready"
+        return {"ui": {"text": [text]}, "result": (control_video, control_masks, reference)}
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    import torch
+
+    mm = comfy.model_management()
+    found = getattr(mm, "OOM_EXCEPTION", None) if mm is not None else None
+    return (found,) if found is not None else (torch.OutOfMemoryError,)
+
+
+class UnisonVaceSampler:
+    DESCRIPTION = ("Stage two: generates the plan's image or video with Wan2.1-VACE, from the plan's media and the "
+                   "instruction's umT5 embedding plus the projector tokens.")
+    CATEGORY = "Unison"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("frames", "fps")
+    OUTPUT_TOOLTIPS = (
+        "The generated frames (one for image tasks); Save Image, or Create Video → Save Video.",
+        "Frames per second of the plan (for Create Video).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        negative = runtime_module("vace.text").WAN_NEGATIVE_PROMPT
+        return {
+            "required": {
+                "vace": (VACE, {"tooltip": "From a Unison VACE Loader."}),
+                "plan": (PLAN, {"tooltip": "A generation plan: the Task Router's image or video output."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same result on the same device."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                                  "tooltip": "Denoising steps (the reference uses 50)."}),
+                "guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                       "tooltip": "Classifier-free guidance scale (reference 5.0; 1 = off, faster)."}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 50.0, "step": 0.1, "round": 0.01,
+                                    "tooltip": "Flow-matching timestep shift (reference 5.0)."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": negative,
+                                               "tooltip": "What to steer away from (Wan's default negative prompt)."}),
+            },
+            "optional": {
+                "tokens": (TOKENS, {"tooltip": "Projector tokens from the Unison Projector; appended to the "
+                                               "instruction's embedding. Not connected: umT5 alone."}),
+            },
+        }
+
+    def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
+               negative_prompt: str, tokens: Any = None) -> dict[str, Any]:
+        packet = _generation_plan(plan, "Unison VACE Sampler")
+        sources = runtime_module("vace.sources")
+        sampler = runtime_module("vace.sampler")
+        text = runtime_module("vace.text")
+        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
+        options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
+                                          negative_prompt=negative_prompt)
+        comfy.load_for_use(vace.patchers)
+        bar = comfy.progress_bar(steps)
+
+        def progress(step: int, total: int) -> None:
+            if bar is not None:
+                bar.update_absolute(step, total)
+
+        def cancel() -> bool:
+            comfy.throw_if_interrupted()  # raises ComfyUI's InterruptProcessingException
+            return False
+
+        try:
+            contexts = text.text_contexts(vace.models, packet.plan.prompt, tokens, negative_prompt=negative_prompt)
+            generation = sampler.sample(vace.models, packet.plan, inputs, contexts.cond, contexts.neg, options,
+                                        progress=progress, cancel=cancel)
+        except _out_of_memory_types() as exc:
+            comfy.empty_cache()
+            p = packet.plan
+            raise type(exc)(
+                f"Unison VACE Sampler ran out of memory generating {p.width}x{p.height}, {p.num_frames} frame(s): "
+                "lower width/height or frames on the Task Router, set guidance to 1, or load the text encoder on "
+                f"the CPU ({exc})"
+            ) from exc
+        notes = [*inputs.notes, *generation.notes]
+        frames = generation.frames
+        summary = f"{frames.shape[0]} frame(s) {frames.shape[2]}x{frames.shape[1]} @ {generation.fps} fps"
+        return {"ui": {"text": ["\n".join([summary, *notes])]}, "result": (frames, float(generation.fps))}

@@ -1,0 +1,321 @@
+"""Loader nodes: the Qwen2.5-VL planner, the projector, and Wan2.1-VACE (from files or a diffusers folder).
+
+Each loader lists its choices from ComfyUI's model folders, loads through ``unison_runtime``
+and hands back one object. Caching, reuse and release follow :mod:`.model_cache`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import comfy_bridge as comfy
+from ._runtime import errors, runtime_module
+from .model_cache import LOADED, signature
+from .packets import PLANNER, PROJECTOR, VACE
+
+log = logging.getLogger("unison")
+
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+AUTO = "auto"
+CPU = "cpu"
+MAIN_DEVICE = "main device"
+QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+NO_LORA = "none"
+
+
+def nothing_found(folder: str, what: str) -> str:
+    """The single combo entry shown when a folder holds nothing usable (a combo may not be empty)."""
+    return f"(no {what} in models/{folder})"
+
+
+def _is_placeholder(choice: str) -> bool:
+    return choice.startswith("(no ")
+
+
+def _missing(folder: str, choice: str, what: str) -> errors.WeightsError:
+    if _is_placeholder(choice):
+        return errors.WeightsError(f"no {what} found in ComfyUI's models/{folder} folder(s) "
+                                   f"{[str(p) for p in comfy.model_folders(folder)]}; put the files there "
+                                   "(README: 'Where model files go') and press R to refresh")
+    return errors.WeightsError(f"{what} {choice!r} is not in ComfyUI's models/{folder} folder(s) "
+                               f"{[str(p) for p in comfy.model_folders(folder)]} (deleted or renamed?)")
+
+
+def _choose(folder: str, choice: str, what: str) -> Path:
+    path = None if _is_placeholder(choice) else comfy.resolve_model_path(folder, choice)
+    if path is None:
+        raise _missing(folder, choice, what)
+    return path
+
+
+def _maybe_path(folder: str, choice: str) -> Path | None:
+    return None if _is_placeholder(choice) or choice == NO_LORA else comfy.resolve_model_path(folder, choice)
+
+
+def _device_name(choice: str, *, text: bool = False) -> str:
+    if choice == CPU:
+        return "cpu"
+    if choice == AUTO and text:
+        return str(comfy.text_encoder_device())
+    return str(comfy.torch_device())
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def qwen_model_folders() -> list[str]:
+    """Folders of ``models/unison`` holding a Qwen2.5-VL (base or merged planner) config."""
+    found = []
+    for rel in comfy.model_directories(comfy.UNISON_FOLDER, ["config.json"]):
+        path = comfy.resolve_model_path(comfy.UNISON_FOLDER, rel)
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if model_type in QWEN_MODEL_TYPES:
+            found.append(rel)
+    return found
+
+
+@dataclass(eq=False)
+class LoadedPlanner:
+    """What ``UNISON_PLANNER`` carries: the runtime planner and its ComfyUI model-manager handle."""
+
+    planner: Any
+    label: str
+    patcher: Any = None
+
+
+class UnisonPlannerLoader:
+    DESCRIPTION = ("Loads stage one: Qwen2.5-VL-3B-Instruct with the Unison planning LoRA (or an already merged "
+                   "planner) from models/unison. Reused across runs until a choice changes.")
+    CATEGORY = "Unison/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (PLANNER,)
+    RETURN_NAMES = ("planner",)
+    OUTPUT_TOOLTIPS = ("The stage-one planner; connect it to the Unison Planner's planner input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        models = qwen_model_folders() or [nothing_found(comfy.UNISON_FOLDER, "Qwen2.5-VL folders")]
+        loras = [NO_LORA, *comfy.model_directories(comfy.UNISON_FOLDER, ["adapter_config.json"])]
+        return {
+            "required": {
+                "model": (models, {"tooltip": "Qwen2.5-VL-3B-Instruct folder (Hugging Face layout), or a merged "
+                                              "Unison planner, inside models/unison."}),
+                "lora": (loras, {"default": NO_LORA,
+                                 "tooltip": "The Unison planning LoRA adapter folder (peft layout) inside "
+                                            "models/unison; 'none' for a merged planner or the bare base model."}),
+                "dtype": (DTYPES, {"default": AUTO,
+                                   "tooltip": "Weight dtype; auto = bf16 on a GPU that supports it, else fp32."}),
+                "device": ([AUTO, CPU], {"default": AUTO,
+                                         "tooltip": "auto = ComfyUI's device (the GPU unless started with --cpu)."}),
+                "attention": (["sdpa", "eager", "flash_attention_2"], {
+                    "default": "sdpa",
+                    "tooltip": "Attention backend; flash_attention_2 needs the flash-attn package and a GPU."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model: str, lora: str, **_: Any) -> str:
+        return signature([_maybe_path(comfy.UNISON_FOLDER, model), _maybe_path(comfy.UNISON_FOLDER, lora)])
+
+    def load(self, model: str, lora: str, dtype: str, device: str, attention: str) -> tuple[LoadedPlanner]:
+        model_dir = _choose(comfy.UNISON_FOLDER, model, "Qwen2.5-VL folder")
+        lora_dir = None if lora == NO_LORA else _choose(comfy.UNISON_FOLDER, lora, "planning LoRA folder")
+        target = _device_name(device)
+        key = ("planner", signature([model_dir, lora_dir]), dtype, target, attention)
+
+        def load() -> LoadedPlanner:
+            qwen = runtime_module("planner.qwen")
+            planner = qwen.load_planner(model_dir, lora_dir, device=target, dtype=None if dtype == AUTO else dtype,
+                                        attention=attention)
+            label = model_dir.name + (f" + {lora_dir.name}" if lora_dir else "")
+            module = getattr(planner, "model", None)
+            patcher = comfy.manage_modules(f"Unison planner {label}", {"model": module}, target) \
+                if module is not None else None
+            return LoadedPlanner(planner=planner, label=label, patcher=patcher)
+
+        return (LOADED.get_or_load(key, load),)
+
+
+# --------------------------------------------------------------------------- projector
+
+
+class UnisonProjectorLoader:
+    DESCRIPTION = "Loads the Unison projector (projector.pth or .safetensors from models/unison)."
+    CATEGORY = "Unison/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (PROJECTOR,)
+    RETURN_NAMES = ("projector",)
+    OUTPUT_TOOLTIPS = ("The projector; connect it to the Unison Projector node.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        files = comfy.model_files(comfy.UNISON_FOLDER, comfy.PROJECTOR_EXTENSIONS) or [
+            nothing_found(comfy.UNISON_FOLDER, "projector files")]
+        return {
+            "required": {
+                "projector": (files, {"tooltip": "The released projector.pth (loaded without running pickled code) "
+                                                 "or a .safetensors copy, inside models/unison."}),
+                "dtype": (DTYPES, {"default": AUTO, "tooltip": "auto keeps the stored dtype (fp32 for the release)."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, projector: str, **_: Any) -> str:
+        return signature([_maybe_path(comfy.UNISON_FOLDER, projector)])
+
+    def load(self, projector: str, dtype: str) -> tuple[Any]:
+        path = _choose(comfy.UNISON_FOLDER, projector, "projector file")
+        device = str(comfy.torch_device())
+        key = ("projector", signature([path]), dtype, device)
+
+        def load() -> Any:
+            module = runtime_module("projector")
+            return module.load_projector(path, device=device, dtype=None if dtype == AUTO else dtype)
+
+        return (LOADED.get_or_load(key, load),)
+
+
+# --------------------------------------------------------------------------- VACE
+
+
+@dataclass(eq=False)
+class LoadedVace:
+    """What ``UNISON_VACE`` carries: the runtime models and their ComfyUI model-manager handles."""
+
+    models: Any  # unison_runtime.vace.models.VaceModels
+    label: str
+    patchers: list[Any] = field(default_factory=list)
+
+
+def _manage_vace(models: Any, label: str) -> LoadedVace:
+    patchers = [
+        comfy.manage_modules(f"Unison VACE {label}", {"transformer": models.transformer, "vae": models.vae},
+                             models.device),
+        comfy.manage_modules(f"Unison umT5 {label}", {"text_encoder": models.text_encoder}, models.text_device),
+    ]
+    return LoadedVace(models=models, label=label, patchers=[p for p in patchers if p is not None])
+
+
+TEXT_DEVICE_TOOLTIP = ("Where umT5-XXL runs: auto = ComfyUI's text-encoder device; cpu keeps its ~11 GB off the GPU "
+                       "(slower prompt encoding, once per run); main device = the GPU.")
+
+
+class UnisonVaceLoader:
+    DESCRIPTION = ("Loads Wan2.1-VACE-1.3B for Unison from the files ComfyUI users already have: the transformer "
+                   "(diffusion_models), the Wan VAE (vae) and umT5-XXL (text_encoders). Reused across runs until "
+                   "a choice changes.")
+    CATEGORY = "Unison/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (VACE,)
+    RETURN_NAMES = ("vace",)
+    OUTPUT_TOOLTIPS = ("The stage-two models; connect to Unison VACE Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        transformers_ = comfy.model_files("diffusion_models") or [nothing_found("diffusion_models", "model files")]
+        vaes = comfy.model_files("vae") or [nothing_found("vae", "VAE files")]
+        encoders = sorted({*comfy.model_files("text_encoders"),
+                           *comfy.model_directories("text_encoders", ["config.json"])}) or [
+            nothing_found("text_encoders", "text encoders")]
+        return {
+            "required": {
+                "transformer": (transformers_, {"tooltip": "Wan2.1-VACE-1.3B transformer, e.g. "
+                                                           "wan2.1_vace_1.3B_fp16.safetensors (ComfyUI or original "
+                                                           "layout), from models/diffusion_models."}),
+                "vae": (vaes, {"tooltip": "Wan 2.1 VAE, e.g. wan_2.1_vae.safetensors or Wan2.1_VAE.pth, "
+                                          "from models/vae."}),
+                "text_encoder": (encoders, {"tooltip": "umT5-XXL, e.g. umt5_xxl_fp16.safetensors (with its embedded "
+                                                       "tokenizer) or a Hugging Face umt5-xxl folder, from "
+                                                       "models/text_encoders."}),
+                "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
+                                                                "fp32 on the CPU."}),
+                "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, transformer: str, vae: str, text_encoder: str, **_: Any) -> str:
+        return signature([_maybe_path("diffusion_models", transformer), _maybe_path("vae", vae),
+                          _maybe_path("text_encoders", text_encoder)])
+
+    def load(self, transformer: str, vae: str, text_encoder: str, dtype: str,
+             text_encoder_device: str) -> tuple[LoadedVace]:
+        paths = (
+            _choose("diffusion_models", transformer, "VACE transformer file"),
+            _choose("vae", vae, "Wan VAE file"),
+            _choose("text_encoders", text_encoder, "umT5 text encoder"),
+        )
+        device = str(comfy.torch_device())
+        text_device = _device_name(text_encoder_device, text=True)
+        key = ("vace-files", signature(paths), dtype, device, text_device)
+
+        def load() -> LoadedVace:
+            files = runtime_module("vace.files")
+            models = files.load_vace_from_files(*paths, dtype=None if dtype == AUTO else dtype, device=device,
+                                                text_device=text_device)
+            return _manage_vace(models, paths[0].name)
+
+        return (LOADED.get_or_load(key, load),)
+
+
+def diffusers_folders() -> list[str]:
+    """``Wan2.1-VACE-*-diffusers`` style folders (``model_index.json``) in models/unison and models/diffusers."""
+    return [f"{folder}/{rel}" for folder in (comfy.UNISON_FOLDER, "diffusers")
+            for rel in comfy.model_directories(folder, ["model_index.json"])]
+
+
+def _diffusers_path(choice: str) -> Path | None:
+    folder, _, rel = choice.partition("/")
+    if folder not in (comfy.UNISON_FOLDER, "diffusers") or not rel:
+        return None
+    return comfy.resolve_model_path(folder, rel)
+
+
+class UnisonVaceDiffusersLoader:
+    DESCRIPTION = ("Loads Wan2.1-VACE from a diffusers-layout folder (Wan2.1-VACE-1.3B-diffusers) in models/unison "
+                   "or models/diffusers.")
+    CATEGORY = "Unison/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (VACE,)
+    RETURN_NAMES = ("vace",)
+    OUTPUT_TOOLTIPS = ("The stage-two models; connect to Unison VACE Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        folders = diffusers_folders() or [nothing_found("unison", "diffusers folders")]
+        return {
+            "required": {
+                "folder": (folders, {"tooltip": "A diffusers-layout Wan2.1-VACE folder (with model_index.json)."}),
+                "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
+                                                                "fp32 on the CPU."}),
+                "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str, **_: Any) -> str:
+        return signature([_diffusers_path(folder)])
+
+    def load(self, folder: str, dtype: str, text_encoder_device: str) -> tuple[LoadedVace]:
+        path = _diffusers_path(folder)
+        if path is None:
+            raise _missing(comfy.UNISON_FOLDER if _is_placeholder(folder) else folder.partition("/")[0], folder,
+                           "diffusers VACE folder")
+        device = str(comfy.torch_device())
+        text_device = _device_name(text_encoder_device, text=True)
+        key = ("vace-diffusers", signature([path]), dtype, device, text_device)
+
+        def load() -> LoadedVace:
+            loading = runtime_module("vace.loading")
+            models = loading.load_vace_diffusers(path, dtype=None if dtype == AUTO else dtype, device=device,
+                                                 text_device=text_device)
+            return _manage_vace(models, path.name)
+
+        return (LOADED.get_or_load(key, load),)
