@@ -1,0 +1,492 @@
+"""Loading stage one: Qwen2.5-VL, alone, with the Unison planning LoRA, or already merged.
+
+The reference asked users to run a separate merge tool and then hand-edit ``config.json``
+(``tie_word_embeddings`` -> false). Here both happen in memory, so the user points at what
+they downloaded:
+
+- a base directory + the LoRA adapter directory: the 14 planner tokens are added to the
+  tokenizer (the adapter's own tokenizer is used when it ships one), the embeddings are grown
+  to the adapter's row count if needed, the adapter is checked against the base (every tensor
+  must fit a module of the base, else :class:`WeightsError`), loaded with peft and merged. The
+  adapter trains ``embed_tokens`` and ``lm_head`` apart, so after the merge they are two
+  different matrices even though the 3B base ties them: the config is untied to match.
+- a merged directory: when its config says ``tie_word_embeddings: true`` but the checkpoint
+  carries its own ``lm_head.weight`` (the reference bug), it is loaded untied, so the trained
+  LM head is used instead of being silently replaced by the embeddings.
+
+Nothing reaches for a hub (``local_files_only=True``); only safetensors weights are read, and
+every file is checked (header, byte ranges) before transformers touches it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UnisonError, WeightsError
+from ..plan import PLANNER_TOKENS
+from ..weights import load_state_dict, read_safetensors_header
+
+MODEL_TYPE = "qwen2_5_vl"
+ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "eager")
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+_ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
+# peft's own chatter about tied embeddings: we untie on purpose and say so in the planner's notes.
+_PEFT_NOISE = (
+    r".*tie_word_embeddings.*",
+    r".*no longer tied after merging.*",
+    r".*is_gradient_checkpointing.*",
+)
+
+
+@dataclass
+class LoadedQwen:
+    """A loaded stage-one model and what was done to load it."""
+
+    model: Any
+    processor: Any
+    model_dir: Path
+    lora_dir: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+    has_planner_tokens: bool
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- choices
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, or CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UnisonError(
+            f"stage-one device {device!r} is not a torch device ({exc}); expected e.g. cpu, cuda, cuda:1"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UnisonError(f"stage-one device {device!r} asks for CUDA, but torch sees no CUDA device here")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UnisonError(f"stage-one dtype {dtype!r} is not one of auto, bf16, fp16, fp32") from None
+
+
+def flash_attention_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(attention: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """sdpa by default; flash_attention_2 when flash-attn is installed and the model runs half precision on CUDA."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if attention is None or attention == "auto":
+        if flash_attention_available() and device.type == "cuda" and half:
+            return "flash_attention_2"
+        return "sdpa"
+    if attention not in ATTENTION_CHOICES:
+        raise UnisonError(f"attention {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if attention == "flash_attention_2":
+        if not flash_attention_available():
+            raise UnisonError(
+                "attention 'flash_attention_2' was requested but the flash-attn package is not installed; "
+                "install it (pip install flash-attn) or use --attention sdpa"
+            )
+        if device.type != "cuda" or not half:
+            raise UnisonError(
+                f"attention 'flash_attention_2' needs a CUDA device and bf16/fp16, got {device} / {dtype}; "
+                "use --attention sdpa"
+            )
+    return attention
+
+
+# --------------------------------------------------------------------------- directory checks
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{what} directory {path} does not exist")
+    if not path.is_dir():
+        raise WeightsError(f"{what} path {path} is a file; expected a directory")
+    return path
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise WeightsError(f"{what}: {path.name} is missing in {path.parent}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{what}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{what}: {path} holds a JSON {type(data).__name__}; expected an object")
+    return data
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model directory (single file or sharded with an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "Qwen2.5-VL checkpoint index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"Qwen2.5-VL checkpoint index {index} has no weight_map")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"Qwen2.5-VL checkpoint in {model_dir} lacks shard(s) {missing} listed in {index.name}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
+        hint = f" (found {pickles}; only safetensors weights are loaded)" if pickles else ""
+        raise WeightsError(f"Qwen2.5-VL directory {model_dir} has no *.safetensors weights{hint}")
+    return files
+
+
+def checkpoint_tensor_names(model_dir: Path) -> set[str]:
+    """Every tensor name in the checkpoint; each file's header is validated on the way (truncation, offsets)."""
+    names: set[str] = set()
+    for path in checkpoint_files(model_dir):
+        header = read_safetensors_header(path, what="Qwen2.5-VL")
+        names.update(k for k in header if k != "__metadata__")
+    return names
+
+
+def _config_ties(config: dict[str, Any]) -> bool:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+
+
+def _check_model_dir(model_dir: Path) -> tuple[dict[str, Any], set[str]]:
+    config = _read_json(model_dir / "config.json", "Qwen2.5-VL directory")
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise WeightsError(
+            f"{model_dir / 'config.json'} says model_type {model_type!r}; expected {MODEL_TYPE!r} (Qwen2.5-VL)"
+        )
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise WeightsError(f"Qwen2.5-VL directory {model_dir} has no tokenizer (tokenizer.json or vocab.json)")
+    if not any((model_dir / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        raise WeightsError(f"Qwen2.5-VL directory {model_dir} has no preprocessor_config.json (image processor)")
+    return config, checkpoint_tensor_names(model_dir)
+
+
+# --------------------------------------------------------------------------- processor / tokens
+
+
+def has_planner_tokens(tokenizer: Any) -> bool:
+    """True when each of the 14 Unison tokens is one token of ``tokenizer``."""
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab and len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in PLANNER_TOKENS)
+
+
+def _load_processor(model_dir: Path, lora_dir: Path | None) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"cannot load the Qwen2.5-VL processor from {model_dir}: {exc}") from None
+    if lora_dir is None:
+        return processor
+    tokenizer = processor.tokenizer
+    if any((lora_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(lora_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise WeightsError(f"cannot load the tokenizer saved with the LoRA in {lora_dir}: {exc}") from None
+    missing = [t for t in PLANNER_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        # Same order the adapter was trained with, so the ids line up with its embedding rows.
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return type(processor)(
+        image_processor=processor.image_processor,
+        tokenizer=tokenizer,
+        video_processor=processor.video_processor,
+        chat_template=processor.chat_template or getattr(tokenizer, "chat_template", None),
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _load_model(model_dir: Path, *, untie: bool, device: torch.device, dtype: torch.dtype, attention: str) -> Any:
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if untie:
+        _untie_config(config)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": dtype,
+        "attn_implementation": attention,
+        "local_files_only": True,
+    }
+    if device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise WeightsError(f"cannot load Qwen2.5-VL weights from {model_dir}: {_first_line(exc)}") from None
+    return model.eval()
+
+
+def _untie_config(config: Any) -> None:
+    config.tie_word_embeddings = False
+    text = getattr(config, "text_config", None)
+    if text is not None and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = False
+
+
+def embeddings_tied(model: Any) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def adapter_weight_file(lora_dir: Path) -> Path:
+    for name in _ADAPTER_WEIGHT_FILES:
+        if (lora_dir / name).is_file():
+            return lora_dir / name
+    raise WeightsError(f"LoRA directory {lora_dir} has no {' or '.join(_ADAPTER_WEIGHT_FILES)}")
+
+
+def normalize_adapter_key(key: str) -> str:
+    """An adapter tensor name as a module path of today's model (transformers >= 4.52 layout).
+
+    Adapters trained on older transformers name the text decoder ``model.layers...`` and the
+    vision tower ``visual...``; today they live at ``model.language_model...`` and
+    ``model.visual...``.
+    """
+    key = key.removeprefix(_PEFT_PREFIX)
+    if key.startswith(("model.language_model.", "model.visual.", "lm_head.")):
+        return key
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key.removeprefix("model.")
+    return key
+
+
+def _fit_message(lora_file: Path, model_dir: Path, base_name: str | None, problem: str) -> str:
+    trained = f" (its adapter_config.json names base {base_name!r})" if base_name else ""
+    return (
+        f"LoRA adapter {lora_file} does not fit the Qwen2.5-VL model in {model_dir}: {problem}. "
+        f"It was trained for another base model{trained}; use the base it was trained on (Qwen2.5-VL-3B-Instruct "
+        "for the Unison release)"
+    )
+
+
+def check_adapter_fits(
+    state: dict[str, torch.Tensor], model: Any, *, lora_file: Path, model_dir: Path, base_name: str | None
+) -> int | None:
+    """Refuse an adapter whose tensors do not fit ``model``; return the embedding row count it needs (or None).
+
+    Checked from shapes alone before peft sees the adapter, so a wrong base gives one clear
+    error instead of a size-mismatch traceback.
+    """
+    modules = dict(model.named_modules())
+    hidden = model.get_input_embeddings().weight.shape[1]
+    embedding_rows: dict[str, int] = {}
+
+    def fail(problem: str) -> WeightsError:
+        return WeightsError(_fit_message(lora_file, model_dir, base_name, problem))
+
+    for key, tensor in state.items():
+        match = _LORA_KEY.match(key)
+        module_name = match.group("module") if match else key.rsplit(".", 1)[0]
+        module = modules.get(module_name)
+        if module is None:
+            owner = module_name.split(".token_adapter")[0]
+            if ".token_adapter" in module_name and owner in modules:
+                continue  # trainable-token deltas: peft checks their indices itself
+            raise fail(f"it has weights for {module_name!r}, a module the base does not have")
+        if match:
+            kind = match.group("kind")
+            if isinstance(module, torch.nn.Linear):
+                expected = {
+                    "lora_A": ("in_features", 1, module.in_features),
+                    "lora_B": ("out_features", 0, module.out_features),
+                }
+                if kind not in expected:
+                    raise fail(f"{key} is an embedding LoRA weight, but {module_name} is a linear layer")
+                label, dim, size = expected[kind]
+                if tensor.ndim != 2 or tensor.shape[dim] != size:
+                    raise fail(f"{key} has shape {list(tensor.shape)}, but {module_name} has {label}={size}")
+            elif isinstance(module, torch.nn.Embedding):
+                if kind == "lora_embedding_B" and (tensor.ndim != 2 or tensor.shape[0] != module.embedding_dim):
+                    raise fail(
+                        f"{key} has shape {list(tensor.shape)}, but {module_name} has dimension {module.embedding_dim}"
+                    )
+            else:
+                raise fail(
+                    f"{key} targets {module_name}, a {type(module).__name__} (LoRA fits linear and embedding layers)"
+                )
+            continue
+        param_name = key.rsplit(".", 1)[1]
+        param = getattr(module, param_name, None)
+        if not isinstance(param, torch.Tensor):
+            raise fail(f"it has {key!r}, but {module_name} has no {param_name!r}")
+        is_embedding_matrix = module is model.get_input_embeddings() or module is model.get_output_embeddings()
+        if is_embedding_matrix and param_name == "weight":
+            if tensor.ndim != 2 or tensor.shape[1] != hidden:
+                raise fail(f"{key} has shape {list(tensor.shape)}, but the base's hidden size is {hidden}")
+            embedding_rows[key] = tensor.shape[0]
+        elif tuple(tensor.shape) != tuple(param.shape):
+            raise fail(f"{key} has shape {list(tensor.shape)}, but the base's is {list(param.shape)}")
+    rows = set(embedding_rows.values())
+    if len(rows) > 1:
+        raise fail(f"its embedding matrices disagree on the vocabulary size: {embedding_rows}")
+    return rows.pop() if rows else None
+
+
+def _lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({m.group("module") for key in state if (m := _LORA_KEY.match(key))})
+
+
+def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, notes: list[str]) -> Any:
+    """Load the Unison LoRA from ``lora_dir`` into ``model``, merge it, and return the merged model."""
+    from peft import LoraConfig, PeftModel
+    from peft.utils import set_peft_model_state_dict
+
+    config_data = _read_json(lora_dir / "adapter_config.json", "LoRA adapter")
+    if str(config_data.get("peft_type", "")).upper() != "LORA":
+        raise WeightsError(
+            f"{lora_dir / 'adapter_config.json'} has peft_type {config_data.get('peft_type')!r}; expected 'LORA'"
+        )
+    lora_file = adapter_weight_file(lora_dir)
+    raw = load_state_dict(lora_file, what="Unison LoRA adapter", device="cpu")
+    state = {normalize_adapter_key(k): v for k, v in raw.items()}
+    if len(state) != len(raw):
+        raise WeightsError(f"LoRA adapter {lora_file} names some tensors twice (old and new layout)")
+    base_name = config_data.get("base_model_name_or_path")
+    rows = check_adapter_fits(state, model, lora_file=lora_file, model_dir=model_dir, base_name=base_name)
+    modules = _lora_modules(state)
+    if not modules:
+        raise WeightsError(f"LoRA adapter {lora_file} holds no LoRA weights (no lora_A / lora_B tensors)")
+
+    tokens = len(processor.tokenizer)
+    current = model.get_input_embeddings().weight.shape[0]
+    if rows is not None and rows < tokens:
+        raise WeightsError(
+            f"LoRA adapter {lora_file} has {rows} embedding rows, but its tokenizer has {tokens} tokens"
+        )
+    target_rows = rows if rows is not None else max(tokens, current)
+    if target_rows != current:
+        model.resize_token_embeddings(target_rows, mean_resizing=False)
+        notes.append(f"embeddings resized from {current} to {target_rows} rows for the planner tokens")
+
+    try:
+        config = LoraConfig.from_pretrained(str(lora_dir))
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"cannot read {lora_dir / 'adapter_config.json'}: {exc}") from None
+    # Apply LoRA exactly where the adapter has weights: robust to target patterns written for
+    # an older module layout.
+    config.target_modules = set(modules)
+    config.exclude_modules = None
+    config.layers_to_transform = None
+    config.layers_pattern = None
+    config.inference_mode = True
+    with warnings.catch_warnings():
+        for pattern in _PEFT_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            peft_model = PeftModel(model, config)
+            result = set_peft_model_state_dict(peft_model, {_PEFT_PREFIX + k: v for k, v in state.items()})
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise WeightsError(f"cannot apply LoRA adapter {lora_file} to {model_dir}: {_first_line(exc)}") from None
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise WeightsError(f"LoRA adapter {lora_file} has weights peft could not place: {unexpected[:5]}")
+        merged = peft_model.merge_and_unload()
+    if not embeddings_tied(merged):
+        _untie_config(merged.config)
+        notes.append("input and output embeddings untied (the adapter trains them apart)")
+    notes.append(f"LoRA {lora_dir.name} merged in memory ({len(modules)} layers)")
+    return merged.eval()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_qwen(
+    model_dir: str | Path,
+    lora: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attention: str | None = None,
+) -> LoadedQwen:
+    """Load a Qwen2.5-VL directory, optionally with the Unison LoRA merged in; see the module docstring."""
+    model_dir = _require_dir(model_dir, "Qwen2.5-VL model")
+    lora_dir = _require_dir(lora, "LoRA adapter") if lora is not None else None
+    if lora_dir is not None and not (lora_dir / "adapter_config.json").is_file():
+        raise WeightsError(f"LoRA directory {lora_dir} has no adapter_config.json; expected a peft adapter directory")
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    resolved_attention = resolve_attention(attention, resolved_device, resolved_dtype)
+    config, names = _check_model_dir(model_dir)
+    notes: list[str] = []
+
+    # A checkpoint with its own lm_head.weight under a tying config is the reference's merged
+    # planner: tying would throw the trained head away.
+    untie = _config_ties(config) and "lm_head.weight" in names
+    if untie:
+        notes.append(f"{model_dir.name}: config ties embeddings but the checkpoint has its own lm_head; loaded untied")
+    processor = _load_processor(model_dir, lora_dir)
+    model = _load_model(
+        model_dir, untie=untie, device=resolved_device, dtype=resolved_dtype, attention=resolved_attention
+    )
+    if lora_dir is not None:
+        model = merge_lora(model, processor, model_dir=model_dir, lora_dir=lora_dir, notes=notes)
+    return LoadedQwen(
+        model=model,
+        processor=processor,
+        model_dir=model_dir,
+        lora_dir=lora_dir,
+        device=resolved_device,
+        dtype=resolved_dtype,
+        attention=resolved_attention,
+        has_planner_tokens=has_planner_tokens(processor.tokenizer),
+        notes=notes,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
