@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +271,10 @@ def build_tiny_unison_lora(
         target_modules=rf".*language_model.*\.({targets})",
         modules_to_save=list(modules_to_save) if modules_to_save else None,
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # embed_tokens and lm_head are trained apart on purpose, as in the release.
+        warnings.filterwarnings("ignore", message=".*(tie_word_embeddings|is_gradient_checkpointing).*")
+        peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -300,11 +304,12 @@ def build_tiny_merged_planner(
 
     base_dir, lora_dir, out_dir = Path(base_dir), Path(lora_dir), Path(out_dir)
     model, _ = _load_for_training(base_dir)
-    merged = PeftModel.from_pretrained(model, lora_dir, is_trainable=False).merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(tie_word_embeddings|no longer tied|is_gradient_checkpointing).*")
+        merged = PeftModel.from_pretrained(model, lora_dir, is_trainable=False).merge_and_unload()
     merged.config.tie_word_embeddings = False
     merged.save_pretrained(out_dir)
-    if not fix_tie:
-        _set_config_tie(out_dir / "config.json", True)
+    _set_config_tie(out_dir / "config.json", not fix_tie)
     tokenizer_source = lora_dir if (lora_dir / "tokenizer_config.json").exists() else base_dir
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_source / name, out_dir / name)
