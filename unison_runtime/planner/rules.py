@@ -50,12 +50,18 @@ if TYPE_CHECKING:
 
 # A sentence that opens with a wh-word is a question, whatever verbs follow ("How do I draw a cat?").
 _WH_START = re.compile(r"^[\W_]*(?:what|what's|whats|how|why|which|who|whom|whose|where|when)\b")
+# An inverted yes/no question ("Is this photo real") when no verb asks for anything else; not
+# "###m.png### is the mask", where the reference is the subject.
+_AUX_START = re.compile(
+    "^[^\\w" + REF_MARK + "]*"
+    r"(?:is|are|was|were|do|does|did|can|could|would|will|should|shall|has|have|had|may|might)\b"
+)
 # Generation verbs in their base form only: "AI-generated", "made of", "created by" describe, not ask.
 _GENERATION_VERB = re.compile(
     r"\b(?:generate|create|make(?!\s+sure\b)|draw|paint|render|produce|animate|design|illustrate|depict"
     r"|visuali[sz]e|synthesi[sz]e|(?:turn|convert|transform)\b(?=[^.!?;]*?\binto\b)"
     r"|(?:show|give|send)\s+(?:me|us)\b(?=[^.!?;]{0,40}?\b(?:image|picture|photo|video|clip|animation"
-    r"|illustration|painting|drawing|portrait)s?\b))"
+    r"|illustration|painting|drawing|portrait)s?\b))\b"
 )
 # Verbs that ask for text: these make a sentence a question even without a question mark.
 _UNDERSTANDING_VERB = re.compile(
@@ -66,8 +72,8 @@ _UNDERSTANDING_VERB = re.compile(
 # Edit verbs only count with a medium to edit ("add 3 and 4" is arithmetic, not an edit).
 _EDIT_VERB = re.compile(
     r"\b(?:replace|change|alter|modify|edit|remove|erase|delete|add|insert|swap|recolou?r|colou?ri[sz]e"
-    r"|inpaint|retouch|restore|fix|apply|make\s+(?:it|this|that|them|him|her|the|these|those)\b"
-    r"|(?:turn|convert|transform)\b(?=[^.!?;]*?\b(?:into|to)\b))"
+    r"|inpaint|retouch|restore|fix|fill|apply|place|put(?!\s+(?:simply|differently|briefly|another\s+way)\b)|make\s+(?:it|this|that|them|him|her|the|these|those)\b"
+    r"|(?:turn|convert|transform)\b(?=[^.!?;]*?\b(?:into|to)\b))\b"
 )
 _HOW_TO = re.compile(r"\bhow\s+(?:to|do\s+i|can\s+i|should\s+i|would\s+i|do\s+you)\s+$")
 # Verbs that can produce text ("generate a caption") and the text they produce.
@@ -92,6 +98,22 @@ _INPUT_DETERMINER = re.compile(
     r"\s+(?:[\w-]+\s+)?$"
 )
 _ANIMATE = re.compile(r"\banimate\b")
+# Words only a video has: camera motion, slow motion. They ask for a video
+# and, like output nouns, make a bare description a generation request.
+_MOTION = re.compile(
+    r"\bcamera\s+(?:slowly\s+|smoothly\s+|then\s+)?(?:pans|zooms|tilts|moves|tracks|orbits|dollies|follows|rotates"
+    r"|pushes|pulls|circles)\b|\bslow[- ]motion\b|\b(?:panning|tracking|dolly|drone)\s+shot\b"
+)
+# With a given image, naming it the first/last frame asks for image_to_video.
+_FRAME_POSITION = re.compile(r"\b(?:first|opening|starting|initial|last|final|ending)\s+frame\b")
+# The vocabulary of text-to-image prompts ("..., highly detailed, 8k, cinematic lighting"): a
+# bare description in this style is a generation request even without an image noun.
+_PROMPT_STYLE = re.compile(
+    r"\b(?:photorealistic|hyperrealistic|highly\s+detailed|ultra[- ]detailed|intricate\s+details?|[248]k|uhd|hdr"
+    r"|cinematic|bokeh|masterpiece|best\s+quality|concept\s+art|digital\s+art|octane\s+render|unreal\s+engine"
+    r"|studio\s+lighting|volumetric\s+lighting|trending\s+on\s+artstation|shot\s+on|35\s?mm|8[05]\s?mm"
+    r"|wide[- ]angle|close-up|watercolou?r|oil\s+on\s+canvas|pixel\s+art|low\s+poly|isometric|anime\s+style)\b"
+)
 
 _CONTROL = re.compile(
     r"\b(?:skeletons?|openpose|canny|scribbles?|line\s*-?art|depth\s*maps?|edge\s*maps?|pose\s*maps?"
@@ -143,7 +165,7 @@ def _asks_for_text(sentence: str, verb: re.Match[str]) -> bool:
 
 
 def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit", "understand"] | None:
-    """What one sentence asks for: the earliest lead verb decides; a bare '?' is a question."""
+    """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks."""
     if _WH_START.match(sentence):
         return "understand"
     found: list[tuple[int, Literal["generate", "edit", "understand"]]] = []
@@ -158,38 +180,44 @@ def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit
         # On a tie ("turn ... into" is both), edit wins over generate: it names a given medium.
         order = {"edit": 0, "generate": 1, "understand": 2}
         return min(found, key=lambda item: (item[0], order[item[1]]))[1]
-    return "understand" if sentence.rstrip().endswith("?") else None
+    return "understand" if sentence.rstrip().endswith("?") or _AUX_START.match(sentence) else None
 
 
-def read_intent(text: str | RuleText, has_media: bool) -> Intent:
+def read_intent(text: str | RuleText, media_count: int = 0) -> Intent:
     """Understanding or generation for the whole instruction.
 
     Multiple-choice markers make it a question. Otherwise the first sentence with a lead verb
-    or a question mark decides. With none, a bare description that names an image/video noun
-    or asks for a size or length is a generation request; anything else is a question.
+    or a question mark decides. With none, a bare description that names an image/video noun,
+    asks for a size or length, is worded like a text-to-image prompt or describes camera motion,
+    or names a mask among two or more media, is a generation request; anything else is a question.
     """
     rule_text = as_rule_text(text)
     if _MULTIPLE_CHOICE.search(rule_text.text):
         return Intent("understand", 0)
     for start, sentence in rule_text.sentences:
-        kind = sentence_intent(sentence, has_media)
+        kind = sentence_intent(sentence, media_count > 0)
         if kind is not None:
             return Intent(kind, start)
-    if _OUTPUT_NOUN.search(rule_text.text) or asks_for_size_or_length(rule_text):
+    t = rule_text.text
+    if _OUTPUT_NOUN.search(t) or _MOTION.search(t) or _PROMPT_STYLE.search(t) or asks_for_size_or_length(rule_text):
         return Intent("describe", 0)
+    if media_count and _FRAME_POSITION.search(t):
+        return Intent("describe", 0)
+    if media_count >= 2 and mentions_mask(rule_text):
+        return Intent("edit", 0)
     return Intent("understand", 0)
 
 
-def wants_video(text: str | RuleText, start: int = 0) -> bool:
+def wants_video(text: str | RuleText, start: int = 0, *, image_given: bool = False) -> bool:
     """Whether a generation request asks for a video (only consulted when no video was given).
 
-    "animate" does; otherwise the first output noun after ``start`` that names the result,
-    not a given medium ("turn this image into a video" -> video); without one, a duration or
-    frame count, or any video noun, does.
+    "animate", camera motion, or a given image named as the first/last frame do; otherwise the
+    first output noun after ``start`` that names the result, not a given medium ("turn this
+    image into a video" -> video); without one, a duration or frame count, or any video noun.
     """
     rule_text = as_rule_text(text)
     t = rule_text.text
-    if _ANIMATE.search(t):
+    if _ANIMATE.search(t) or _MOTION.search(t) or (image_given and _FRAME_POSITION.search(t)):
         return True
     for noun in _OUTPUT_NOUN.finditer(t, start):
         if _INPUT_DETERMINER.search(t[max(0, noun.start() - 40) : noun.start()]):
@@ -209,7 +237,7 @@ def decide_task(text: str | RuleText, media: Sequence[MediaRef]) -> tuple[Task, 
     """The task and any notes explaining a choice the user may not expect (see :func:`detect_task`)."""
     rule_text = as_rule_text(text)
     t = rule_text.text
-    intent = read_intent(rule_text, bool(media))
+    intent = read_intent(rule_text, len(media))
     if intent.kind == "understand":
         return understanding_task(media), ()
 
@@ -226,7 +254,7 @@ def decide_task(text: str | RuleText, media: Sequence[MediaRef]) -> tuple[Task, 
             return Task.VIDEO_REFERENCE, ()
         return Task.VIDEO_EDITING, ()
     if "image" in kinds:
-        if wants_video(rule_text, intent.position):
+        if wants_video(rule_text, intent.position, image_given=True):
             if control:
                 return Task.IMAGE_CONTROLLABLE, (
                     "a video was asked for, but following a pose/depth/edge map over time needs a control "

@@ -73,7 +73,7 @@ _HEIGHT = re.compile(
 _RESOLUTION_CLASS = re.compile(r"(?<![\w.])(480|720|1080)\s?p\b")
 #: class -> (width, height, nominal short side); 1080 is not a multiple of 16, so its class is 1920x1088.
 RESOLUTION_CLASSES = {"480": (832, 480, 480), "720": (1280, 720, 720), "1080": (1920, 1088, 1080)}
-_ASPECT = re.compile(r"(?<![\w.:])(\d{1,2})\s*:\s*(\d{1,2})(?![\w.:])")
+_ASPECT = re.compile(r"(?<![\w.:])(\d{1,2})\s*:\s*(\d{1,2})(?!\w|[.:]\d)")
 _ASPECT_WORD = re.compile(r"\b(?:aspect|ratio)\b")
 # Ratios recognised without the word "ratio" next to them; "10:30" (a time) is not among them.
 _KNOWN_RATIOS = frozenset(
@@ -92,8 +92,10 @@ _VERTICAL = re.compile(
 _LANDSCAPE = re.compile(
     rf"\b(?:horizontal|landscape)\b(?=\s*(?:{_FRAME_WORDS})\b)|\bhorizontally\b|\b(?:in|as)\s+(?:a\s+)?landscape\b(?!\s+of\b)"
 )
+# "square" alone at a clause end counts only after a comma or "a/in/as/is/it" ("Times Square." is a place).
 _SQUARE = re.compile(
-    rf"\bsquare\b(?=\s*(?:[,.;!?)]|$|(?:[\w-]+\s+)?{_FRAME_WORDS}\b))|\b(?:in|as)\s+(?:a\s+)?square\b"
+    rf"\bsquare\b(?=\s*(?:[\w-]+\s+)?{_FRAME_WORDS}\b)|\b(?:in|as)\s+(?:a\s+)?square\b"
+    r"|(?:^|[,;:(]|\b(?:a|is|be|it|and))\s*square\b(?=\s*(?:[,.;!?)]|$))"
 )
 
 
@@ -262,15 +264,19 @@ def parse_frame_index(text: str | RuleText, near: int | None = None) -> str:
     With cues for both, the one nearest to offset ``near`` (the image's reference) decides.
     """
     t = as_rule_text(text).text
-    first = [m.start() for m in _FIRST_FRAME.finditer(t)]
-    last = [m.start() for m in _LAST_FRAME.finditer(t)]
+    first = [m.span() for m in _FIRST_FRAME.finditer(t)]
+    last = [m.span() for m in _LAST_FRAME.finditer(t)]
     if not last:
         return "first"
     if not first:
         return "last"
     if near is None:
         return "first" if first[0] < last[0] else "last"
-    return "first" if min(abs(p - near) for p in first) <= min(abs(p - near) for p in last) else "last"
+
+    def gap(span: tuple[int, int]) -> int:
+        return near - span[1] if span[1] <= near else span[0] - near
+
+    return "first" if min(map(gap, first)) <= min(map(gap, last)) else "last"
 
 
 # --------------------------------------------------------------------------- edit indices
