@@ -85,12 +85,22 @@ class TextContexts:
     negative_tokens: int
 
 
-def negative_context(
-    models: VaceModels, negative_prompt: str | None = None, *, total_length: int | None = CONTEXT_LENGTH
-) -> Any:
-    """The negative branch: umT5(negative prompt, Wan's default if ``None``), zero-padded, no projector tokens."""
-    prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-    return build_context(encode_text(models, prompt), None, total_length)
+def assemble_contexts(
+    text: Any, projector_tokens: Any | None, negative_text: Any, *, total_length: int | None = CONTEXT_LENGTH
+) -> TextContexts:
+    """Both contexts from unpadded umT5 embeddings (``[1, L, D]``) and the projector's tokens (or ``None``)."""
+    return TextContexts(
+        cond=build_context(text, projector_tokens, total_length),
+        neg=build_context(negative_text, None, total_length),
+        text_tokens=int(text.shape[1]),
+        projector_tokens=0 if projector_tokens is None else int(projector_tokens.shape[-2]),
+        negative_tokens=int(negative_text.shape[1]),
+    )
+
+
+def encode_negative(models: VaceModels, negative_prompt: str | None = None) -> Any:
+    """umT5 embedding of the negative prompt; ``None`` means Wan's default negative prompt."""
+    return encode_text(models, WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt)
 
 
 def text_contexts(
@@ -106,12 +116,7 @@ def text_contexts(
     conditional = umT5(prompt) + ``projector_tokens`` (``[1, N, D]``; ``None``: umT5 alone) + zeros;
     negative = umT5(``negative_prompt`` or Wan's default) + zeros; both ``total_length`` long.
     """
-    text = encode_text(models, prompt)
-    cond = build_context(text, projector_tokens, total_length)
-    negative_text = encode_text(models, WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt)
-    neg = build_context(negative_text, None, total_length)
-    count = 0 if projector_tokens is None else int(projector_tokens.shape[-2])
-    return TextContexts(
-        cond=cond, neg=neg, text_tokens=int(text.shape[1]), projector_tokens=count,
-        negative_tokens=int(negative_text.shape[1]),
+    return assemble_contexts(
+        encode_text(models, prompt), projector_tokens, encode_negative(models, negative_prompt),
+        total_length=total_length,
     )

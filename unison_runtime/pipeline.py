@@ -1,0 +1,462 @@
+"""The whole Unison job in one object: instruction → plan → answer, or → projector → VACE → frames.
+
+:class:`UnisonPipeline` follows the plan's path through the pack, one method per stage, so each
+stage can also be called alone (a node, a test or a benchmark picks the ones it needs):
+
+``read`` (instruction + media) → ``make_plan`` (any planner) → ``answer`` (understanding), or
+``projector_tokens`` (stage one's hidden states → projector) → ``contexts`` (umT5 + tokens) →
+``sources`` (VACE inputs) → ``sample`` (frames). ``run`` does all of it.
+
+Models load lazily, on first use, and stay cached until :meth:`UnisonPipeline.release`, so a
+second job with the same models does no loading. The *planner* decides the plan; *stage one*
+answers and gives the projector its hidden states. They are the same object unless told
+otherwise (the selftest plans with the rule planner and answers with a tiny Qwen).
+
+:func:`run_cli_job` backs ``python -m unison_runtime run``; where it finds the weights is one
+small function, :func:`locate_models`.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PathError, UnisonError, WeightsError
+from .instruction import Instruction, parse_instruction
+from .media import Medium, read_medium
+from .plan import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from .planner.base import Planner
+    from .projector import UnisonProjector
+    from .vace.models import VaceModels
+    from .vace.sampler import CancelFn, Generation, ProgressFn, SamplingOptions
+    from .vace.sources import VaceInputs
+    from .vace.text import TextContexts
+
+Loader = Callable[[], Any]
+
+
+@dataclass
+class UnisonResult:
+    """One job's outcome. ``answer`` for understanding tasks; ``frames`` (float32 ``[T, H, W, 3]``
+    in 0..1 on the CPU) and ``fps`` for generation; ``notes`` tells what was adapted or skipped."""
+
+    plan: Plan
+    answer: str | None = None
+    frames: Any | None = None
+    fps: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return self.plan.output
+
+
+class UnisonPipeline:
+    """Plan, answer and generate with cached models.
+
+    Each model is given either loaded or as a zero-argument loader called on first use:
+
+    - ``planner``: decides the plan; default the rule planner.
+    - ``stage_one``: answers understanding tasks and gives hidden states to the projector;
+      default the planner (the rule planner has neither: no answer, no projector tokens).
+    - ``projector``: a :class:`~unison_runtime.projector.UnisonProjector` (or loader); ``None``:
+      the conditional context is umT5 alone.
+    - ``vace``: :class:`~unison_runtime.vace.models.VaceModels` (or loader); needed for generation.
+
+    ``roots`` are the folders ``###name###`` references resolve in; ``options`` the default
+    sampling options of every job.
+    """
+
+    def __init__(
+        self,
+        *,
+        planner: Planner | Loader | None = None,
+        stage_one: Planner | Loader | None = None,
+        projector: UnisonProjector | Loader | None = None,
+        vace: VaceModels | Loader | None = None,
+        roots: Sequence[str | Path] = (),
+        options: SamplingOptions | None = None,
+    ) -> None:
+        self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
+                                         "vace": vace}
+        self._loaded: dict[str, Any] = {}
+        self.roots = [Path(r) for r in roots]
+        self.options = options
+        self._negative_cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ models
+
+    def _get(self, name: str) -> Any:
+        if name not in self._loaded:
+            source = self._sources[name]
+            self._loaded[name] = source() if _is_loader(source) else source
+        return self._loaded[name]
+
+    @property
+    def planner(self) -> Planner:
+        planner = self._get("planner")
+        if planner is None:
+            from .planner.rules import RulePlanner
+
+            planner = self._loaded["planner"] = RulePlanner()
+        return planner
+
+    @property
+    def stage_one(self) -> Planner:
+        return self._get("stage_one") or self.planner
+
+    @property
+    def projector(self) -> UnisonProjector | None:
+        return self._get("projector")
+
+    @property
+    def vace(self) -> VaceModels:
+        models = self._get("vace")
+        if models is None:
+            raise WeightsError("generation needs the Wan2.1-VACE models; none were given to the pipeline")
+        return models
+
+    def loaded(self) -> list[str]:
+        """Names of the models loaded so far (for displays and caching checks)."""
+        return [name for name, value in self._loaded.items() if value is not None]
+
+    def release(self, *names: str) -> None:
+        """Drop the named models (all when none are named); loaders run again on next use."""
+        for name in names or tuple(self._loaded):
+            if name not in self._sources:
+                raise UnisonError(f"unknown model {name!r}; expected one of {sorted(self._sources)}")
+            value = self._loaded.pop(name, None)
+            if name == "vace":
+                self._negative_cache.clear()
+            if value is None or not _is_loader(self._sources[name]):
+                continue  # a model the caller passed in stays theirs: only our reference is dropped
+            if name == "vace":
+                value.release()
+            elif hasattr(value, "unload"):
+                value.unload()
+        gc.collect()
+        _empty_cuda_cache()
+
+    # ------------------------------------------------------------------ stages
+
+    def read(
+        self, instruction: str | Instruction, media: Mapping[str, Medium] | None = None
+    ) -> tuple[Instruction, list[Medium]]:
+        """Parse the instruction and decode the media it references, in reference order.
+
+        ``media`` maps a reference name (as written between ``###``) to an already decoded
+        medium (an image wired in a graph); other names are read from ``roots``.
+        """
+        media = dict(media or {})
+        if isinstance(instruction, str):
+            kinds = {name: medium.kind for name, medium in media.items()}
+            instruction = parse_instruction(instruction, self.roots or None, must_exist=True, kinds=kinds)
+        files = iter(instruction.resolved)
+        decoded: list[Medium] = []
+        for ref in instruction.media:
+            if ref.path in media:
+                decoded.append(media[ref.path])
+                continue
+            path = next(files, None)
+            if path is None:
+                raise PathError(f"media reference {ref.path!r} was neither given nor found: pass it in the media "
+                                "mapping, or give the folder it is in (--input-dir)")
+            decoded.append(read_medium(path, ref.path))
+        return instruction, decoded
+
+    def make_plan(self, instruction: Instruction) -> Plan:
+        """The planner's plan (validated; media roles assigned)."""
+        return self.planner.plan(instruction)
+
+    def answer(self, instruction: Instruction, media: Sequence[Medium]) -> str | None:
+        """Stage one's answer to an understanding instruction (``None`` without a stage-one model)."""
+        return self.stage_one.answer(instruction, media)
+
+    def projector_tokens(self, instruction: Instruction) -> torch.Tensor | None:
+        """The projector's tokens ``[1, N, D]`` from stage one's hidden states, or ``None`` when
+        there is no projector or no stage-one model (the context is then umT5 alone)."""
+        projector = self.projector
+        if projector is None:
+            return None
+        hidden = self.stage_one.hidden_states(instruction)
+        if hidden is None:
+            return None
+        from .projector import project
+
+        return project(projector, hidden)
+
+    def contexts(self, plan: Plan, tokens: torch.Tensor | None = None,
+                 negative_prompt: str | None = None) -> TextContexts:
+        """umT5(plan prompt) + ``tokens`` and umT5(negative prompt), both zero-padded to 2048.
+
+        The negative embedding is cached per negative prompt until the VACE models are released.
+        """
+        from .vace.text import assemble_contexts, encode_negative, encode_text
+
+        models = self.vace
+        dim = models.transformer.config.text_dim
+        if tokens is not None and tokens.shape[-1] != dim:
+            source = getattr(self.projector, "source", None) or "the projector"
+            raise WeightsError(f"{source} makes {tokens.shape[-1]}-wide tokens, but this VACE model's text_dim is "
+                               f"{dim}: the projector's t5_dim must match the umT5 encoder")
+        key = "\0wan-default" if negative_prompt is None else negative_prompt
+        if key not in self._negative_cache:
+            self._negative_cache[key] = encode_negative(models, negative_prompt)
+        return assemble_contexts(encode_text(models, plan.prompt), tokens, self._negative_cache[key])
+
+    def sources(self, plan: Plan, media: Sequence[Medium]) -> VaceInputs:
+        """VACE source frames, masks and references for the plan's task (see :mod:`.vace.sources`)."""
+        from .vace.sources import prepare_vace_inputs
+
+        return prepare_vace_inputs(plan, media)
+
+    def sample(
+        self,
+        plan: Plan,
+        inputs: VaceInputs,
+        contexts: TextContexts,
+        options: SamplingOptions | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> Generation:
+        """Denoise and decode with Wan2.1-VACE."""
+        from .vace.sampler import sample
+
+        neg = contexts.neg if self._options(options).uses_guidance else None
+        return sample(self.vace, plan, inputs, contexts.cond, neg, self._options(options),
+                      progress=progress, cancel=cancel)
+
+    def generate(
+        self,
+        plan: Plan,
+        instruction: Instruction,
+        media: Sequence[Medium],
+        options: SamplingOptions | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> UnisonResult:
+        """Hidden states → projector → contexts → sources → sample, for a generation plan."""
+        if plan.output == "text":
+            raise UnisonError(f"task {plan.task.value} is an understanding task; use answer()")
+        options = self._options(options)
+        notes = list(plan.notes)
+        tokens = self.projector_tokens(instruction)
+        if tokens is None:
+            why = "no projector was given" if self.projector is None else "the planner has no stage-one model"
+            notes.append(f"{why}: the text context is the umT5 embedding alone (no projector tokens)")
+        contexts = self.contexts(plan, tokens, options.negative_prompt)
+        inputs = self.sources(plan, media)
+        notes.extend(inputs.notes)
+        generation = self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)
+        notes.extend(generation.notes)
+        return UnisonResult(plan=plan, frames=generation.frames, fps=generation.fps, notes=notes)
+
+    def run(
+        self,
+        instruction: str | Instruction,
+        media: Mapping[str, Medium] | None = None,
+        *,
+        plan: Plan | None = None,
+        options: SamplingOptions | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> UnisonResult:
+        """The whole job: read, plan (unless ``plan`` is given, e.g. a user-edited one), then answer or generate."""
+        instruction, decoded = self.read(instruction, media)
+        return self.run_read(instruction, decoded, plan=plan, options=options, progress=progress, cancel=cancel)
+
+    def run_read(
+        self,
+        instruction: Instruction,
+        media: Sequence[Medium],
+        *,
+        plan: Plan | None = None,
+        options: SamplingOptions | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> UnisonResult:
+        """:meth:`run` after :meth:`read`: ``media`` are the decoded references in instruction order."""
+        plan = plan or self.make_plan(instruction)
+        if plan.output != "text":
+            return self.generate(plan, instruction, media, options, progress=progress, cancel=cancel)
+        notes = list(plan.notes)
+        answer = self.answer(instruction, media)
+        if answer is None:
+            notes.append(f"{getattr(self.stage_one, 'name', 'the planner')} has no model to answer with: "
+                         "understanding tasks need the Qwen2.5-VL stage one")
+        else:
+            plan = plan.with_changes(answer=answer)
+        return UnisonResult(plan=plan, answer=answer, notes=notes)
+
+    def _options(self, options: SamplingOptions | None) -> SamplingOptions:
+        if options is not None:
+            return options
+        if self.options is None:
+            from .vace.sampler import SamplingOptions
+
+            self.options = SamplingOptions()
+        return self.options
+
+
+def _is_loader(value: Any) -> bool:
+    """A zero-argument loader, as opposed to a loaded model (torch modules are callable too)."""
+    if not callable(value):
+        return False
+    import torch
+
+    return not isinstance(value, torch.nn.Module)
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- model locations
+
+
+#: Where ``--models DIR`` may hold the diffusers-layout VACE model (first match wins).
+VACE_DIFFUSERS_FOLDERS = ("vace", "Wan2.1-VACE-1.3B-diffusers", "unison/Wan2.1-VACE-1.3B-diffusers")
+QWEN_FOLDER = "unison/Qwen2.5-VL-3B-Instruct"
+LORA_FOLDER = "unison/unison-lora"
+PROJECTOR_FILES = ("unison/projector.safetensors", "unison/projector.pth", "projector.safetensors", "projector.pth")
+
+
+@dataclass
+class ModelLocations:
+    """What :func:`locate_models` found: a loader for stage two and the stage-one/projector paths."""
+
+    load_vace: Callable[..., VaceModels] | None
+    vace: str | None
+    qwen: Path | None
+    lora: Path | None
+    projector: Path | None
+
+
+def locate_models(models_dir: str | Path) -> ModelLocations:
+    """Find the weights under ``models_dir``; the one place that knows the folder layout.
+
+    Stage two: a ``Wan2.1-VACE-1.3B-diffusers`` directory at ``DIR/vace/``,
+    ``DIR/Wan2.1-VACE-1.3B-diffusers/`` or ``DIR/unison/Wan2.1-VACE-1.3B-diffusers/`` (or ``DIR``
+    itself when it holds ``model_index.json``). Stage one: ``DIR/unison/Qwen2.5-VL-3B-Instruct``
+    and ``DIR/unison/unison-lora``; the projector: ``DIR/unison/projector.safetensors`` or ``.pth``.
+    """
+    from functools import partial
+
+    from .vace.loading import load_vace_diffusers
+
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise WeightsError(f"models folder {root} does not exist")
+    candidates = [root] if (root / "model_index.json").is_file() else []
+    candidates += [root / sub for sub in VACE_DIFFUSERS_FOLDERS if (root / sub / "model_index.json").is_file()]
+    vace = candidates[0] if candidates else None
+    qwen, lora = root / QWEN_FOLDER, root / LORA_FOLDER
+    projector = next((root / name for name in PROJECTOR_FILES if (root / name).is_file()), None)
+    return ModelLocations(
+        load_vace=partial(load_vace_diffusers, vace) if vace else None,
+        vace=str(vace) if vace else None,
+        qwen=qwen if (qwen / "config.json").is_file() else None,
+        lora=lora if (lora / "adapter_config.json").is_file() else None,
+        projector=projector,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+OUTPUT_SUFFIX = {"text": ".txt", "image": ".png", "video": ".mp4"}
+
+
+def write_result(result: UnisonResult, out: str | Path) -> Path:
+    """Write the answer (.txt), image (.png) or video (.mp4 at the result's fps); the suffix follows the task."""
+    from .media import write_image, write_video
+
+    path = Path(out).with_suffix(OUTPUT_SUFFIX[result.output])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if result.output == "text":
+        path.write_text((result.answer or "") + "\n", encoding="utf-8")
+    elif result.output == "image":
+        write_image(result.frames[0].numpy(), path)
+    else:
+        write_video(result.frames.numpy(), path, fps=result.fps or result.plan.fps)
+    return path
+
+
+def sampling_options_from_args(args: Any) -> SamplingOptions:
+    """SamplingOptions with the CLI's overrides (``None`` keeps the reference default)."""
+    from .vace.sampler import SamplingOptions
+
+    values = {name: getattr(args, attr, None) for name, attr in
+              (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
+               ("negative_prompt", "negative_prompt"))}
+    return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
+
+
+def pipeline_from_args(args: Any) -> UnisonPipeline:
+    """A pipeline over ``--models DIR`` (``--model``/``--lora`` override the stage-one paths)."""
+    from functools import partial
+
+    locations = locate_models(args.models)
+    qwen = getattr(args, "model", None) or locations.qwen
+    lora = getattr(args, "lora", None) or (locations.lora if qwen == locations.qwen else None)
+    if getattr(args, "lora", None) is not None and getattr(args, "model", None) is None and locations.qwen is None:
+        raise UnisonError("--lora needs a Qwen2.5-VL base: --model DIR, or DIR/unison/Qwen2.5-VL-3B-Instruct")
+    stage_one = None
+    if qwen is not None:
+        from .planner.qwen import load_planner
+
+        stage_one = partial(load_planner, qwen, lora, device=getattr(args, "device", None),
+                            dtype=getattr(args, "dtype", None), attention=getattr(args, "attention", None))
+    projector = None
+    if locations.projector is not None:
+        from .projector import load_projector
+
+        projector = partial(load_projector, locations.projector)
+    vace = None
+    if locations.load_vace is not None:
+        vace = partial(locations.load_vace, device=getattr(args, "device", None))
+    return UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
+                          roots=[getattr(args, "input_dir", None) or Path.cwd()])
+
+
+def run_cli_job(args: Any) -> dict[str, Any]:
+    """``python -m unison_runtime run``: the whole job, the output written at ``--out`` (suffix from the task)."""
+    pipeline = pipeline_from_args(args)
+    options = sampling_options_from_args(args)
+    try:
+        instruction, media = pipeline.read(args.instruction)
+        plan = pipeline.make_plan(instruction)
+        if plan.output != "text" and pipeline._sources["vace"] is None:
+            raise WeightsError(
+                f"{plan.task.value} needs the Wan2.1-VACE models: put the Wan2.1-VACE-1.3B-diffusers folder at "
+                f"{Path(args.models) / VACE_DIFFUSERS_FOLDERS[0]}"
+            )
+        result = pipeline.run_read(instruction, media, plan=plan, options=options)
+        if result.output == "text" and result.answer is None:
+            raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or "
+                              f"{Path(args.models) / QWEN_FOLDER}")
+        path = write_result(result, args.out)
+    finally:
+        pipeline.release()
+    report: dict[str, Any] = {"task": plan.task.value, "output": result.output, "path": str(path),
+                              "plan": result.plan.to_dict()}
+    if result.answer is not None:
+        report["answer"] = result.answer
+    if result.fps is not None:
+        report["fps"] = result.fps
+    if result.notes:
+        report["notes"] = result.notes
+    return report
