@@ -448,8 +448,10 @@ def _scan(text: str) -> _Tokens:
 
 
 def _ints(text: str, name: str, value: str, count: int) -> list[int]:
+    # ASCII digits only, at most 9: the LoRA writes plain numbers, and int() of a 5000-digit
+    # string raises a bare ValueError (CPython's digit limit) instead of this clear error.
     parts = [p.strip() for p in value.split(",")]
-    if len(parts) != count or not all(re.fullmatch(r"\d+", p) for p in parts):
+    if len(parts) != count or not all(re.fullmatch(r"[0-9]{1,9}", p) for p in parts):
         expected = ",".join(["<int>"] * count)
         raise PlannerOutputError(text, f"<{name}> holds {value!r}, expected {expected}")
     return [int(p) for p in parts]
