@@ -51,9 +51,9 @@ def media_kind(reference: str) -> MediaKind:
 
 def clean_prompt(text: str) -> str:
     """Collapse the gaps left by removed references: no double spaces, no space before punctuation."""
+    text = re.sub(r"\(\s*\)", "", text)  # first, so "a (###x###) b" does not keep a double space
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +([,.;:!?])", r"\1", text)
-    text = re.sub(r"\(\s*\)", "", text)
     return re.sub(r" *\n *", "\n", text).strip()
 
 
