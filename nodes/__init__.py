@@ -10,7 +10,7 @@ from . import comfy_bridge
 from .generation import UnisonProjector, UnisonVaceInputs, UnisonVaceSampler
 from .loaders import UnisonPlannerLoader, UnisonProjectorLoader, UnisonVaceDiffusersLoader, UnisonVaceLoader
 from .outputs import UnisonSaveText
-from .planning import UnisonPlanner, UnisonTaskRouter
+from .planning import UnisonOutputSwitch, UnisonPlanner, UnisonTaskRouter
 
 comfy_bridge.register_model_folder()
 
@@ -24,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
     "UnisonProjector": UnisonProjector,
     "UnisonVaceInputs": UnisonVaceInputs,
     "UnisonVaceSampler": UnisonVaceSampler,
+    "UnisonOutputSwitch": UnisonOutputSwitch,
     "UnisonSaveText": UnisonSaveText,
 }
 
@@ -37,6 +38,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UnisonProjector": "Unison Projector",
     "UnisonVaceInputs": "Unison VACE Inputs",
     "UnisonVaceSampler": "Unison VACE Sampler",
+    "UnisonOutputSwitch": "Unison Output Switch",
     "UnisonSaveText": "Unison Save Text",
 }
 

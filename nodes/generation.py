@@ -144,7 +144,8 @@ class UnisonVaceSampler:
         negative = runtime_module("vace.text").WAN_NEGATIVE_PROMPT
         return {
             "required": {
-                "vace": (VACE, {"tooltip": "From a Unison VACE Loader."}),
+                "vace": (VACE, {"lazy": True, "tooltip": "From a Unison VACE Loader (loaded only when this branch "
+                                                         "runs)."}),
                 "plan": (PLAN, {"tooltip": "A generation plan: the Task Router's image or video output."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed; the same seed gives the same result on the same device."}),
@@ -158,10 +159,22 @@ class UnisonVaceSampler:
                                                "tooltip": "What to steer away from (Wan's default negative prompt)."}),
             },
             "optional": {
-                "tokens": (TOKENS, {"tooltip": "Projector tokens from the Unison Projector; appended to the "
+                "tokens": (TOKENS, {"lazy": True,
+                                    "tooltip": "Projector tokens from the Unison Projector; appended to the "
                                                "instruction's embedding. Not connected: umT5 alone."}),
             },
         }
+
+    def check_lazy_status(self, **inputs: Any) -> list[str]:
+        """Ask for the models only once the plan is known to be a generation plan.
+
+        ``vace`` and ``tokens`` are lazy so that, when the Router blocks this branch (a question, or
+        the other output kind), ComfyUI blocks this node without loading VACE or running the
+        projector. Unevaluated linked inputs arrive as ``None`` (ComfyUI ignores names already
+        evaluated, so ``tokens`` that came back ``None`` is not asked for twice); an unlinked
+        ``tokens`` is absent and must not be asked for.
+        """
+        return [name for name in ("vace", "tokens") if name in inputs and inputs[name] is None]
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
                negative_prompt: str, tokens: Any = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ._runtime import errors
 from ._runtime import media as media_mod
 from ._runtime import plan as plan_mod
 
@@ -26,7 +27,7 @@ PROJECTOR = "UNISON_PROJECTOR"
 VACE = "UNISON_VACE"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PlanPacket:
     """A plan and its media, decoded once by the Planner node.
 
@@ -45,8 +46,11 @@ class PlanPacket:
         by_name = {m.name: m for m in self.media}
         missing = [ref.path for ref in self.plan.media if ref.path not in by_name]
         if missing:
-            raise plan_mod.PlanError("media", f"no decoded medium for reference(s) {missing}; re-run the Planner")
+            raise errors.PlanError("media", f"no decoded medium for reference(s) {missing}; re-run the Planner")
         return [by_name[ref.path] for ref in self.plan.media]
+
+    def __repr__(self) -> str:
+        return f"PlanPacket({self.plan.task.value}, {len(self.media)} media)"
 
     def __str__(self) -> str:
         # Core "Preview Any" falls back to str() for objects: show the plan's JSON there.

@@ -305,8 +305,8 @@ class UnisonTaskRouter:
     )
     CATEGORY = "Unison"
     FUNCTION = "route"
-    RETURN_TYPES = (PLAN, "STRING", "INT", "INT", "INT", "FLOAT", "STRING", PLAN, PLAN)
-    RETURN_NAMES = ("plan", "task", "width", "height", "length", "fps", "text", "image", "video")
+    RETURN_TYPES = (PLAN, "STRING", "INT", "INT", "INT", "FLOAT", "STRING", "STRING", PLAN, PLAN)
+    RETURN_NAMES = ("plan", "task", "width", "height", "length", "fps", "prompt", "text", "image", "video")
     OUTPUT_TOOLTIPS = (
         "The plan after overrides (marked source='override' when any value changed).",
         "The task id, e.g. text_to_video.",
@@ -314,6 +314,8 @@ class UnisonTaskRouter:
         "Height in pixels (multiple of 16); wire into WanVaceToVideo.",
         "Number of frames (1 for images, 4k+1 for videos); wire into WanVaceToVideo's length.",
         "Frames per second for saving the video (e.g. Create Video).",
+        "The instruction with its media references removed: the text stage two encodes (e.g. for CLIP Text "
+        "Encode with umT5 on the native Wan path).",
         "Text branch: the answer of an understanding task. Blocked for image and video tasks.",
         "Image branch: the plan, only for image tasks (feed a Unison VACE Sampler → Save Image).",
         "Video branch: the plan, only for video tasks (feed a Unison VACE Sampler → Create Video → Save Video).",
@@ -370,8 +372,45 @@ class UnisonTaskRouter:
             new_plan.height,
             new_plan.num_frames,
             float(new_plan.fps),
+            new_plan.prompt,
             text,
             packet if kind == "image" else blocked,
             packet if kind == "video" else blocked,
         )
         return {"ui": {"text": [describe_plan(new_plan)]}, "result": result}
+
+
+# --------------------------------------------------------------------------- output switch
+
+
+class UnisonOutputSwitch:
+    """Frames → the image or the video output, by the plan's output kind (the other is blocked)."""
+
+    DESCRIPTION = ("Sends frames decoded by any sampler (e.g. ComfyUI's KSampler + VAEDecode) to the image or the "
+                   "video output, whichever the plan asks for; nodes on the other output do not run.")
+    CATEGORY = "Unison"
+    FUNCTION = "switch"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("image", "video")
+    OUTPUT_TOOLTIPS = (
+        "The frames when the plan is an image task (Save Image); blocked otherwise.",
+        "The frames when the plan is a video task (Create Video → Save Video); blocked otherwise.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "plan": (PLAN, {"tooltip": "The plan that decided what these frames are (Task Router's plan)."}),
+            "frames": ("IMAGE", {"tooltip": "Decoded frames [T, H, W, 3]."}),
+        }}
+
+    def switch(self, plan: PlanPacket, frames: Any) -> tuple[Any, Any]:
+        kind = plan.plan.output
+        if kind == "text":
+            raise errors.PlanError("task", f"{plan.plan.task.value} is answered by stage one; there are no frames "
+                                            "to route (use the Task Router's text output)")
+        if kind == "image" and frames.shape[0] != 1:
+            log.info("Unison Output Switch: image plan with %d frames; the first is the image", frames.shape[0])
+            frames = frames[:1]
+        blocked = comfy.execution_blocker(None)
+        return (frames, blocked) if kind == "image" else (blocked, frames)

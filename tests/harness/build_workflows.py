@@ -1,0 +1,467 @@
+"""Writes the shipped workflows (``workflows/*.json``) in the UI format ComfyUI's editor saves.
+
+The graphs are described here in a few lines each; :class:`Graph` lays them out as the frontend
+(1.27) serialises them: socket inputs in definition order (``shape: 7`` when optional), then
+linked widget inputs with ``widget: {name}``; ``widgets_values`` positional in widget order,
+with the control value after seed widgets and the upload button value after upload combos.
+``tests/test_workflows.py`` checks the files match this script, so edit here and run
+``python tests/harness/build_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+WORKFLOWS = REPO / "workflows"
+FRONTEND_VERSION = "1.27.10"
+
+# Model file names the loaders choose (README "Where model files go").
+QWEN = "Qwen2.5-VL-3B-Instruct"
+LORA = "unison-lora"
+PROJECTOR = "projector.pth"
+TRANSFORMER = "wan2.1_vace_1.3B_fp16.safetensors"
+VAE = "wan_2.1_vae.safetensors"
+TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+# Example media the family workflows load (users pick their own files).
+EXAMPLE_IMAGE = "unison_example.png"
+EXAMPLE_MASKED = "unison_example_masked.png"
+EXAMPLE_VIDEO = "unison_pose.mp4"
+
+CORE = {"cnr_id": "comfy-core", "ver": "0.3.64"}
+
+
+def _classes() -> dict[str, type]:
+    """The node classes, with the fake ComfyUI modules installed over an empty temp layout (script use)."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(HERE.parents[1]))
+    import nodes
+    from harness import comfy_env, core_nodes
+
+    class _SetItem:
+        @staticmethod
+        def setitem(mapping: dict[str, Any], key: str, value: Any) -> None:
+            mapping[key] = value
+
+    comfy_env.install(_SetItem(), Path(tempfile.mkdtemp(prefix="unison-workflows-")) / "ComfyUI")
+    return {**core_nodes.CORE_NODES, **nodes.NODE_CLASS_MAPPINGS}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict[str, Any]
+    title: str | None = None
+    mode: int = 0
+    size: tuple[int, int] | None = None
+    inputs: dict[str, int] = field(default_factory=dict)  # input name -> link id
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # output slot -> link ids
+    color: str | None = None
+
+
+class Graph:
+    def __init__(self, name: str, classes: dict[str, type]) -> None:
+        self.name = name
+        self.classes = classes
+        self.nodes: list[Node] = []
+        self.links: list[list[Any]] = []
+        self.groups: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ building
+
+    def add(self, type_: str, pos: tuple[int, int], title: str | None = None, mode: int = 0,
+            size: tuple[int, int] | None = None, **widgets: Any) -> Node:
+        node = Node(id=len(self.nodes) + 1, type=type_, pos=pos, widgets=widgets, title=title, mode=mode, size=size)
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, pos: tuple[int, int], size: tuple[int, int] = (420, 260)) -> Node:
+        node = self.add("MarkdownNote", pos, size=size)
+        node.widgets = {"text": text}
+        node.color, node.title = "#432", None
+        return node
+
+    def connect(self, source: Node, output: str, target: Node, input_name: str) -> None:
+        cls = self.classes[source.type]
+        names = list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
+        slot = names.index(output)
+        link_id = len(self.links) + 1
+        # the target slot is the input's index in the saved inputs list, known once all links exist
+        self.links.append([link_id, source.id, slot, target.id, input_name, str(cls.RETURN_TYPES[slot])])
+        target.inputs[input_name] = link_id
+        source.outputs.setdefault(slot, []).append(link_id)
+
+    def group(self, title: str, bounding: tuple[int, int, int, int], color: str = "#3f789e") -> None:
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
+                            "font_size": 24, "flags": {}})
+
+    # ------------------------------------------------------------------ serialising
+
+    def _spec(self, node: Node) -> list[tuple[str, Any, dict[str, Any], bool]]:
+        from harness.workflow import ordered_inputs
+
+        return ordered_inputs(self.classes[node.type])
+
+    def _input_entries(self, node: Node) -> list[dict[str, Any]]:
+        from harness.workflow import is_widget
+
+        if node.type == "MarkdownNote":
+            return []
+        sockets, widgets = [], []
+        for name, type_, options, optional in self._spec(node):
+            entry: dict[str, Any] = {"localized_name": name, "name": name}
+            if is_widget(type_, options):
+                if name not in node.inputs:
+                    continue
+                entry.update(type="COMBO" if isinstance(type_, list) else type_, widget={"name": name},
+                             link=node.inputs[name])
+                widgets.append(entry)
+            else:
+                if optional:
+                    entry["shape"] = 7
+                entry.update(type=str(type_), link=node.inputs.get(name))
+                sockets.append(entry)
+        return sockets + widgets
+
+    def _widgets_values(self, node: Node) -> list[Any]:
+        from harness.workflow import extra_widget_values, is_widget
+
+        if node.type == "MarkdownNote":
+            return [node.widgets["text"]]
+        values = []
+        unknown = set(node.widgets) - {name for name, *_ in self._spec(node)} - {"control_after_generate"}
+        if unknown:
+            raise ValueError(f"{self.name}: {node.type} has no widget(s) {sorted(unknown)}")
+        for name, type_, options, _optional in self._spec(node):
+            if not is_widget(type_, options):
+                continue
+            if name in node.widgets:
+                value = node.widgets[name]
+            elif "default" in options:
+                value = options["default"]
+            elif isinstance(type_, list):
+                value = type_[0]
+            else:
+                raise ValueError(f"{self.name}: {node.type}.{name} needs a value")
+            values.append(value)
+            extra = extra_widget_values(name, type_, options)
+            if extra and type_ == "INT":
+                values.append(node.widgets.get("control_after_generate", "randomize"))
+                extra -= 1
+            values.extend(["image"] * extra)  # the upload button's value, as the frontend saves it
+        return values
+
+    def _outputs(self, node: Node) -> list[dict[str, Any]]:
+        if node.type == "MarkdownNote":
+            return []
+        cls = self.classes[node.type]
+        names = list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
+        return [{"localized_name": name, "name": name, "type": str(type_), "links": node.outputs.get(slot, [])}
+                for slot, (name, type_) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
+
+    def _size(self, node: Node) -> list[int]:
+        if node.size:
+            return list(node.size)
+        if node.type == "MarkdownNote":
+            return [420, 260]
+        rows = max(len(self._input_entries(node)), len(self._outputs(node)))
+        height = 40 + 22 * rows
+        for name, type_, options, _optional in self._spec(node):
+            from harness.workflow import is_widget
+
+            if is_widget(type_, options) and name not in node.inputs:
+                height += 110 if options.get("multiline") else 26
+                if options.get("image_upload") or options.get("video_upload"):
+                    height += 260
+        return [340, height]
+
+    def _order(self) -> dict[int, int]:
+        incoming: dict[int, set[int]] = {n.id: set() for n in self.nodes}
+        for _id, source, _slot, target, _tslot, _type in self.links:
+            incoming[target].add(source)
+        order, done = {}, set()
+        while len(done) < len(self.nodes):
+            ready = sorted(i for i, deps in incoming.items() if i not in done and deps <= done)
+            for i in ready:
+                order[i] = len(order)
+                done.add(i)
+        return order
+
+    def to_json(self) -> dict[str, Any]:
+        order = self._order()
+        nodes = []
+        for node in self.nodes:
+            data: dict[str, Any] = {
+                "id": node.id, "type": node.type, "pos": list(node.pos), "size": self._size(node), "flags": {},
+                "order": order[node.id], "mode": node.mode, "inputs": self._input_entries(node),
+                "outputs": self._outputs(node),
+            }
+            if node.title:
+                data["title"] = node.title
+            properties: dict[str, Any] = {} if node.type == "MarkdownNote" else {"Node name for S&R": node.type}
+            if node.type in _core_types():
+                properties.update(CORE)
+            data["properties"] = properties
+            data["widgets_values"] = self._widgets_values(node)
+            if node.color:
+                data["color"], data["bgcolor"] = node.color, "#653"
+            nodes.append(data)
+        by_id = {n.id: n for n in self.nodes}
+        links = []
+        for link_id, source, slot, target, input_name, type_ in self.links:
+            names = [e["name"] for e in self._input_entries(by_id[target])]
+            links.append([link_id, source, slot, target, names.index(input_name), type_])
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-unison/ComfyUI-Unison/{self.name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": nodes,
+            "links": links,
+            "groups": self.groups,
+            "config": {},
+            "extra": {"ds": {"scale": 0.7, "offset": [80, 120]}, "frontendVersion": FRONTEND_VERSION},
+            "version": 0.4,
+        }
+
+
+def _core_types() -> set[str]:
+    from harness import core_nodes
+
+    return set(core_nodes.CORE_NODES)
+
+
+# --------------------------------------------------------------------------- the graphs
+
+
+@dataclass
+class StageOne:
+    planner: Node
+    router: Node
+    projector: Node
+
+
+def stage_one(g: Graph, instruction: str, *, x: int = 0, y: int = 0) -> StageOne:
+    """Loaders + Planner + Router + Projector: the part every Unison workflow shares."""
+    planner_loader = g.add("UnisonPlannerLoader", (x, y), model=QWEN, lora=LORA)
+    projector_loader = g.add("UnisonProjectorLoader", (x, y + 260), projector=PROJECTOR)
+    planner = g.add("UnisonPlanner", (x + 380, y), size=(420, 420), instruction=instruction)
+    router = g.add("UnisonTaskRouter", (x + 840, y), size=(360, 420))
+    projector = g.add("UnisonProjector", (x + 840, y + 480))
+    g.connect(planner_loader, "planner", planner, "planner")
+    g.connect(planner, "plan", router, "plan")
+    g.connect(projector_loader, "projector", projector, "projector")
+    g.connect(planner, "hidden", projector, "hidden")
+    g.group("Stage one: plan (bypass the Planner Loader with Ctrl+B to use the rule planner)",
+            (x - 20, y - 60, 1240, 480))
+    return StageOne(planner, router, projector)
+
+
+def unison_outputs(g: Graph, one: StageOne, *, x: int = 1300, y: int = 0) -> None:
+    """Router branches → answer preview / image sampler + save / video sampler + save."""
+    vace = g.add("UnisonVaceLoader", (x, y + 700), transformer=TRANSFORMER, vae=VAE, text_encoder=TEXT_ENCODER)
+    preview = g.add("PreviewAny", (x, y), title="Answer (understanding tasks)", size=(420, 200))
+    image_sampler = g.add("UnisonVaceSampler", (x, y + 260), title="Unison VACE Sampler (image)")
+    save_image = g.add("SaveImage", (x + 460, y + 260), size=(420, 420), filename_prefix="unison/image")
+    video_sampler = g.add("UnisonVaceSampler", (x + 460, y + 700), title="Unison VACE Sampler (video)")
+    create_video = g.add("CreateVideo", (x + 920, y + 700), fps=24.0)
+    save_video = g.add("SaveVideo", (x + 920, y + 820), size=(420, 420), filename_prefix="unison/video")
+    g.connect(one.router, "text", preview, "source")
+    g.connect(one.router, "image", image_sampler, "plan")
+    g.connect(one.router, "video", video_sampler, "plan")
+    for sampler in (image_sampler, video_sampler):
+        g.connect(vace, "vace", sampler, "vace")
+        g.connect(one.projector, "tokens", sampler, "tokens")
+    g.connect(image_sampler, "frames", save_image, "images")
+    g.connect(video_sampler, "frames", create_video, "images")
+    g.connect(video_sampler, "fps", create_video, "fps")
+    g.connect(create_video, "VIDEO", save_video, "video")
+    g.group("Stage two: only the branch the plan picks runs", (x - 20, y - 60, 1400, 1300), color="#8A8")
+
+
+AUTO_NOTE = """## Unison: one instruction, the right output
+Write what you want in the **Unison Planner**. Stage one decides the task (12 kinds: answer, image or
+video generation, editing, reference, control, image-to-video) and its size and length; the **Task
+Router** opens only the matching branch: the answer preview, the image sampler, or the video sampler.
+
+* Models: `models/unison/` (Qwen2.5-VL-3B-Instruct, the Unison LoRA, projector.pth),
+  `models/diffusion_models/`, `models/vae/`, `models/text_encoders/` (see the README).
+* No Qwen? Select **Unison Planner Loader** and press Ctrl+B: the embedded rule planner decides
+  (it cannot answer questions).
+* Reference files from ComfyUI's `input/` folder as `###photo.png###`, or wire images into the
+  Planner and write `###image1###`.
+* Override any decision on the Router (0 / auto = keep)."""
+
+
+def unison_auto(classes: dict[str, type]) -> Graph:
+    g = Graph("unison_auto", classes)
+    g.note(AUTO_NOTE, (-500, 0), size=(440, 520))
+    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.")
+    unison_outputs(g, one)
+    return g
+
+
+def _family(name: str, note: str, instruction: str, classes: dict[str, type]) -> tuple[Graph, StageOne]:
+    g = Graph(name, classes)
+    g.note(note, (-500, 0), size=(440, 420))
+    one = stage_one(g, instruction)
+    unison_outputs(g, one)
+    return g, one
+
+
+def unison_edit(classes: dict[str, type]) -> Graph:
+    g, one = _family("unison_edit", """## Unison: edit an image with a mask
+Load your photo and paint the area to change with ComfyUI's mask editor (right click the Load
+Image node → Open in MaskEditor). Its IMAGE is `###image1###` and its MASK `###mask1###`: white
+(painted) = regenerate, the rest is kept.
+
+For a video edit, name files instead: `Replace the car in ###clip.mp4### with a bus, mask
+###clip_mask.mp4###`.""", "Replace the masked area of ###image1### with a bouquet of sunflowers, using ###mask1### "
+                            "as the mask.", classes)
+    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_MASKED)
+    g.connect(image, "IMAGE", one.planner, "image1")
+    g.connect(image, "MASK", one.planner, "mask1")
+    return g
+
+
+def unison_reference(classes: dict[str, type]) -> Graph:
+    g, one = _family("unison_reference", """## Unison: generate from a reference image
+The person, character or product in `###image1###` is kept; the instruction says what to make of
+it. Ask for a video ("a 3 second clip of ...") and the same graph makes a video.""",
+                     "Generate a photo of the person in ###image1### as reference, reading a book in a sunny cafe.",
+                     classes)
+    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_IMAGE)
+    g.connect(image, "IMAGE", one.planner, "image1")
+    return g
+
+
+def unison_frame_to_video(classes: dict[str, type]) -> Graph:
+    g, one = _family("unison_frame_to_video", """## Unison: image to video, first or last frame
+`###image1###` becomes the first frame ("starting from this frame") or the last ("ending on this
+frame"); the Router's frame_index overrides it.""",
+                     "Turn ###image1### into a 3 second video of the scene slowly coming to life, starting from "
+                     "this frame.", classes)
+    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_IMAGE)
+    g.connect(image, "IMAGE", one.planner, "image1")
+    return g
+
+
+def unison_control(classes: dict[str, type]) -> Graph:
+    g, one = _family("unison_control", """## Unison: follow a control video
+A pose, depth or edge video (`###video1###`, from Load Video → Get Video Components) guides the
+motion. For one image, wire a depth/edge/pose map into image1 and ask for an image.""",
+                     "Generate a video of a robot dancing, following the pose in ###video1###.", classes)
+    video = g.add("LoadVideo", (-40, 560), size=(340, 420), file=EXAMPLE_VIDEO)
+    components = g.add("GetVideoComponents", (-40, 1020))
+    g.connect(video, "VIDEO", components, "video")
+    g.connect(components, "images", one.planner, "video1")
+    return g
+
+
+NATIVE_NOTE = """## Unison plan + ComfyUI's own Wan VACE nodes
+The Planner decides the task; the Router gives WanVaceToVideo its width, height and length;
+**Unison VACE Inputs** builds the task's control video, masks and reference image; the
+**Unison Projector** appends stage one's tokens to the umT5 conditioning. KSampler + VAE Decode
+sample, and **Unison Output Switch** sends the frames to Save Image or to the video saver.
+Generation tasks only (a question stops at VACE Inputs with a message)."""
+
+
+def unison_native_wan(classes: dict[str, type]) -> Graph:
+    g = Graph("unison_native_wan", classes)
+    g.note(NATIVE_NOTE, (-500, 0), size=(440, 380))
+    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.")
+    x, y = 1300, 0
+    vace_inputs = g.add("UnisonVaceInputs", (x, y))
+    unet = g.add("UNETLoader", (x, y + 560), unet_name=TRANSFORMER)
+    sampling = g.add("ModelSamplingSD3", (x + 380, y + 560), shift=5.0)
+    clip = g.add("CLIPLoader", (x, y + 700), clip_name=TEXT_ENCODER, type="wan")
+    vae = g.add("VAELoader", (x, y + 860), vae_name=VAE)
+    positive = g.add("CLIPTextEncode", (x + 380, y + 700), title="umT5: the plan's prompt", text="")
+    negative = g.add("CLIPTextEncode", (x + 380, y + 900), title="umT5: negative prompt",
+                     text=_wan_negative_prompt())
+    wan = g.add("WanVaceToVideo", (x + 840, y))
+    ksampler = g.add("KSampler", (x + 1260, y), steps=30, cfg=5.0, sampler_name="uni_pc", scheduler="simple")
+    trim = g.add("TrimVideoLatent", (x + 1260, y + 480))
+    decode = g.add("VAEDecode", (x + 1260, y + 600))
+    switch = g.add("UnisonOutputSwitch", (x + 1680, y))
+    save_image = g.add("SaveImage", (x + 2080, y), size=(420, 420), filename_prefix="unison/native_image")
+    create_video = g.add("CreateVideo", (x + 2080, y + 480), fps=24.0)
+    save_video = g.add("SaveVideo", (x + 2080, y + 600), size=(420, 420), filename_prefix="unison/native_video")
+
+    g.connect(one.router, "plan", vace_inputs, "plan")
+    g.connect(one.router, "prompt", positive, "text")
+    g.connect(clip, "CLIP", positive, "clip")
+    g.connect(clip, "CLIP", negative, "clip")
+    g.connect(positive, "CONDITIONING", one.projector, "positive")
+    g.connect(negative, "CONDITIONING", one.projector, "negative")
+    g.connect(one.projector, "positive", wan, "positive")
+    g.connect(one.projector, "negative", wan, "negative")
+    g.connect(vae, "VAE", wan, "vae")
+    g.connect(vace_inputs, "control_video", wan, "control_video")
+    g.connect(vace_inputs, "control_masks", wan, "control_masks")
+    g.connect(vace_inputs, "reference_image", wan, "reference_image")
+    for name in ("width", "height", "length"):
+        g.connect(one.router, name, wan, name)
+    g.connect(unet, "MODEL", sampling, "model")
+    g.connect(sampling, "MODEL", ksampler, "model")
+    g.connect(wan, "positive", ksampler, "positive")
+    g.connect(wan, "negative", ksampler, "negative")
+    g.connect(wan, "latent", ksampler, "latent_image")
+    g.connect(ksampler, "LATENT", trim, "samples")
+    g.connect(wan, "trim_latent", trim, "trim_amount")
+    g.connect(trim, "LATENT", decode, "samples")
+    g.connect(vae, "VAE", decode, "vae")
+    g.connect(one.router, "plan", switch, "plan")
+    g.connect(decode, "IMAGE", switch, "frames")
+    g.connect(switch, "image", save_image, "images")
+    g.connect(switch, "video", create_video, "images")
+    g.connect(one.router, "fps", create_video, "fps")
+    g.connect(create_video, "VIDEO", save_video, "video")
+    g.group("ComfyUI's Wan VACE path, fed by the plan", (x - 20, y - 60, 2540, 1160), color="#8A8")
+    return g
+
+
+def _wan_negative_prompt() -> str:
+    from unison_runtime.vace.text import WAN_NEGATIVE_PROMPT
+
+    return WAN_NEGATIVE_PROMPT
+
+
+BUILDERS = {
+    "unison_auto": unison_auto,
+    "unison_edit": unison_edit,
+    "unison_reference": unison_reference,
+    "unison_frame_to_video": unison_frame_to_video,
+    "unison_control": unison_control,
+    "unison_native_wan": unison_native_wan,
+}
+
+
+def build_all(classes: dict[str, type] | None = None) -> dict[str, dict[str, Any]]:
+    classes = classes or _classes()
+    return {name: build(classes).to_json() for name, build in BUILDERS.items()}
+
+
+def dumps(workflow: dict[str, Any]) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    WORKFLOWS.mkdir(exist_ok=True)
+    for name, workflow in build_all().items():
+        (WORKFLOWS / f"{name}.json").write_text(dumps(workflow), encoding="utf-8")
+        print(f"wrote workflows/{name}.json ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")
+
+
+if __name__ == "__main__":
+    main()
