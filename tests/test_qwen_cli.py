@@ -11,7 +11,8 @@ import pytest
 from unison_runtime.__main__ import main
 from unison_runtime.errors import PlannerOutputError
 from unison_runtime.instruction import parse_instruction
-from unison_runtime.media import read_medium, write_image, write_video
+from unison_runtime.media import write_image, write_video
+from unison_runtime.planner import qwen
 from unison_runtime.planner.qwen import load_planner
 from unison_runtime.testing.tiny_qwen import build_tiny_qwen_set, script_tiny_planner
 
@@ -52,7 +53,8 @@ def test_plan_with_a_merged_planner_prints_the_lora_plan(scripted, tmp_path):
     assert plan["prompt"] == "A short clip of waves at dusk"
 
 
-def test_plan_with_base_and_lora_matches_the_python_api(tiny, tmp_path):
+def test_plan_with_base_and_lora_matches_the_python_api(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(qwen, "PLAN_MAX_NEW_TOKENS", 12)  # the random LoRA never stops: keep it short
     instruction_text = "Please make an image of a lighthouse 720P"
     code, text = _run("plan", "--model", str(tiny.base), "--lora", str(tiny.lora), "--device", "cpu",
                       "--input-dir", str(tmp_path), instruction_text)  # fmt: skip
@@ -67,18 +69,29 @@ def test_plan_with_base_and_lora_matches_the_python_api(tiny, tmp_path):
         assert expected["source"] == "lora"
 
 
-def test_ask_answers_seeing_the_referenced_media(tiny, tmp_path):
+def test_ask_answers_seeing_the_referenced_media(tiny, tmp_path, monkeypatch):
+    answerer = script_tiny_planner(tiny.merged_fixed, "It walks.", tmp_path / "answerer")
     rng = np.random.default_rng(0)
-    write_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), tmp_path / "cat.png")
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    write_image(image, tmp_path / "cat.png")
     write_video(rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), tmp_path / "walk.mp4", fps=8)
-    instruction_text = "What does the cat in ###cat.png### do in ###walk.mp4###?"
-    code, text = _run("ask", "--model", str(tiny.merged_fixed), "--input-dir", str(tmp_path), instruction_text)
-    assert code == 0
+    seen = []
+    original = qwen.QwenPlanner.answer
 
-    planner = load_planner(tiny.merged_fixed, device="cpu")
-    instruction = parse_instruction(instruction_text, roots=[tmp_path], must_exist=True)
-    media = [read_medium(path, ref.path) for path, ref in zip(instruction.resolved, instruction.media, strict=True)]
-    assert text == planner.answer(instruction, media) + "\n"
+    def spy(self, instruction, media, **kwargs):
+        seen.extend(media)
+        return original(self, instruction, media, **kwargs)
+
+    monkeypatch.setattr(qwen.QwenPlanner, "answer", spy)
+    code, text = _run("ask", "--model", str(answerer), "--input-dir", str(tmp_path),
+                      "What does the cat in ###cat.png### do in ###walk.mp4###?")  # fmt: skip
+    assert code == 0
+    assert text == "It walks.\n"
+    assert [(m.name, m.kind, m.frames.shape) for m in seen] == [
+        ("cat.png", "image", (1, 32, 32, 3)),
+        ("walk.mp4", "video", (6, 32, 32, 3)),
+    ]
+    np.testing.assert_array_equal(seen[0].frames[0], image)
 
 
 def test_cli_refusals_are_one_clear_line(tiny, tmp_path, capsys):

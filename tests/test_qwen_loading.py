@@ -238,6 +238,11 @@ def test_missing_directories(tiny, tmp_path):
         load_planner(tmp_path / "empty")
 
 
+def test_lora_on_an_already_merged_planner_is_refused(tiny):
+    with pytest.raises(WeightsError, match="looks merged into it already"):
+        load_planner(tiny.merged_fixed, lora=tiny.lora, device="cpu")
+
+
 def test_directory_of_another_model_type(tiny, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny.base, other)

@@ -221,6 +221,11 @@ def _load_processor(model_dir: Path, lora_dir: Path | None) -> Any:
         raise WeightsError(f"cannot load the Qwen2.5-VL processor from {model_dir}: {exc}") from None
     if lora_dir is None:
         return processor
+    if has_planner_tokens(processor.tokenizer):
+        raise WeightsError(
+            f"{model_dir} already carries the 14 Unison planner tokens, so the LoRA looks merged into it already; "
+            f"load it without the LoRA {lora_dir} (merging twice would corrupt the planner)"
+        )
     tokenizer = processor.tokenizer
     if any((lora_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         try:
