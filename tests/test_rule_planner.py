@@ -396,6 +396,20 @@ def test_frame_counts_round_to_a_multiple_of_4_plus_1() -> None:
         assert parse_length(f"Generate a video with {n} frames.") == expected
 
 
+def test_a_long_decimal_is_read_to_six_places() -> None:
+    assert parse_length("Generate a video of a comet, 1." + "9" * 5000 + " seconds.") == 49  # 6 * 1.999999 -> 12
+
+
+@pytest.mark.parametrize(
+    ("phrase", "field"),
+    [("9" * 5000 + " frames", "num_frames"), ("9" * 5000 + "x480", "width"), ("a height of " + "9" * 5000, "height")],
+)
+def test_absurdly_long_numbers_are_clean_errors_with_short_messages(phrase: str, field: str) -> None:
+    with pytest.raises(PlanError) as err:
+        plan(f"Generate a video of a comet, {phrase}.")
+    assert err.value.field == field and len(str(err.value)) < 300
+
+
 @pytest.mark.parametrize("phrase", ["60 seconds long", "0 seconds long", "2000 frames", "one frame"])
 def test_length_out_of_range_is_a_plan_error_naming_num_frames(phrase: str) -> None:
     with pytest.raises(PlanError) as err:

@@ -39,12 +39,23 @@ _MAX_DIGITS = 9  # beyond this a number is absurd for any field; don't let int()
 
 
 def _number(text: str) -> Fraction:
-    """A parsed number (digits, a decimal or a small number word), exact so rounding is predictable."""
+    """A parsed number (digits, a decimal or a small number word), exact so rounding is predictable.
+
+    Digits are bounded before conversion: int() refuses strings of more than 4300 digits with a
+    bare ValueError, and no field needs more than 9 digits or 6 decimals anyway.
+    """
     if text in _NUMBER_WORDS:
         return Fraction(_NUMBER_WORDS[text])
-    if len(text.split(".")[0]) > _MAX_DIGITS:
+    whole, _, fraction = text.partition(".")
+    if len(whole) > _MAX_DIGITS:
         return Fraction(10**_MAX_DIGITS)
-    return Fraction(text)
+    return Fraction(f"{whole}.{fraction[:6]}" if fraction else whole)
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """What the instruction asked for, short enough for an error message."""
+    text = text.strip()
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _round_half_up(value: Fraction) -> int:
@@ -106,7 +117,7 @@ def _side(name: str, digits: str) -> int:
     if not MIN_SIDE <= side <= MAX_SIDE:
         raise PlanError(
             name,
-            f"the instruction asks for a {name} of {digits} px (nearest multiple of {SIZE_STEP}: {side}); "
+            f"the instruction asks for a {name} of {_quote(digits)} px (nearest multiple of {SIZE_STEP}: {side}); "
             f"expected {MIN_SIDE} to {MAX_SIDE}",
             int(asked),
         )
@@ -240,7 +251,7 @@ def parse_length(text: str | RuleText) -> int:
     if not 5 <= count <= MAX_FRAMES:
         raise PlanError(
             "num_frames",
-            f"the instruction asks for {asked.strip()!r}, which is {count} frames; expected 5 to {MAX_FRAMES} "
+            f"the instruction asks for {_quote(asked)}, which is {count} frames; expected 5 to {MAX_FRAMES} "
             f"(about 0.2 to {(MAX_FRAMES - 1) / 24:.1f} seconds at 24 fps)",
             count,
         )
