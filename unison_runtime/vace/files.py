@@ -1,0 +1,549 @@
+"""Load Wan2.1-VACE from the single files users already have, into diffusers / transformers modules.
+
+Supported, with nothing converted on disk and nothing fetched:
+
+* transformer: Wan's original ``diffusion_pytorch_model.safetensors`` (or its shards), and
+  Comfy-Org's ``wan2.1_vace_*.safetensors`` (same names, maybe behind ``model.diffusion_model.``),
+  in fp32 / fp16 / bf16 / fp8 (plain or scaled);
+* VAE: Wan's ``Wan2.1_VAE.pth`` and ComfyUI's ``wan_2.1_vae.safetensors``;
+* text encoder: an HF ``umt5-xxl`` folder, Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (+ its
+  tokenizer folder), ComfyUI's ``umt5_xxl_fp16.safetensors`` / ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``.
+
+The modules are the same classes the diffusers-layout loader returns (``WanVACETransformer3DModel``,
+``AutoencoderKLWan``, ``UMT5EncoderModel``), so everything downstream is shared. Configs are the
+ones shipped in ``unison_runtime/configs`` with every size read from the weights. A file of the
+wrong kind is refused from its header, before its tensors are read, with what was found and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import WeightsError
+from ..weights import load_state_dict, read_safetensors_header, strip_prefix
+from . import umt5_files
+from .models import VaceModels
+from .quantized import dequantize, has_fp8
+from .wan_keys import (
+    COMFY_PREFIX,
+    QUANT_MARKER_KEY,
+    QUANT_SUFFIXES,
+    SCHEDULER_CONFIG_DIR,
+    FileIdentity,
+    compare_layout,
+    expected_transformer_shapes,
+    expected_vae_shapes,
+    identify,
+    load_json,
+    shapes_from_header,
+    shapes_from_state_dict,
+    transformer_config,
+    vae_config,
+)
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | Path
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# What to tell a user who picked a file of another kind, by the kind found.
+_HINTS = {
+    "wan-video": "Unison generates with the VACE model; use Wan2.1-VACE-1.3B "
+    "(Comfy-Org's wan2.1_vace_1.3B_fp16.safetensors or Wan's diffusion_pytorch_model.safetensors)",
+    "wan-vace-module": "this pack needs the full VACE model (e.g. wan2.1_vace_1.3B_fp16.safetensors), "
+    "not a module to merge into a text-to-video model",
+    "wan-transformer-diffusers": "a diffusers-layout file is loaded with its whole folder (the one holding "
+    "model_index.json), not on its own",
+    "wan-vae": "this is the VAE: it belongs in the vae/ folder",
+    "wan-vae-diffusers": "a diffusers-layout VAE is loaded with its whole diffusers folder",
+    "umt5": "this is the umT5 text encoder: it belongs in the text_encoders/ folder",
+    "umt5-wan": "this is the umT5 text encoder: it belongs in the text_encoders/ folder",
+    "t5": "Wan needs umT5-XXL (umt5_xxl_fp16.safetensors / umt5_xxl_fp8_e4m3fn_scaled.safetensors), "
+    "not the T5-XXL of Flux/SD3",
+}
+
+
+def resolve_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.dtype`` from a dtype or a name (``"bf16"``, ``"fp16"``, ``"fp32"``); ``None``/``"auto"`` stay None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value.lower() == "auto":
+        return None
+    try:
+        return _DTYPES[value.lower()]
+    except KeyError:
+        raise WeightsError(f"dtype {value!r}: expected one of auto, {', '.join(sorted(set(_DTYPES)))}") from None
+
+
+def _default_dtype(identity: FileIdentity) -> torch.dtype:
+    # Keep the precision the file was published in; fp8 files compute in bf16 (their scales' range).
+    return _STORED.get(identity.dtype, torch.bfloat16)
+
+
+def _wrong_kind(path: Path, expected: str, identity: FileIdentity) -> WeightsError:
+    hint = _HINTS.get(identity.kind)
+    return WeightsError(
+        f"{path}: expected {expected}, but the file holds {identity.summary}" + (f"; {hint}" if hint else "")
+    )
+
+
+def _layout_error(path: Path, what: str, missing: list[str], wrong: list[str]) -> WeightsError:
+    parts = []
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:5])}{more})")
+    if wrong:
+        parts.append(f"unexpected shapes ({'; '.join(wrong[:3])})")
+    return WeightsError(f"{path}: not a complete {what}: {', '.join(parts)}; the file may be truncated or of "
+                        "another model")
+
+
+def _check_meta(model: torch.nn.Module, path: Path, what: str) -> None:
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise WeightsError(f"{path}: the {what} has no weights for {', '.join(empty[:5])}")
+
+
+def _assemble(
+    cls: Any, config: Mapping[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype,
+    device: str | torch.device, path: Path, what: str,
+) -> Any:
+    """Build a diffusers model from its config and a diffusers-named state dict, without a copy.
+
+    Precision follows ``from_pretrained`` exactly (fp16 keeps the class's ``_keep_in_fp32_modules``
+    in float32; buffers keep their own dtype), so a single file and the diffusers folder of the
+    same weights give the same numbers. (``from_single_file`` casts everything at the end.)
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    keep = list(cls._keep_in_fp32_modules or []) if dtype == torch.float16 else []
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            wanted = torch.float32 if any(part in keep for part in name.split(".")) else dtype
+            state[name] = tensor.to(device=device, dtype=wanted)
+        else:
+            state[name] = tensor.to(device=device)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: could not build the {what} from it ({_first_line(str(exc))})") from None
+    if result.missing_keys or result.unexpected_keys:
+        names = [*result.missing_keys[:3], *result.unexpected_keys[:3]]
+        raise WeightsError(f"{path}: the {what} does not match its config (tensors {', '.join(names)})")
+    _check_meta(model, path, what)
+    return model.to(device).eval()
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _shapes_of(files: list[Path], what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        shapes.update(shapes_from_header(read_safetensors_header(file, what=what)))
+    return shapes
+
+
+def _load_all(files: list[Path], what: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_state_dict(file, what=what))
+    return state
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect_file(path: PathLike) -> FileIdentity:
+    """What a weights file holds, from its safetensors header (no tensor read).
+
+    Pickle files (``.pth``) have no header: they are opened memory-mapped with the safe loader.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        return identify(shapes_from_header(read_safetensors_header(path, what="model")))
+    return identify(shapes_from_state_dict(load_state_dict(path, what="model")))
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+def _transformer_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of a transformer: one file, or the shards Wan's 14B release uses."""
+    if path.is_dir():
+        single = path / "diffusion_pytorch_model.safetensors"
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            path = index
+        else:
+            raise WeightsError(
+                f"{path}: is a folder without Wan's diffusion_pytorch_model.safetensors; expected a VACE "
+                "transformer file (or Wan's release folder)"
+            )
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(load_json(path)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise WeightsError(f"{path}: not a readable shard index ({exc})") from None
+        return [path.parent / name for name in shards]
+    return [path]
+
+
+def _wan_model_config(folder: Path, dim: int) -> dict[str, Any]:
+    """Wan's own ``config.json`` next to the weights, when it describes this model (heads, VACE layers)."""
+    candidate = folder / "config.json"
+    if not candidate.is_file():
+        return {}
+    try:
+        data = load_json(candidate)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("model_type") != "vace" or data.get("dim") != dim:
+        return {}
+    return {k: data[k] for k in ("num_heads", "vace_layers") if k in data}
+
+
+@dataclass
+class _Loaded:
+    module: Any
+    description: str
+
+
+def _load_transformer(
+    path: PathLike, *, dtype: torch.dtype | str | None, device: str | torch.device, num_heads: int | None
+) -> _Loaded:
+    from diffusers import WanVACETransformer3DModel
+
+    path = Path(path)
+    what = "VACE transformer"
+    files = _transformer_files(path)
+    if files[0].suffix.lower() == ".safetensors":
+        shapes = _shapes_of(files, what)
+        state = None
+    else:
+        state = _load_all(files, what)
+        shapes = shapes_from_state_dict(state)
+    identity = identify(shapes)
+    if identity.kind != "wan-vace":
+        raise _wrong_kind(path, "a Wan2.1-VACE transformer in Wan's key names", identity)
+    prefix = identity.prefix
+    bare = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    wan_config = _wan_model_config(files[0].parent, identity.details["dim"])
+    try:
+        config = transformer_config(
+            bare, num_heads=num_heads or wan_config.get("num_heads"), vace_layers=wan_config.get("vace_layers")
+        )
+    except (ValueError, KeyError) as exc:
+        raise WeightsError(f"{path}: cannot read the model size from the weights: {exc}") from None
+    missing, unexpected, wrong = compare_layout(bare, expected_transformer_shapes(config), ignore=QUANT_SUFFIXES)
+    unexpected = [k for k in unexpected if k != QUANT_MARKER_KEY]
+    if missing or wrong:
+        raise _layout_error(path, f"{identity.summary}", missing, wrong)
+    if unexpected:
+        logger.warning("%s: ignoring %d tensors a VACE transformer does not use: %s", path, len(unexpected),
+                       ", ".join(unexpected[:5]))
+
+    target = resolve_dtype(dtype) or _default_dtype(identity)
+    if state is None:
+        state = _load_all(files, what)
+    state = strip_prefix(state, prefix) if prefix else state
+    for name in unexpected:
+        state.pop(name, None)
+    if has_fp8(state):
+        state = dequantize(state, target)
+    else:
+        state.pop(QUANT_MARKER_KEY, None)
+
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    model = _assemble(WanVACETransformer3DModel, config, convert_wan_transformer_to_diffusers(state), target,
+                      device, path, what)
+    layout = "Comfy-Org layout" if prefix == COMFY_PREFIX else "Wan key names"
+    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
+    return _Loaded(model, description)
+
+
+def load_transformer_file(
+    path: PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+) -> Any:
+    """Load a Wan2.1-VACE transformer single file into ``diffusers.WanVACETransformer3DModel``.
+
+    ``path``: the ``.safetensors`` file, a shard index (``*.safetensors.index.json``) or Wan's
+    release folder. ``dtype`` (``None``: as stored; fp8 files compute in bf16). ``num_heads``
+    only for non-standard models; Wan's sizes use 128-wide heads, and Wan's ``config.json`` next
+    to the file is read when present. Refuses plain T2V/I2V models, VAEs, text encoders and
+    incomplete files with a :class:`WeightsError` naming the file.
+    """
+    return _load_transformer(path, dtype=dtype, device=device, num_heads=num_heads).module
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | torch.device) -> _Loaded:
+    from diffusers import AutoencoderKLWan
+
+    path = Path(path)
+    what = "Wan VAE"
+    state = None
+    if path.suffix.lower() == ".safetensors":
+        shapes = shapes_from_header(read_safetensors_header(path, what=what))
+    else:
+        state = load_state_dict(path, what=what)
+        shapes = shapes_from_state_dict(state)
+    identity = identify(shapes)
+    expected = "the Wan 2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)"
+    if identity.kind != "wan-vae" or identity.details.get("z_dim") != 16:
+        raise _wrong_kind(path, expected, identity)
+    try:
+        config = vae_config(shapes)
+    except KeyError as exc:
+        raise _layout_error(path, "Wan VAE", [str(exc).strip("'")], []) from None
+    missing, unexpected, wrong = compare_layout(shapes, expected_vae_shapes(config))
+    if missing or wrong:
+        raise _layout_error(path, "Wan VAE", missing, wrong)
+    if state is None:
+        state = load_state_dict(path, what=what)
+    for name in unexpected:
+        logger.warning("%s: ignoring tensor %s, not part of the Wan VAE", path, name)
+        state.pop(name)
+    target = resolve_dtype(dtype) or torch.float32
+    if has_fp8(state):
+        state = dequantize(state, target)
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    model = _assemble(AutoencoderKLWan, config, convert_wan_vae_to_diffusers(state), target, device, path, what)
+    return _Loaded(model, f"{path} ({identity.summary}, stored {identity.dtype}, computing in {_name(target)})")
+
+
+def load_vae_file(path: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Any:
+    """Load the Wan 2.1 VAE from ``Wan2.1_VAE.pth`` / ``wan_2.1_vae.safetensors`` into ``AutoencoderKLWan``.
+
+    ``dtype`` defaults to float32 (the VAE is small; its decode is precision-sensitive).
+    """
+    return _load_vae(path, dtype=dtype, device=device).module
+
+
+# --------------------------------------------------------------------------- text encoder
+
+
+def _find_tokenizer_near(path: Path) -> Path | None:
+    """Where Wan's release keeps the umT5 tokenizer, relative to the encoder weights."""
+    folder = path.parent if path.is_file() else path
+    for candidate in (folder / "google" / "umt5-xxl", folder / "umt5-xxl", folder / "tokenizer",
+                      folder.parent / "tokenizer", folder):
+        if umt5_files.is_tokenizer_dir(candidate):
+            return candidate
+    return None
+
+
+def _tokenizer_from(value: Any) -> Any:
+    if isinstance(value, str | Path):
+        folder = Path(value)
+        if not umt5_files.is_tokenizer_dir(folder):
+            raise WeightsError(f"tokenizer {folder}: expected a folder with tokenizer.json or spiece.model")
+        return umt5_files.load_tokenizer_dir(folder)
+    return value
+
+
+def _load_hf_text_encoder_dir(
+    folder: Path, tokenizer: Any, dtype: torch.dtype | None, device: str | torch.device
+) -> _Loaded:
+    from transformers import UMT5EncoderModel
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{folder}: expected an umT5-XXL folder with config.json (like google/umt5-xxl)")
+    try:
+        model_type = load_json(config_path).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{config_path}: not readable JSON ({exc})") from None
+    if model_type != "umt5":
+        raise WeightsError(f"{folder}: config.json says model_type {model_type!r}; expected 'umt5' (umT5-XXL)")
+    try:
+        model = UMT5EncoderModel.from_pretrained(
+            str(folder), dtype=dtype or "auto", local_files_only=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{folder}: could not load the umT5 encoder ({exc})") from None
+    if tokenizer is None:
+        found = _find_tokenizer_near(folder)
+        if found is None:
+            raise WeightsError(f"{folder}: no tokenizer found (tokenizer.json or spiece.model in the folder or in "
+                               "../tokenizer); pass tokenizer=FOLDER")
+        tokenizer = umt5_files.load_tokenizer_dir(found)
+    return _Loaded((model.to(device).eval(), tokenizer), f"{folder} (umT5-XXL, transformers folder)")
+
+
+def _load_text_encoder(
+    source: PathLike, *, tokenizer: Any, dtype: torch.dtype | str | None, device: str | torch.device
+) -> _Loaded:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = Path(source)
+    what = "umT5 text encoder"
+    tokenizer = _tokenizer_from(tokenizer)
+    if path.is_dir():
+        return _load_hf_text_encoder_dir(path, tokenizer, resolve_dtype(dtype), device)
+    state = None
+    if path.suffix.lower() == ".safetensors":
+        shapes = shapes_from_header(read_safetensors_header(path, what=what))
+    else:
+        state = load_state_dict(path, what=what)
+        shapes = shapes_from_state_dict(state)
+    identity = identify(shapes)
+    if identity.kind not in ("umt5", "umt5-wan"):
+        raise _wrong_kind(path, "the umT5-XXL text encoder", identity)
+    target = resolve_dtype(dtype) or _default_dtype(identity)
+    if state is None:
+        state = load_state_dict(path, what=what)
+
+    spiece = state.pop(umt5_files.SPIECE_KEY, None)
+    if identity.kind == "umt5-wan":
+        try:
+            state = umt5_files.wan_t5_to_transformers(state)
+        except KeyError as exc:
+            raise WeightsError(f"{path}: tensor {exc} is not part of Wan's umT5 encoder") from None
+        layout = "Wan key names"
+    else:
+        state = dequantize(state, target) if has_fp8(state) else {k: v for k, v in state.items()
+                                                                  if k != QUANT_MARKER_KEY}
+        layout = "ComfyUI / transformers key names"
+    embedding = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if embedding is None:
+        raise _layout_error(path, what, ["shared.weight"], [])
+    state.setdefault("shared.weight", embedding)
+    state.setdefault("encoder.embed_tokens.weight", embedding)
+    shapes = shapes_from_state_dict(state)
+    try:
+        config = umt5_files.umt5_config(shapes)
+    except KeyError as exc:
+        raise _layout_error(path, what, [str(exc).strip("'")], []) from None
+    missing, unexpected, wrong = compare_layout(shapes, umt5_files.expected_umt5_shapes(config),
+                                                ignore=QUANT_SUFFIXES)
+    if missing or wrong:
+        raise _layout_error(path, what, missing, wrong)
+    for name in unexpected:
+        logger.warning("%s: ignoring tensor %s, not part of the umT5 encoder", path, name)
+        state.pop(name)
+
+    if tokenizer is None:
+        if spiece is not None:
+            tokenizer = umt5_files.tokenizer_from_spiece(spiece)
+        else:
+            found = _find_tokenizer_near(path)
+            if found is None:
+                raise WeightsError(
+                    f"{path}: this text encoder file has no embedded tokenizer ('{umt5_files.SPIECE_KEY}') and no "
+                    "tokenizer folder was found next to it (google/umt5-xxl/, umt5-xxl/ or tokenizer/); pass "
+                    "tokenizer=FOLDER"
+                )
+            tokenizer = umt5_files.load_tokenizer_dir(found)
+    try:
+        model = UMT5EncoderModel.from_pretrained(
+            None, config=UMT5Config(**{k: v for k, v in config.items() if not k.startswith("_")}),
+            state_dict=state, dtype=target,
+        )
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise WeightsError(f"{path}: could not build the umT5 encoder from it ({exc})") from None
+    model = model.to(device).eval()
+    _check_meta(model, path, what)
+    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
+    return _Loaded((model, tokenizer), description)
+
+
+def load_text_encoder(
+    source: PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Any, Any]:
+    """Load umT5-XXL as ``(transformers.UMT5EncoderModel, tokenizer)`` from any supported layout.
+
+    ``source``: an HF folder, Wan's ``.pth`` or ComfyUI's ``.safetensors`` (fp16 or scaled fp8,
+    dequantized to ``dtype``; ``None``: as stored, fp8 → bf16). ``tokenizer``: a tokenizer object
+    or folder; by default ComfyUI's embedded ``spiece_model``, else a tokenizer folder next to
+    the file (Wan's ``google/umt5-xxl``). ``device`` may differ from the transformer's.
+    """
+    module, tok = _load_text_encoder(source, tokenizer=tokenizer, dtype=dtype, device=device).module
+    return module, tok
+
+
+# --------------------------------------------------------------------------- all three
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scheduler_config() -> dict[str, Any]:
+    """The shipped Wan2.1 scheduler config (UniPC, flow matching); the sampler sets the shift."""
+    return load_json(SCHEDULER_CONFIG_DIR / "scheduler_config.json")
+
+
+def load_vace_from_files(
+    transformer: PathLike,
+    vae: PathLike,
+    text_encoder: PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    text_device: str | torch.device | None = None,
+    vae_dtype: torch.dtype | str | None = None,
+    text_dtype: torch.dtype | str | None = None,
+) -> VaceModels:
+    """Load the three stage-two models from single files / folders into one :class:`VaceModels`.
+
+    ``dtype`` is the transformer's (``None``: as stored, fp8 → bf16); the VAE defaults to float32
+    and the text encoder to its stored precision. ``device`` defaults to CUDA when available;
+    ``text_device`` (default: ``device``) lets umT5-XXL stay on the CPU.
+    """
+    device = str(device) if device is not None else default_device()
+    text_device = str(text_device) if text_device is not None else device
+    loaded_transformer = _load_transformer(transformer, dtype=dtype, device=device, num_heads=None)
+    loaded_vae = _load_vae(vae, dtype=vae_dtype, device=device)
+    loaded_text = _load_text_encoder(text_encoder, tokenizer=tokenizer, dtype=text_dtype, device=text_device)
+    encoder, tok = loaded_text.module
+    return VaceModels(
+        transformer=loaded_transformer.module,
+        vae=loaded_vae.module,
+        text_encoder=encoder,
+        tokenizer=tok,
+        device=device,
+        text_device=text_device,
+        dtype=loaded_transformer.module.dtype,
+        scheduler_config=scheduler_config(),
+        origin={
+            "transformer": loaded_transformer.description,
+            "vae": loaded_vae.description,
+            "text_encoder": loaded_text.description,
+        },
+    )
