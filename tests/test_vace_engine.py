@@ -247,6 +247,36 @@ def test_batched_guidance_equals_two_passes(models, contexts):
     torch.testing.assert_close(batched.frames, two.frames, atol=1e-4, rtol=0)
 
 
+def test_batched_guidance_falls_back_to_two_passes_when_out_of_memory(models, contexts):
+    plan = video_plan()
+    inputs = prepare_vace_inputs(plan, [])
+    two = sample(models, plan, inputs, contexts.cond, contexts.neg, SamplingOptions(steps=2, batch_cfg=False))
+    batches: list[int] = []
+
+    def oom_on_batch_of_two(module, args, kwargs):
+        batches.append(kwargs["hidden_states"].shape[0])
+        if kwargs["hidden_states"].shape[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = models.transformer.register_forward_pre_hook(oom_on_batch_of_two, with_kwargs=True)
+    try:
+        result = sample(models, plan, inputs, contexts.cond, contexts.neg, SamplingOptions(steps=2))
+    finally:
+        handle.remove()
+    assert batches == [2, 1, 1, 1, 1]  # tried once batched, then two passes per step
+    assert any("ran out of memory at step 1" in note for note in result.notes)
+    assert torch.equal(result.frames, two.frames)
+
+
+def test_contexts_of_different_lengths_run_as_two_passes(models, contexts):
+    plan = video_plan()
+    inputs = prepare_vace_inputs(plan, [])
+    short_neg = contexts.neg[:, :512]
+    two = sample(models, plan, inputs, contexts.cond, short_neg, SamplingOptions(steps=1, batch_cfg=False))
+    result = sample(models, plan, inputs, contexts.cond, short_neg, SamplingOptions(steps=1))
+    assert torch.equal(result.frames, two.frames) and any("differ in length" in n for n in result.notes)
+
+
 def test_without_guidance_one_forward_per_step_and_no_negative_needed(models, contexts):
     plan = video_plan()
     calls, handle = record_forwards(models.transformer)

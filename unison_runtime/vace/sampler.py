@@ -31,6 +31,7 @@ from ..plan import Plan
 from .models import VaceModels
 
 ProgressFn = Callable[[int, int], None]
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 CancelFn = Callable[[], bool]
 
 
@@ -252,10 +253,13 @@ def denoise(
     cond = _context(models, cond_context, "conditional")
     guided = options.uses_guidance
     neg = _context(models, neg_context, "negative") if guided else None
-    if guided and cond.shape[1] != neg.shape[1] and options.batch_cfg:
-        raise UnisonError(f"conditional ({cond.shape[1]}) and negative ({neg.shape[1]}) contexts differ in length; "
-                          "pad both to the same length (the reference uses 2048)")
     batched = guided and options.batch_cfg
+    if batched and cond.shape[1] != neg.shape[1]:
+        # Padding one to the other's length would change what it means (zeros are attended to), so no batching.
+        batched = False
+        if notes is not None:
+            notes.append(f"conditional ({cond.shape[1]}) and negative ({neg.shape[1]}) contexts differ in length: "
+                         "guidance ran as two passes")
     both = torch.cat([cond, neg]) if batched else None
     scale = torch.full((len(transformer.config.vace_layers),), float(options.context_scale),
                        device=models.device, dtype=transformer.dtype)
@@ -272,7 +276,7 @@ def denoise(
                 try:
                     cond_pred, uncond_pred = _forward(transformer, latents, t, both, control, scale,
                                                       "cond_uncond").chunk(2)
-                except torch.OutOfMemoryError:
+                except _OUT_OF_MEMORY:
                     batched, both = False, None
                     if notes is not None:
                         notes.append(f"batched guidance ran out of memory at step {i + 1}; continued with two passes")
