@@ -165,10 +165,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return inside
 
 
-SEGMENTS = st.sampled_from(["..", ".", "sub", "a.png", "b.mp4", "out.png", "outdir", "in.png", "secret.png", "", "x"])
+SEGMENTS = st.sampled_from(
+    ["..", ".", "sub", "a.png", "b.mp4", "out.png", "outdir", "in.png", "secret.png", "", "x", "x" * 300]
+)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=150)
 @given(st.lists(SEGMENTS, min_size=1, max_size=6), st.booleans(), st.sampled_from([".png", ".mp4", ""]))
 def test_fuzz_references_never_leave_the_root(root: Path, parts: list[str], absolute: bool, ext: str) -> None:
     reference = "/".join(parts) + ext
@@ -176,9 +178,8 @@ def test_fuzz_references_never_leave_the_root(root: Path, parts: list[str], abso
         reference = str(root.parent) + "/" + reference
     try:
         instruction = parse_instruction(f"Describe ###{reference}###", [root], must_exist=False)
-    except PathError as err:
-        assert repr(reference.strip()) in str(err) or "empty" in str(err) or "extension" in str(err)
-        return
+    except PathError:
+        return  # refusal wording is tested in test_instruction.py; here only confinement matters
     real_root = root.resolve()
     for path in instruction.resolved:
         assert path.is_relative_to(real_root), (reference, path)

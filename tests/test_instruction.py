@@ -197,6 +197,14 @@ def test_a_directory_is_not_a_medium(root: Path) -> None:
         parse_instruction("Describe ###folder.png###", [root], must_exist=True)
 
 
+@pytest.mark.parametrize("must_exist", [True, False])
+def test_a_name_too_long_for_the_file_system_is_a_path_error(root: Path, must_exist: bool) -> None:
+    reference = "a" * 300 + ".png"  # longer than NAME_MAX (255): the OS raises ENAMETOOLONG
+    with pytest.raises(PathError) as err:
+        parse_instruction(f"Describe ###{reference}###", [root], must_exist=must_exist)
+    assert "aaaa" in str(err.value)
+
+
 def test_no_roots_means_nothing_resolves(root: Path) -> None:
     with pytest.raises(PathError, match="no allowed folder"):
         parse_instruction("Describe ###a.png###", [], must_exist=True)
