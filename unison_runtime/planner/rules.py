@@ -140,7 +140,12 @@ _REFERENCE = re.compile(
 
 @dataclass(frozen=True)
 class Intent:
-    """What the deciding sentence asks: ``kind`` of its lead verb and where it sits in the text."""
+    """What the instruction asks, and where the deciding sentence starts.
+
+    ``generate`` / ``edit`` / ``understand``: the lead verb (or '?') of the first sentence that
+    asks for something; ``describe``: no sentence asks, but the bare description reads as a
+    generation request (an image/video noun, a size or length, prompt-style words).
+    """
 
     kind: Literal["generate", "edit", "understand", "describe"]
     position: int
