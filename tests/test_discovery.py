@@ -1,0 +1,161 @@
+"""Finding the model files in ComfyUI-style folders (``--models DIR`` and ComfyUI's folder lists).
+
+Stage-two files are tiny real-format models (recognised from their headers). The stage-one
+folders are only marked by their ``config.json`` / ``adapter_config.json``: discovery reads
+nothing else from them, and loading them is the planner's business.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from unison_runtime.errors import WeightsError
+from unison_runtime.models_dir import find_models, find_models_in, folders_in, list_models
+from unison_runtime.testing import tiny_wan_files as tw
+from unison_runtime.vace.files import load_vace_from_files
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("models")
+    return root, tw.build_tiny_comfy_models_dir(root)
+
+
+def _copy_tree(root: Path, to: Path) -> Path:
+    shutil.copytree(root, to)
+    return to
+
+
+def _qwen_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return path
+
+
+def _lora_dir(path: Path, base: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    return path
+
+
+def test_comfy_layout_is_found_by_content(comfy_models, tmp_path):
+    root = _copy_tree(comfy_models[0], tmp_path / "models")
+    # Decoys: a plain T2V model, an fp8 copy of the VACE model, and the VACE file under another name.
+    full = root / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(full))
+    save_file({k: v for k, v in state.items() if ".vace_" not in k},
+              str(root / "diffusion_models" / "a_wan2.1_t2v_1.3B_fp16.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
+              str(root / "diffusion_models" / "a_vace_fp8_e4m3fn.safetensors"))
+    found = find_models(root, require_generation=True)
+    assert found.transformer == full  # the fp16 VACE model, not the T2V one nor the fp8 copy
+    assert found.vae == root / "vae" / "wan_2.1_vae.safetensors"
+    assert found.text_encoder == root / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    assert found.tokenizer is None  # embedded in the ComfyUI file
+
+    full.rename(root / "diffusion_models" / "renamed.safetensors")
+    (root / "diffusion_models" / "a_vace_fp8_e4m3fn.safetensors").unlink()
+    assert find_models(root).transformer == root / "diffusion_models" / "renamed.safetensors"
+
+
+def test_missing_models_name_the_folder_and_the_expected_file(comfy_models, tmp_path):
+    root = _copy_tree(comfy_models[0], tmp_path / "models")
+    shutil.rmtree(root / "vae")
+    with pytest.raises(WeightsError) as info:
+        find_models(root, require_generation=True)
+    message = str(info.value)
+    assert f"no vae found in {root / 'vae'}" in message
+    assert "wan_2.1_vae.safetensors" in message and "Wan2.1_VAE.pth" in message
+    assert "transformer" not in message.split(";")[0]  # only the missing part is reported
+    assert find_models(root).vae is None  # without require_generation it is just absent
+
+
+def test_only_a_plain_t2v_model_is_reported_as_not_usable(comfy_models, tmp_path):
+    root = _copy_tree(comfy_models[0], tmp_path / "models")
+    full = root / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(full))
+    save_file({k: v for k, v in state.items() if ".vace_" not in k},
+              str(root / "diffusion_models" / "wan2.1_t2v_1.3B_fp16.safetensors"))
+    full.unlink()
+    with pytest.raises(WeightsError) as info:
+        find_models(root, require_generation=True)
+    message = str(info.value)
+    assert f"no transformer found in {root / 'diffusion_models'}" in message
+    assert "wan2.1_vace_1.3B_fp16.safetensors" in message  # what is expected
+    assert "wan2.1_t2v_1.3B_fp16.safetensors is a plain Wan" in message  # what was there instead
+
+
+def test_unison_folder_planner_lora_and_projector(tmp_path):
+    unison = tmp_path / "models" / "unison"
+    base = _qwen_dir(unison / "Qwen2.5-VL-3B-Instruct")
+    _qwen_dir(unison / "unison-planner-merged")
+    lora = _lora_dir(unison / "Unison" / "planner_lora", "Qwen/Qwen2.5-VL-3B-Instruct")
+    (unison / "Unison" / "projector.pth").write_bytes(b"not loaded by discovery")
+    found = find_models(tmp_path / "models")
+    assert (found.planner_model, found.planner_lora) == (base, lora)
+    assert found.projector == unison / "Unison" / "projector.pth"
+    assert not found.has_generation()
+
+    shutil.rmtree(unison / "Unison")
+    merged_only = find_models(tmp_path / "models")
+    assert merged_only.planner_model == unison / "unison-planner-merged" and merged_only.planner_lora is None
+    assert merged_only.projector is None
+
+
+def test_wan_release_folder_with_pth_files(tmp_path):
+    release = tmp_path / "models" / "diffusion_models" / "Wan2.1-VACE-1.3B"
+    transformer = tw.build_tiny_transformer(tw.tiny_transformer_config(dim=64, heads=2), seed=1)
+    tw.write_wan_transformer(transformer, release / "diffusion_pytorch_model.safetensors", wan_config=True)
+    tw.write_wan_vae(tw.build_tiny_vae(seed=2), release / "Wan2.1_VAE.pth")
+    encoder, tokenizer, _ = tw.build_tiny_umt5(seed=3, d_model=32)
+    tw.write_umt5_wan(encoder, tokenizer, release)
+    found = find_models(tmp_path / "models", require_generation=True)
+    assert found.transformer == release / "diffusion_pytorch_model.safetensors"
+    assert found.vae == release / "Wan2.1_VAE.pth"
+    assert found.text_encoder == release / "models_t5_umt5-xxl-enc-bf16.pth"
+    assert found.tokenizer == release / "google" / "umt5-xxl"
+    models = load_vace_from_files(found.transformer, found.vae, found.text_encoder, tokenizer=found.tokenizer,
+                                  device="cpu")
+    assert models.transformer.config.num_attention_heads == 2  # read from Wan's config.json
+    assert models.tokenizer("a fox").input_ids == tokenizer("a fox").input_ids
+
+
+def test_comfyui_folder_lists_and_legacy_names(comfy_models, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(comfy_models[0] / "diffusion_models", root / "unet")  # ComfyUI's legacy name
+    shutil.copytree(comfy_models[0] / "text_encoders", root / "clip")
+    shutil.copytree(comfy_models[0] / "vae", tmp_path / "elsewhere" / "vae")
+    folders = folders_in(root)
+    assert folders["diffusion_models"] == [root / "unet"] and folders["text_encoders"] == [root / "clip"]
+    # As ComfyUI's folder_paths would give them: several folders per kind, one outside models/.
+    folders["vae"] = [root / "vae", tmp_path / "elsewhere" / "vae"]
+    found = find_models_in(folders, require_generation=True)
+    assert found.vae == tmp_path / "elsewhere" / "vae" / "wan_2.1_vae.safetensors"
+    assert found.transformer.parent == root / "unet"
+    names = [f.path.name for f in list_models("diffusion_models", folders["diffusion_models"])]
+    assert names == ["wan2.1_vace_1.3B_fp16.safetensors"]
+    assert [f.kind for f in list_models("text_encoders", folders["text_encoders"])] == ["umt5"]
+    assert list_models("vae", folders["diffusion_models"]) == []
+
+
+def test_explicit_paths_win_and_must_exist(comfy_models, tmp_path):
+    root = comfy_models[0]
+    other = tw.write_wan_vae(tw.build_tiny_vae(seed=9), tmp_path / "my_vae.pth")
+    found = find_models(root, explicit={"vae": other, "projector": None})
+    assert found.vae == other and found.transformer is not None
+    with pytest.raises(WeightsError, match=r"vae .*nope\.safetensors does not exist"):
+        find_models(root, explicit={"vae": tmp_path / "nope.safetensors"})
+
+
+def test_models_dir_must_exist(tmp_path):
+    with pytest.raises(WeightsError, match=r"models folder .*missing does not exist"):
+        find_models(tmp_path / "missing")
