@@ -159,3 +159,76 @@ def test_explicit_paths_win_and_must_exist(comfy_models, tmp_path):
 def test_models_dir_must_exist(tmp_path):
     with pytest.raises(WeightsError, match=r"models folder .*missing does not exist"):
         find_models(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- download layout
+
+
+def test_download_dry_run_prints_the_plan_without_the_hub(tmp_path, monkeypatch):
+    import sys
+
+    from unison_runtime.download import download_all
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any import would now fail
+    monkeypatch.delenv("UNISON_REPO_ID", raising=False)
+    lines = list(download_all(tmp_path / "models", dry_run=True))
+    assert len(lines) == 5 and all(line.startswith("would fetch") for line in lines)
+    text = "\n".join(lines)
+    models = tmp_path / "models"
+    assert f"-> {models / 'diffusion_models' / 'wan2.1_vace_1.3B_fp16.safetensors'}" in text
+    assert "Comfy-Org/Wan_2.1_ComfyUI_repackaged/split_files/vae/wan_2.1_vae.safetensors" in text
+    assert f"-> {models / 'text_encoders' / 'umt5_xxl_fp16.safetensors'}" in text
+    assert f"Qwen/Qwen2.5-VL-3B-Instruct (whole repository) -> {models / 'unison' / 'Qwen2.5-VL-3B-Instruct'}" in text
+    assert "not confirmed; set UNISON_REPO_ID" in text
+    assert not models.exists()  # a dry run writes nothing
+
+
+def test_download_lands_where_discovery_looks(comfy_models, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from unison_runtime.download import download_all
+
+    tiny = {  # what the hub would serve, as tiny files in the real formats
+        "split_files/diffusion_models/wan2.1_vace_1.3B_fp16.safetensors":
+            comfy_models[1]["transformer"],
+        "split_files/vae/wan_2.1_vae.safetensors": comfy_models[1]["vae"],
+        "split_files/text_encoders/umt5_xxl_fp16.safetensors": comfy_models[1]["text_encoder"],
+    }
+    calls = []
+
+    def hf_hub_download(repo_id, filename, *, local_dir):
+        calls.append((repo_id, filename))
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tiny[filename], out)
+        return str(out)
+
+    def snapshot_download(repo_id, *, local_dir):
+        calls.append((repo_id, None))
+        if repo_id.startswith("Qwen/"):
+            _qwen_dir(Path(local_dir))
+        else:
+            _lora_dir(Path(local_dir) / "lora", "Qwen/Qwen2.5-VL-3B-Instruct")
+            (Path(local_dir) / "projector.pth").write_bytes(b"x")
+        return local_dir
+
+    fake = types.SimpleNamespace(hf_hub_download=hf_hub_download, snapshot_download=snapshot_download)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    monkeypatch.setenv("UNISON_REPO_ID", "someone/unison-release")
+    models = tmp_path / "models"
+    lines = list(download_all(models))
+    assert ("someone/unison-release", None) in calls and len(calls) == 5
+    assert not (models / ".unison-download").exists()  # staging cleaned up
+    found = find_models(models, require_generation=True)
+    assert found.transformer == models / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
+    assert found.vae == models / "vae" / "wan_2.1_vae.safetensors"
+    assert found.text_encoder == models / "text_encoders" / "umt5_xxl_fp16.safetensors"
+    assert found.planner_model == models / "unison" / "Qwen2.5-VL-3B-Instruct"
+    assert found.planner_lora == models / "unison" / "Unison" / "lora"
+    assert found.projector == models / "unison" / "Unison" / "projector.pth"
+    assert sum(line.startswith("done") for line in lines) == 5
+    # A second run finds everything in place and fetches nothing.
+    calls.clear()
+    assert all(line.startswith("present") for line in download_all(models))
+    assert calls == []
