@@ -384,3 +384,40 @@ def test_shipped_configs_build_the_released_architectures():
     assert scheduler.config.prediction_type == "flow_prediction" and scheduler.config.use_flow_sigmas
     assert json.loads((files.SCHEDULER_CONFIG_DIR.parent / "umt5-xxl-encoder" / "config.json").read_text())[
         "model_type"] == "umt5"
+
+
+def test_sharded_release_and_full_checkpoint_prefix(tiny_transformer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    single = tw.write_wan_transformer(tiny_transformer, tmp_path / "single.safetensors")
+    state = load_file(str(single))
+    names = sorted(state)
+    # Wan's 14B release is sharded with an index, as diffusers/transformers shard files.
+    release = tmp_path / "Wan2.1-VACE-14B"
+    release.mkdir()
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(release / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (release / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    # A full ComfyUI checkpoint: the transformer behind the prefix, other models beside it.
+    full = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    full["first_stage_model.decoder.conv1.weight"] = torch.zeros(4, 4, 3, 3, 3)
+    full["text_encoders.umt5xxl.transformer.shared.weight"] = torch.zeros(8, 4)
+    save_file(full, str(tmp_path / "checkpoint.safetensors"))
+
+    inputs = _transformer_inputs(tiny_transformer.config)
+    expected = _run_transformer(tiny_transformer, inputs)
+    for source in (release, tmp_path / "checkpoint.safetensors"):
+        torch.testing.assert_close(_run_transformer(files.load_transformer_file(source), inputs), expected)
+
+
+def test_inspect_file_says_what_a_file_is(tiny_transformer, tiny_vae, tmp_path):
+    transformer = tw.write_wan_transformer(tiny_transformer, tmp_path / "t.safetensors", layout="comfy",
+                                           precision="fp8_scaled")
+    identity = files.inspect_file(transformer)
+    assert (identity.kind, identity.prefix, identity.dtype) == ("wan-vace", "model.diffusion_model.", "F8_E4M3")
+    assert identity.summary.startswith("Wan2.1-VACE custom size (width 128, 2 layers)")
+    vae = files.inspect_file(tw.write_wan_vae(tiny_vae, tmp_path / "Wan2.1_VAE.pth"))
+    assert (vae.kind, vae.summary, vae.details["z_dim"]) == ("wan-vae", "Wan VAE", 16)

@@ -264,7 +264,8 @@ def _load_transformer(
     target = resolve_dtype(dtype) or _default_dtype(identity)
     if state is None:
         state = _load_all(files, what)
-    state = strip_prefix(state, prefix) if prefix else state
+    if prefix:  # a full checkpoint may also hold a VAE or text encoder: keep only the transformer
+        state = strip_prefix({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
     for name in unexpected:
         state.pop(name, None)
     if has_fp8(state):

@@ -135,6 +135,9 @@ def is_tokenizer_dir(path: Path) -> bool:
 
 def load_tokenizer_dir(path: Path) -> Any:
     """The tokenizer saved in ``path`` (``tokenizer.json`` or ``spiece.model``), offline."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, T5Tokenizer
 
+    if not (path / "tokenizer_config.json").is_file() and (path / "spiece.model").is_file():
+        # A bare sentencepiece model (no config to name the class): umT5's tokenizer is T5's.
+        return T5Tokenizer.from_pretrained(str(path), extra_ids=0, local_files_only=True)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
