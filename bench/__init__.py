@@ -1,0 +1,1 @@
+"""Benchmarks (speed, memory), run by hand with ``python -m bench.<script>``; see BENCHMARKS.md."""

@@ -1,0 +1,95 @@
+"""Each benchmark script runs end to end with ``--quick`` (tiny sizes) and prints its table.
+
+These check that the scripts work, not how fast anything is: no timing is asserted. What is
+asserted is what does not depend on the machine: the table's shape, that every row carries the
+machine and the exact command, and the results that are exact (the ``plan`` command does not
+import torch; batched and two-pass guidance agree; Unison's frames equal diffusers' frames).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+
+from bench.common import Row, format_table, format_value, interleaved, pair_ratios
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bench_cache(tmp_path_factory):
+    """Build the benchmarks' random models in a temp folder, once for this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNISON_BENCH_CACHE", str(tmp_path_factory.mktemp("bench-models")))
+        yield
+
+
+def run_quick(module: str, capsys, *extra: str) -> tuple[list[Row], str]:
+    bench = importlib.import_module(f"bench.{module}")
+    rows = bench.main(["--quick", *extra])
+    out = capsys.readouterr().out
+    return rows, out
+
+
+def check_table(rows: list[Row], out: str, title: str, module: str) -> list[str]:
+    """The printed table has a header, one line per row, each with the machine and the command."""
+    assert f"### {title}" in out
+    lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    assert len(lines) == len(rows) >= 1
+    for row, line in zip(rows, lines, strict=True):
+        assert line.startswith(f"| {row.case.replace('|', chr(92) + '|')} |")
+        assert f"`python -m bench.{module} --quick" in line
+        assert "cores" in line and "torch" in line
+        assert not math.isnan(row.value)
+    return lines
+
+
+def by_case(rows: list[Row], start: str) -> Row:
+    found = [row for row in rows if row.case.startswith(start)]
+    assert len(found) == 1, [row.case for row in rows]
+    return found[0]
+
+
+def test_planner_bench_quick(capsys):
+    rows, out = run_quick("bench_planner", capsys, "--profile")
+    check_table(rows, out, "Planner", "bench_planner")
+    imports = by_case(rows, "plan imports torch")
+    assert imports.met is True and "torch" not in imports.note.split("heavy imported:")[1].split(";")[0]
+    assert by_case(rows, "rule planner: plan(instruction)").value > 0
+    assert by_case(rows, "CLI cold start").value > 0
+    assert "cumulative" in out  # the --profile report
+
+
+def test_guidance_bench_quick(capsys):
+    rows, out = run_quick("bench_guidance", capsys)
+    check_table(rows, out, "Guidance: batched vs two-pass CFG", "bench_guidance")
+    assert by_case(rows, "final latents, batched vs two passes").met is True
+    assert by_case(rows, "batched guidance speedup").value > 0
+
+
+def test_engine_overhead_bench_quick(capsys):
+    rows, out = run_quick("bench_engine_overhead", capsys)
+    check_table(rows, out, "Engine overhead: Unison vs diffusers WanVACEPipeline", "bench_engine_overhead")
+    for case in ("frames unison vs diffusers", "frames unison sampler vs diffusers sampler",
+                 "frames unison (batched cfg) vs unison"):
+        assert by_case(rows, case).met is True
+    assert by_case(rows, "time ratio unison / diffusers").value > 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_interleaved_rotates_the_order_and_times_every_arm():
+    calls: list[str] = []
+    times = interleaved({name: (lambda n=name: calls.append(n)) for name in "abc"}, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert pair_ratios([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
+
+
+def test_table_escapes_pipes_and_marks_missed_targets():
+    rows = [Row("a | b", 1234.5, "plans/s", 3, "> 5000", False, "n"), Row("c", 0.0123, "s", 1)]
+    text = format_table("T", rows, machine="m", command="python -m bench.x")
+    assert "| a \\| b | 1,234 plans/s | 3 | > 5000 | **no** | n | m | `python -m bench.x` |" in text
+    assert "| c | 0.0123 s | 1 |  |  |  | m |" in text
+    assert format_value(float("nan"), "s") == "n/a"
