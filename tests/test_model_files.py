@@ -134,12 +134,16 @@ def test_comfy_single_file_matches_diffusers_layout(tiny_transformer, tmp_path, 
         assert not torch.allclose(raw, expected, atol=1e-4)
 
 
-def test_default_dtype_follows_the_file(tiny_transformer, tmp_path):
+def test_dtype_follows_the_diffusers_loader_policy_not_the_file(tiny_transformer, tmp_path):
     fp16 = tw.write_wan_transformer(tiny_transformer, tmp_path / "a.safetensors", layout="comfy", precision="fp16")
     fp8 = tw.write_wan_transformer(tiny_transformer, tmp_path / "b.safetensors", layout="comfy", precision="fp8")
-    assert files.load_transformer_file(fp16).proj_out.weight.dtype == torch.float16
-    assert files.load_transformer_file(fp8).proj_out.weight.dtype == torch.bfloat16
-    assert files.load_transformer_file(fp8, dtype="fp32").proj_out.weight.dtype == torch.float32
+    # On the CPU the diffusers-layout loader computes in fp32; so do single files, whatever they store.
+    assert files.load_transformer_file(fp16).proj_out.weight.dtype == torch.float32
+    assert files.load_transformer_file(fp8).proj_out.weight.dtype == torch.float32
+    bf16 = files.load_transformer_file(fp8, dtype="bf16")
+    assert bf16.proj_out.weight.dtype == bf16.scale_shift_table.dtype == torch.bfloat16
+    with pytest.raises(WeightsError, match="unknown dtype 'fp4'"):
+        files.load_transformer_file(fp8, dtype="fp4")
 
 
 def test_fp16_precision_layout_matches_from_pretrained(tiny_transformer, tmp_path):
@@ -298,13 +302,14 @@ def test_umt5_comfy_fp16_with_embedded_tokenizer(tiny_umt5, tmp_path):
 
     model, tokenizer, proto = tiny_umt5
     path = tw.write_umt5_comfy(model, proto, tmp_path / "umt5_xxl_fp16.safetensors", precision="fp16")
-    loaded, tok = files.load_text_encoder(path)
+    loaded, tok = files.load_text_encoder(path, dtype="fp16")
     assert loaded.shared.weight.dtype == torch.float16
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # as from_pretrained
     processor = spm.SentencePieceProcessor(model_proto=proto)
     for text in [*PROMPTS, "一只猫在草地上奔跑"]:
         assert tok(text).input_ids == [*processor.encode(text), 1]  # ComfyUI: spm ids, then </s>, no BOS
     reference = _diffusers_reload(tw.reference_weights(model, "fp16"), tmp_path / "ref")
-    loaded32, tok32 = files.load_text_encoder(path, dtype="fp32")
+    loaded32, tok32 = files.load_text_encoder(path)  # CPU default: fp32
     torch.testing.assert_close(_encode(loaded32, tok32), _encode(reference, tokenizer))
 
 
@@ -360,8 +365,9 @@ def test_load_vace_from_files_comfy_models_folder(tmp_path):
     assert type(models.transformer).__name__ == "WanVACETransformer3DModel"
     assert type(models.vae).__name__ == "AutoencoderKLWan"
     assert type(models.text_encoder).__name__ == "UMT5EncoderModel"
-    assert models.dtype == torch.float16 and models.vae.dtype == torch.float32
-    assert models.text_encoder.shared.weight.dtype == torch.bfloat16  # an fp8 file computes in bf16
+    # Stored fp16 / fp8, computed as the diffusers loader would on this CPU: fp32.
+    assert models.dtype == models.transformer.dtype == models.vae.dtype == torch.float32
+    assert models.text_encoder.shared.weight.dtype == torch.float32
     assert models.scheduler_config["_class_name"] == "UniPCMultistepScheduler"
     assert "wan2.1_vace_1.3B_fp16.safetensors" in models.origin["transformer"]
     assert "Comfy-Org layout" in models.origin["transformer"]

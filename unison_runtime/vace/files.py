@@ -13,7 +13,9 @@ The modules are the same classes the diffusers-layout loader returns (``WanVACET
 ``AutoencoderKLWan``, ``UMT5EncoderModel``), so everything downstream is shared. Configs are the
 ones shipped in ``unison_runtime/configs`` with every size read from the weights. A file of the
 wrong kind is refused from its header, before its tensors are read, with what was found and what
-was expected.
+was expected. Default dtypes and devices are those of the diffusers-layout loader
+(:func:`~unison_runtime.vace.loading.resolve_dtype`), whatever precision a file is stored in, so
+both loaders give the same numbers for the same weights.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import torch
 from ..errors import WeightsError
 from ..weights import load_state_dict, read_safetensors_header, strip_prefix
 from . import umt5_files
+from .loading import default_device, resolve_dtype
 from .models import VaceModels
-from .quantized import dequantize, has_fp8
+from .quantized import dequantize
 from .wan_keys import (
     COMFY_PREFIX,
     QUANT_MARKER_KEY,
@@ -52,13 +55,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | Path
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "f16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-_STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
 # What to tell a user who picked a file of another kind, by the kind found.
 _HINTS = {
     "wan-video": "Unison generates with the VACE model; use Wan2.1-VACE-1.3B "
@@ -74,23 +70,6 @@ _HINTS = {
     "t5": "Wan needs umT5-XXL (umt5_xxl_fp16.safetensors / umt5_xxl_fp8_e4m3fn_scaled.safetensors), "
     "not the T5-XXL of Flux/SD3",
 }
-
-
-def resolve_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.dtype`` from a dtype or a name (``"bf16"``, ``"fp16"``, ``"fp32"``); ``None``/``"auto"`` stay None."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value.lower() == "auto":
-        return None
-    try:
-        return _DTYPES[value.lower()]
-    except KeyError:
-        raise WeightsError(f"dtype {value!r}: expected one of auto, {', '.join(sorted(set(_DTYPES)))}") from None
-
-
-def _default_dtype(identity: FileIdentity) -> torch.dtype:
-    # Keep the precision the file was published in; fp8 files compute in bf16 (their scales' range).
-    return _STORED.get(identity.dtype, torch.bfloat16)
 
 
 def _wrong_kind(path: Path, expected: str, identity: FileIdentity) -> WeightsError:
@@ -146,7 +125,7 @@ def _assemble(
         names = [*result.missing_keys[:3], *result.unexpected_keys[:3]]
         raise WeightsError(f"{path}: the {what} does not match its config (tensors {', '.join(names)})")
     _check_meta(model, path, what)
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _first_line(text: str) -> str:
@@ -261,17 +240,14 @@ def _load_transformer(
         logger.warning("%s: ignoring %d tensors a VACE transformer does not use: %s", path, len(unexpected),
                        ", ".join(unexpected[:5]))
 
-    target = resolve_dtype(dtype) or _default_dtype(identity)
+    target = resolve_dtype(dtype, str(device), role="transformer")
     if state is None:
         state = _load_all(files, what)
     if prefix:  # a full checkpoint may also hold a VAE or text encoder: keep only the transformer
         state = strip_prefix({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
     for name in unexpected:
         state.pop(name, None)
-    if has_fp8(state):
-        state = dequantize(state, target)
-    else:
-        state.pop(QUANT_MARKER_KEY, None)
+    state = dequantize(state, target)  # fp8 (scaled or not) -> target; other tensors pass through
 
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -292,10 +268,11 @@ def load_transformer_file(
     """Load a Wan2.1-VACE transformer single file into ``diffusers.WanVACETransformer3DModel``.
 
     ``path``: the ``.safetensors`` file, a shard index (``*.safetensors.index.json``) or Wan's
-    release folder. ``dtype`` (``None``: as stored; fp8 files compute in bf16). ``num_heads``
-    only for non-standard models; Wan's sizes use 128-wide heads, and Wan's ``config.json`` next
-    to the file is read when present. Refuses plain T2V/I2V models, VAEs, text encoders and
-    incomplete files with a :class:`WeightsError` naming the file.
+    release folder. ``dtype``: ``None`` picks as the diffusers loader does (bf16 on a GPU, fp32 on
+    the CPU); fp8 weights are dequantized to it. ``num_heads`` only for non-standard models: Wan's
+    sizes use 128-wide heads, and Wan's ``config.json`` next to the file is read when present.
+    Refuses plain T2V/I2V models, VAEs, text encoders and incomplete files with a
+    :class:`WeightsError` naming the file.
     """
     return _load_transformer(path, dtype=dtype, device=device, num_heads=num_heads).module
 
@@ -316,7 +293,7 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
         shapes = shapes_from_state_dict(state)
     identity = identify(shapes)
     expected = "the Wan 2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)"
-    if identity.kind != "wan-vae" or identity.details.get("z_dim") != 16:
+    if identity.kind != "wan-vae" or identity.details.get("z_dim") == 48:  # the Wan 2.2 VAE does not fit
         raise _wrong_kind(path, expected, identity)
     try:
         config = vae_config(shapes)
@@ -330,9 +307,9 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
     for name in unexpected:
         logger.warning("%s: ignoring tensor %s, not part of the Wan VAE", path, name)
         state.pop(name)
-    target = resolve_dtype(dtype) or torch.float32
-    if has_fp8(state):
-        state = dequantize(state, target)
+    target = resolve_dtype(dtype, str(device), role="vae")
+    state = dequantize(state, target)
+
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     model = _assemble(AutoencoderKLWan, config, convert_wan_vae_to_diffusers(state), target, device, path, what)
@@ -342,7 +319,7 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
 def load_vae_file(path: PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Any:
     """Load the Wan 2.1 VAE from ``Wan2.1_VAE.pth`` / ``wan_2.1_vae.safetensors`` into ``AutoencoderKLWan``.
 
-    ``dtype`` defaults to float32 (the VAE is small; its decode is precision-sensitive).
+    ``dtype`` defaults to float32, as in the diffusers loader.
     """
     return _load_vae(path, dtype=dtype, device=device).module
 
@@ -370,7 +347,7 @@ def _tokenizer_from(value: Any) -> Any:
 
 
 def _load_hf_text_encoder_dir(
-    folder: Path, tokenizer: Any, dtype: torch.dtype | None, device: str | torch.device
+    folder: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device
 ) -> _Loaded:
     from transformers import UMT5EncoderModel
 
@@ -385,7 +362,7 @@ def _load_hf_text_encoder_dir(
         raise WeightsError(f"{folder}: config.json says model_type {model_type!r}; expected 'umt5' (umT5-XXL)")
     try:
         model = UMT5EncoderModel.from_pretrained(
-            str(folder), dtype=dtype or "auto", local_files_only=True, trust_remote_code=False
+            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"{folder}: could not load the umT5 encoder ({exc})") from None
@@ -395,7 +372,8 @@ def _load_hf_text_encoder_dir(
             raise WeightsError(f"{folder}: no tokenizer found (tokenizer.json or spiece.model in the folder or in "
                                "../tokenizer); pass tokenizer=FOLDER")
         tokenizer = umt5_files.load_tokenizer_dir(found)
-    return _Loaded((model.to(device).eval(), tokenizer), f"{folder} (umT5-XXL, transformers folder)")
+    model = model.to(device).eval().requires_grad_(False)
+    return _Loaded((model, tokenizer), f"{folder} (umT5-XXL, transformers folder, computing in {_name(dtype)})")
 
 
 def _load_text_encoder(
@@ -407,7 +385,8 @@ def _load_text_encoder(
     what = "umT5 text encoder"
     tokenizer = _tokenizer_from(tokenizer)
     if path.is_dir():
-        return _load_hf_text_encoder_dir(path, tokenizer, resolve_dtype(dtype), device)
+        target = resolve_dtype(dtype, str(device), role="text_encoder")
+        return _load_hf_text_encoder_dir(path, tokenizer, target, device)
     state = None
     if path.suffix.lower() == ".safetensors":
         shapes = shapes_from_header(read_safetensors_header(path, what=what))
@@ -417,7 +396,7 @@ def _load_text_encoder(
     identity = identify(shapes)
     if identity.kind not in ("umt5", "umt5-wan"):
         raise _wrong_kind(path, "the umT5-XXL text encoder", identity)
-    target = resolve_dtype(dtype) or _default_dtype(identity)
+    target = resolve_dtype(dtype, str(device), role="text_encoder")
     if state is None:
         state = load_state_dict(path, what=what)
 
@@ -429,8 +408,7 @@ def _load_text_encoder(
             raise WeightsError(f"{path}: tensor {exc} is not part of Wan's umT5 encoder") from None
         layout = "Wan key names"
     else:
-        state = dequantize(state, target) if has_fp8(state) else {k: v for k, v in state.items()
-                                                                  if k != QUANT_MARKER_KEY}
+        state = dequantize(state, target)
         layout = "ComfyUI / transformers key names"
     embedding = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
     if embedding is None:
@@ -469,7 +447,7 @@ def _load_text_encoder(
         )
     except (ValueError, RuntimeError, KeyError) as exc:
         raise WeightsError(f"{path}: could not build the umT5 encoder from it ({exc})") from None
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)
     _check_meta(model, path, what)
     description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
     return _Loaded((model, tokenizer), description)
@@ -485,7 +463,8 @@ def load_text_encoder(
     """Load umT5-XXL as ``(transformers.UMT5EncoderModel, tokenizer)`` from any supported layout.
 
     ``source``: an HF folder, Wan's ``.pth`` or ComfyUI's ``.safetensors`` (fp16 or scaled fp8,
-    dequantized to ``dtype``; ``None``: as stored, fp8 → bf16). ``tokenizer``: a tokenizer object
+    dequantized to ``dtype``; ``None``: bf16 on a GPU, fp32 on the CPU, never fp16 by default
+    because umT5 overflows in it). ``tokenizer``: a tokenizer object
     or folder; by default ComfyUI's embedded ``spiece_model``, else a tokenizer folder next to
     the file (Wan's ``google/umt5-xxl``). ``device`` may differ from the transformer's.
     """
@@ -498,10 +477,6 @@ def load_text_encoder(
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def scheduler_config() -> dict[str, Any]:
@@ -520,16 +495,18 @@ def load_vace_from_files(
     text_device: str | torch.device | None = None,
     vae_dtype: torch.dtype | str | None = None,
     text_dtype: torch.dtype | str | None = None,
+    num_heads: int | None = None,
 ) -> VaceModels:
     """Load the three stage-two models from single files / folders into one :class:`VaceModels`.
 
-    ``dtype`` is the transformer's (``None``: as stored, fp8 → bf16); the VAE defaults to float32
-    and the text encoder to its stored precision. ``device`` defaults to CUDA when available;
-    ``text_device`` (default: ``device``) lets umT5-XXL stay on the CPU.
+    Same devices and dtype defaults as ``load_vace_diffusers``: ``device`` defaults to CUDA when
+    available, ``text_device`` to ``device`` (pass ``"cpu"`` to keep umT5-XXL off the GPU);
+    ``dtype`` is the transformer's. ``tokenizer`` is only needed for Wan's ``.pth`` encoder when
+    its ``google/umt5-xxl`` folder is not next to it. ``num_heads``: see :func:`load_transformer_file`.
     """
     device = str(device) if device is not None else default_device()
     text_device = str(text_device) if text_device is not None else device
-    loaded_transformer = _load_transformer(transformer, dtype=dtype, device=device, num_heads=None)
+    loaded_transformer = _load_transformer(transformer, dtype=dtype, device=device, num_heads=num_heads)
     loaded_vae = _load_vae(vae, dtype=vae_dtype, device=device)
     loaded_text = _load_text_encoder(text_encoder, tokenizer=tokenizer, dtype=text_dtype, device=text_device)
     encoder, tok = loaded_text.module
@@ -540,11 +517,13 @@ def load_vace_from_files(
         tokenizer=tok,
         device=device,
         text_device=text_device,
-        dtype=loaded_transformer.module.dtype,
+        dtype=resolve_dtype(dtype, device, role="transformer"),
         scheduler_config=scheduler_config(),
         origin={
             "transformer": loaded_transformer.description,
             "vae": loaded_vae.description,
             "text_encoder": loaded_text.description,
+            "tokenizer": loaded_text.description if tokenizer is None else str(tokenizer),
+            "scheduler": str(SCHEDULER_CONFIG_DIR / "scheduler_config.json"),
         },
     )

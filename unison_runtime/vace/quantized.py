@@ -25,10 +25,6 @@ FP8_TORCH_DTYPES = tuple(
 )
 
 
-def has_fp8(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(t.dtype in FP8_TORCH_DTYPES for t in state_dict.values())
-
-
 def dequantize(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Return a state dict with every fp8 tensor in ``dtype`` and the scaled-fp8 bookkeeping removed.
 
