@@ -203,6 +203,17 @@ def _manage_vace(models: Any, label: str) -> LoadedVace:
     return LoadedVace(models=models, label=label, patchers=[p for p in patchers if p is not None])
 
 
+def _vace_dtypes(dtype: str, device: str, text_device: str) -> dict[str, Any]:
+    """Explicit dtypes per part: "auto" means the runtime's defaults for the device (fp32 on the CPU, where
+    half precision is slow; bf16 transformer and umT5 on a GPU; the VAE in fp32), never "as stored"."""
+    loading = runtime_module("vace.loading")
+    return {
+        "dtype": loading.resolve_dtype(None if dtype == AUTO else dtype, device, role="transformer"),
+        "text_dtype": loading.resolve_dtype(None, text_device, role="text_encoder"),
+        "vae_dtype": loading.resolve_dtype(None, device, role="vae"),
+    }
+
+
 TEXT_DEVICE_TOOLTIP = ("Where umT5-XXL runs: auto = ComfyUI's text-encoder device; cpu keeps its ~11 GB off the GPU "
                        "(slower prompt encoding, once per run); main device = the GPU.")
 
@@ -258,7 +269,7 @@ class UnisonVaceLoader:
 
         def load() -> LoadedVace:
             files = runtime_module("vace.files")
-            models = files.load_vace_from_files(*paths, dtype=None if dtype == AUTO else dtype, device=device,
+            models = files.load_vace_from_files(*paths, **_vace_dtypes(dtype, device, text_device), device=device,
                                                 text_device=text_device)
             return _manage_vace(models, paths[0].name)
 
@@ -314,7 +325,7 @@ class UnisonVaceDiffusersLoader:
 
         def load() -> LoadedVace:
             loading = runtime_module("vace.loading")
-            models = loading.load_vace_diffusers(path, dtype=None if dtype == AUTO else dtype, device=device,
+            models = loading.load_vace_diffusers(path, **_vace_dtypes(dtype, device, text_device), device=device,
                                                  text_device=text_device)
             return _manage_vace(models, path.name)
 
