@@ -27,14 +27,15 @@ from unison_runtime.vace.sources import prepare_vace_inputs
 from unison_runtime.vace.text import text_contexts
 
 T2I = "Create an image of a red car parked on a street at night, 32x32"
+VACE = "diffusion_models/Wan2.1-VACE-1.3B-diffusers"
 T2V = "Create a video of a lion walking around in its habitat, 32x32, 4 frames"
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """A --models folder: vace/ (diffusers layout) and unison/ (Qwen base, LoRA, projector)."""
+    """A --models folder: diffusion_models/<diffusers VACE folder> and unison/ (Qwen base, LoRA, projector)."""
     root = tmp_path_factory.mktemp("models")
-    build_tiny_vace_diffusers(root / "vace")
+    build_tiny_vace_diffusers(root / VACE)
     qwen = build_tiny_qwen(root / "unison" / "Qwen2.5-VL-3B-Instruct")
     build_tiny_unison_lora(qwen, root / "unison" / "unison-lora")
     build_tiny_projector(root / "unison" / "projector.pth", input_dim=TEXT_HIDDEN, t5_dim=TINY_VACE.text_dim)
@@ -59,7 +60,7 @@ class CountingLoader:
 
 
 def make_pipeline(models_dir, stage_one=None, projector=True, **kwargs):
-    vace = CountingLoader(lambda: load_vace_diffusers(models_dir / "vace", device="cpu"))
+    vace = CountingLoader(lambda: load_vace_diffusers(models_dir / VACE, device="cpu"))
     proj = CountingLoader(lambda: load_projector(models_dir / "unison/projector.pth")) if projector else None
     pipeline = UnisonPipeline(planner=RulePlanner(), stage_one=stage_one, projector=proj, vace=vace,
                               options=SamplingOptions(steps=2), **kwargs)
@@ -156,12 +157,15 @@ def test_read_uses_given_media_and_refuses_missing_ones(models_dir, tmp_path):
 
 def test_locate_models_finds_the_documented_layout(models_dir, tmp_path):
     found = locate_models(models_dir)
-    assert found.vace == str(models_dir / "vace")
+    assert found.vace == str(models_dir / VACE)
+    assert found.load_vace.func is load_vace_diffusers
     assert found.qwen == models_dir / "unison/Qwen2.5-VL-3B-Instruct"
     assert found.lora == models_dir / "unison/unison-lora"
     assert found.projector == models_dir / "unison/projector.pth"
     empty = locate_models(tmp_path)
     assert empty.load_vace is None and empty.qwen is None and empty.projector is None
+    with pytest.raises(WeightsError, match="no transformer found"):
+        empty.paths.require_generation()
     with pytest.raises(WeightsError, match="does not exist"):
         locate_models(tmp_path / "nowhere")
 
@@ -176,8 +180,9 @@ def run_cli(*argv: str) -> tuple[int, dict | None]:
 def generation_dir(models_dir, tmp_path_factory):
     """A --models folder with stage two and the projector but no stage one: the rule planner plans."""
     root = tmp_path_factory.mktemp("generation_models")
-    shutil.copytree(models_dir / "vace", root / "vace")
-    shutil.copy(models_dir / "unison/projector.pth", root / "projector.pth")
+    shutil.copytree(models_dir / VACE, root / VACE)
+    (root / "unison").mkdir()
+    shutil.copy(models_dir / "unison/projector.pth", root / "unison/projector.pth")
     return root
 
 
@@ -212,4 +217,18 @@ def test_cli_run_understanding_writes_txt_and_needs_stage_one(models_dir, genera
                       str(tmp_path / "a2"), "--input-dir", str(tmp_path))
     assert code == 2 and "needs the Qwen2.5-VL stage one" in capsys.readouterr().err
     code, _ = run_cli("run", T2I, "--models", str(tmp_path), "--out", str(tmp_path / "x"), "--input-dir", str(tmp_path))
-    assert code == 2 and "needs the Wan2.1-VACE models" in capsys.readouterr().err
+    assert code == 2 and "no transformer found" in capsys.readouterr().err
+
+
+def test_cli_run_with_comfyui_single_files(tmp_path):
+    """Stage two from Comfy-Org-style single files (fp16 transformer, VAE, fp8 umT5), found by content."""
+    from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
+
+    build_tiny_comfy_models_dir(tmp_path / "models")
+    found = locate_models(tmp_path / "models")
+    assert found.load_vace is not None and "wan2.1_vace_1.3B_fp16.safetensors" in found.vace
+    code, report = run_cli("run", T2I, "--models", str(tmp_path / "models"), "--out", str(tmp_path / "car"),
+                           "--steps", "2", "--input-dir", str(tmp_path), "--device", "cpu")
+    assert code == 0 and report["path"] == str(tmp_path / "car.png")
+    with Image.open(tmp_path / "car.png") as image:
+        assert image.size == (32, 32)

@@ -327,51 +327,46 @@ def _empty_cuda_cache() -> None:
 # --------------------------------------------------------------------------- model locations
 
 
-#: Where ``--models DIR`` may hold the diffusers-layout VACE model (first match wins).
-VACE_DIFFUSERS_FOLDERS = ("vace", "Wan2.1-VACE-1.3B-diffusers", "unison/Wan2.1-VACE-1.3B-diffusers")
-QWEN_FOLDER = "unison/Qwen2.5-VL-3B-Instruct"
-LORA_FOLDER = "unison/unison-lora"
-PROJECTOR_FILES = ("unison/projector.safetensors", "unison/projector.pth", "projector.safetensors", "projector.pth")
-
-
 @dataclass
 class ModelLocations:
-    """What :func:`locate_models` found: a loader for stage two and the stage-one/projector paths."""
+    """What :func:`locate_models` found: a loader for stage two (``None``: not found; ``paths``
+    can say why) and the stage-one and projector paths."""
 
     load_vace: Callable[..., VaceModels] | None
     vace: str | None
     qwen: Path | None
     lora: Path | None
     projector: Path | None
+    paths: Any = None  # the models_dir.ModelPaths the choice was made from
 
 
-def locate_models(models_dir: str | Path) -> ModelLocations:
-    """Find the weights under ``models_dir``; the one place that knows the folder layout.
+def locate_models(models_dir: str | Path, *, explicit: Mapping[str, Any] | None = None) -> ModelLocations:
+    """Find the weights under a ComfyUI-style ``models_dir``: the one step that knows where files are.
 
-    Stage two: a ``Wan2.1-VACE-1.3B-diffusers`` directory at ``DIR/vace/``,
-    ``DIR/Wan2.1-VACE-1.3B-diffusers/`` or ``DIR/unison/Wan2.1-VACE-1.3B-diffusers/`` (or ``DIR``
-    itself when it holds ``model_index.json``). Stage one: ``DIR/unison/Qwen2.5-VL-3B-Instruct``
-    and ``DIR/unison/unison-lora``; the projector: ``DIR/unison/projector.safetensors`` or ``.pth``.
+    ``DIR/diffusion_models``, ``DIR/vae``, ``DIR/text_encoders`` and ``DIR/unison`` are searched by
+    content (:func:`unison_runtime.models_dir.find_models`). Stage two loads from a whole
+    ``Wan2.1-VACE-1.3B-diffusers`` folder when there is one, else from the single files
+    (transformer, VAE, umT5). ``explicit`` paths (``ModelPaths`` field names) win over the search.
     """
     from functools import partial
 
-    from .vace.loading import load_vace_diffusers
+    from .models_dir import find_models
 
-    root = Path(models_dir)
-    if not root.is_dir():
-        raise WeightsError(f"models folder {root} does not exist")
-    candidates = [root] if (root / "model_index.json").is_file() else []
-    candidates += [root / sub for sub in VACE_DIFFUSERS_FOLDERS if (root / sub / "model_index.json").is_file()]
-    vace = candidates[0] if candidates else None
-    qwen, lora = root / QWEN_FOLDER, root / LORA_FOLDER
-    projector = next((root / name for name in PROJECTOR_FILES if (root / name).is_file()), None)
-    return ModelLocations(
-        load_vace=partial(load_vace_diffusers, vace) if vace else None,
-        vace=str(vace) if vace else None,
-        qwen=qwen if (qwen / "config.json").is_file() else None,
-        lora=lora if (lora / "adapter_config.json").is_file() else None,
-        projector=projector,
-    )
+    paths = find_models(models_dir, explicit=explicit)
+    load_vace: Callable[..., VaceModels] | None = None
+    vace: str | None = None
+    if paths.diffusers_dir is not None:
+        from .vace.loading import load_vace_diffusers
+
+        load_vace, vace = partial(load_vace_diffusers, paths.diffusers_dir), str(paths.diffusers_dir)
+    elif None not in (paths.transformer, paths.vae, paths.text_encoder):
+        from .vace.files import load_vace_from_files
+
+        load_vace = partial(load_vace_from_files, paths.transformer, paths.vae, paths.text_encoder,
+                            tokenizer=paths.tokenizer)
+        vace = ", ".join(str(p) for p in (paths.transformer, paths.vae, paths.text_encoder))
+    return ModelLocations(load_vace=load_vace, vace=vace, qwen=paths.planner_model, lora=paths.planner_lora,
+                          projector=paths.projector, paths=paths)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -405,49 +400,52 @@ def sampling_options_from_args(args: Any) -> SamplingOptions:
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 
-def pipeline_from_args(args: Any) -> UnisonPipeline:
-    """A pipeline over ``--models DIR`` (``--model``/``--lora`` override the stage-one paths)."""
+def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
+    """A pipeline over ``--models DIR``; ``--model``/``--lora`` override the stage-one folders.
+
+    An explicit ``--model`` without ``--lora`` runs as given (it may be a merged planner): the
+    LoRA found in ``DIR/unison`` is only added to the Qwen folder found next to it.
+    """
     from functools import partial
 
+    model, lora = getattr(args, "model", None), getattr(args, "lora", None)
     locations = locate_models(args.models)
-    qwen = getattr(args, "model", None) or locations.qwen
-    lora = getattr(args, "lora", None) or (locations.lora if qwen == locations.qwen else None)
-    if getattr(args, "lora", None) is not None and getattr(args, "model", None) is None and locations.qwen is None:
-        raise UnisonError("--lora needs a Qwen2.5-VL base: --model DIR, or DIR/unison/Qwen2.5-VL-3B-Instruct")
+    qwen = model or locations.qwen
+    if lora is None and (model is None or Path(model).resolve() == (locations.qwen or Path()).resolve()):
+        lora = locations.lora if qwen is not None else None
+    if lora is not None and qwen is None:
+        raise UnisonError(f"--lora needs a Qwen2.5-VL base: --model DIR, or one in {Path(args.models) / 'unison'}")
+    device = getattr(args, "device", None)
     stage_one = None
     if qwen is not None:
         from .planner.qwen import load_planner
 
-        stage_one = partial(load_planner, qwen, lora, device=getattr(args, "device", None),
-                            dtype=getattr(args, "dtype", None), attention=getattr(args, "attention", None))
+        stage_one = partial(load_planner, qwen, lora, device=device, dtype=getattr(args, "dtype", None),
+                            attention=getattr(args, "attention", None))
     projector = None
     if locations.projector is not None:
         from .projector import load_projector
 
         projector = partial(load_projector, locations.projector)
-    vace = None
-    if locations.load_vace is not None:
-        vace = partial(locations.load_vace, device=getattr(args, "device", None))
-    return UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
-                          roots=[getattr(args, "input_dir", None) or Path.cwd()])
+    vace = partial(locations.load_vace, device=device) if locations.load_vace is not None else None
+    pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
+                              roots=[getattr(args, "input_dir", None) or Path.cwd()])
+    return pipeline, locations
 
 
 def run_cli_job(args: Any) -> dict[str, Any]:
     """``python -m unison_runtime run``: the whole job, the output written at ``--out`` (suffix from the task)."""
-    pipeline = pipeline_from_args(args)
+    pipeline, locations = pipeline_from_args(args)
     options = sampling_options_from_args(args)
     try:
         instruction, media = pipeline.read(args.instruction)
         plan = pipeline.make_plan(instruction)
-        if plan.output != "text" and pipeline._sources["vace"] is None:
-            raise WeightsError(
-                f"{plan.task.value} needs the Wan2.1-VACE models: put the Wan2.1-VACE-1.3B-diffusers folder at "
-                f"{Path(args.models) / VACE_DIFFUSERS_FOLDERS[0]}"
-            )
+        if plan.output != "text" and locations.load_vace is None:
+            locations.paths.require_generation()  # names each missing file and the folder searched
         result = pipeline.run_read(instruction, media, plan=plan, options=options)
         if result.output == "text" and result.answer is None:
-            raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or "
-                              f"{Path(args.models) / QWEN_FOLDER}")
+            raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
+                              f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
         path = write_result(result, args.out)
     finally:
         pipeline.release()
