@@ -411,8 +411,9 @@ def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
     model, lora = getattr(args, "model", None), getattr(args, "lora", None)
     locations = locate_models(args.models)
     qwen = model or locations.qwen
-    if lora is None and (model is None or Path(model).resolve() == (locations.qwen or Path()).resolve()):
-        lora = locations.lora if qwen is not None else None
+    found_base = model is None or (locations.qwen is not None and Path(model).resolve() == locations.qwen.resolve())
+    if lora is None and found_base:
+        lora = locations.lora
     if lora is not None and qwen is None:
         raise UnisonError(f"--lora needs a Qwen2.5-VL base: --model DIR, or one in {Path(args.models) / 'unison'}")
     device = getattr(args, "device", None)
