@@ -414,6 +414,8 @@ def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
     found_base = model is None or (locations.qwen is not None and Path(model).resolve() == locations.qwen.resolve())
     if lora is None and found_base:
         lora = locations.lora
+    if qwen is None and getattr(args, "lora", None) is None:
+        lora = None  # a LoRA found without its base cannot run: the rule planner plans
     if lora is not None and qwen is None:
         raise UnisonError(f"--lora needs a Qwen2.5-VL base: --model DIR, or one in {Path(args.models) / 'unison'}")
     device = getattr(args, "device", None)
