@@ -427,3 +427,40 @@ def test_inspect_file_says_what_a_file_is(tiny_transformer, tiny_vae, tmp_path):
     assert identity.summary.startswith("Wan2.1-VACE custom size (width 128, 2 layers)")
     vae = files.inspect_file(tw.write_wan_vae(tiny_vae, tmp_path / "Wan2.1_VAE.pth"))
     assert (vae.kind, vae.summary, vae.details["z_dim"]) == ("wan-vae", "Wan VAE", 16)
+
+
+def test_single_files_match_the_diffusers_folder_loader(tmp_path):
+    """The team's tiny diffusers folder, re-written as Comfy-Org / ComfyUI single files, loads to the
+    same numbers through load_vace_from_files as through load_vace_diffusers."""
+    from unison_runtime.testing.tiny_wan import build_tiny_vace_diffusers
+    from unison_runtime.vace.loading import load_vace_diffusers
+
+    folder = build_tiny_vace_diffusers(tmp_path / "Wan2.1-VACE-1.3B-diffusers", seed=4)
+    reference = load_vace_diffusers(folder, device="cpu")
+    transformer = tw.write_wan_transformer(reference.transformer, tmp_path / "vace.safetensors", layout="comfy")
+    proto = (folder / "tokenizer" / "spiece.model").read_bytes()
+    encoder = tw.write_umt5_comfy(reference.text_encoder, proto, tmp_path / "umt5.safetensors", precision="fp32")
+    vae = tw.write_wan_vae(tw.build_tiny_vae(seed=1), tmp_path / "wan_2.1_vae.safetensors")  # Wan's VAE geometry
+    heads = reference.transformer.config.num_attention_heads  # 16-wide heads: not Wan's 128, so say it
+    models = files.load_vace_from_files(transformer, vae, encoder, device="cpu", num_heads=heads)
+
+    assert (models.device, models.text_device, models.dtype) == (reference.device, reference.text_device,
+                                                                 reference.dtype)
+    def public(cfg):
+        return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+
+    assert public(models.transformer.config) == public(reference.transformer.config)  # read from the weights
+    config = reference.transformer.config
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(
+        hidden_states=torch.randn(1, config.in_channels, 2, 4, 4, generator=g), timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 5, config.text_dim, generator=g),
+        control_hidden_states=torch.randn(1, config.vace_in_channels, 2, 4, 4, generator=g),
+        control_hidden_states_scale=torch.ones(len(config.vace_layers)),
+    )
+    torch.testing.assert_close(_run_transformer(models.transformer, inputs),
+                               _run_transformer(reference.transformer, inputs))
+    text = "the quick brown fox jumps over the lazy dog"
+    assert models.tokenizer(text).input_ids == reference.tokenizer(text).input_ids
+    torch.testing.assert_close(_encode(models.text_encoder, models.tokenizer, [text]),
+                               _encode(reference.text_encoder, reference.tokenizer, [text]))
