@@ -133,31 +133,39 @@ def resolve_reference(
     real_roots = _real_roots(roots)
     given = _reference_path(text, what, real_roots)
 
-    inside: list[Path] = []
-    for root in real_roots:
-        candidate = given if given.is_absolute() else root / given
+    outside_error = PathError(
+        f"{what} {text!r} points outside the allowed folder(s) {_roots_text(real_roots)}; "
+        "absolute paths elsewhere and symlinks out of the folder are refused"
+    )
+    if given.is_absolute():
+        real = Path(os.path.realpath(given))
+        pairs = [(root, real) for root in real_roots if _is_within(real, root)][:1]
+        if not pairs:
+            raise outside_error
+    else:
+        pairs = [(root, root / given) for root in real_roots]
+    missing: list[Path] = []
+    for root, candidate in pairs:
         real = Path(os.path.realpath(candidate))
-        if _is_within(real, root):
-            inside.append(real)
-    if not inside:
-        raise PathError(
-            f"{what} {text!r} points outside the allowed folder(s) {_roots_text(real_roots)}; "
-            "absolute paths elsewhere and symlinks out of the folder are refused"
-        )
-    for real in inside:
+        if not _is_within(real, root):
+            if os.path.lexists(candidate):  # the name is there but leads out: that is the answer
+                raise outside_error
+            continue
         try:
             mode = os.stat(real).st_mode
         except (FileNotFoundError, NotADirectoryError):
+            missing.append(real)
             continue
         except OSError as exc:  # symlink loop, name too long, permission denied...
             raise PathError(f"{what} {text!r} cannot be used ({real}): {exc.strerror or exc}") from None
         if not stat.S_ISREG(mode):
             raise PathError(f"{what} {text!r} is {_file_kind(mode)} ({real}); expected a regular image or video file")
-        return real
+        return real  # the first root holding the name decides
+    if not missing:
+        raise outside_error
     if must_exist:
         raise PathError(f"{what} {text!r} was not found in the allowed folder(s) {_roots_text(real_roots)}")
-    return inside[0]
-
+    return missing[0]
 
 def open_regular_file(path: str | Path, *, what: str = "file") -> BinaryIO:
     """Open ``path`` for reading only if it is a regular file; never blocks on a FIFO.
