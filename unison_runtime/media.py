@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -226,9 +227,11 @@ def read_image(
         _check_content(fh, label, suffix)
         try:
             im = Image.open(fh, formats=[plugin])  # header only: nothing is decoded yet
-        except Image.DecompressionBombError:
+        except Image.DecompressionBombError as exc:
+            claimed = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{claimed.group(1)} pixels" if claimed else "a huge size"
             raise MediaError(
-                f"{label} declares a huge size (a decompression bomb?); at most {limits.max_pixels} pixels"
+                f"{label} declares {size} (a decompression bomb?); at most {limits.max_pixels} pixels are accepted"
             ) from None
         except UnidentifiedImageError:
             raise MediaError(f"{label} is not a readable {plugin} image (unrecognised or damaged header)") from None
