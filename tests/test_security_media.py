@@ -145,6 +145,36 @@ def test_mp4_round_trip_keeps_count_fps_and_content(tmp_path: Path) -> None:
     assert np.all(np.diff(means) > 5)
 
 
+@pytest.mark.parametrize(
+    ("name", "container_format", "codec"),
+    [("v.mp4", "mp4", "libx264"), ("v.mov", "mov", "libx264"), ("v.avi", "avi", "mpeg4"),
+     ("v.mkv", "matroska", "libx264"), ("v.webm", "webm", "libvpx-vp9")],
+)
+def test_every_video_extension_reads_with_its_forced_demuxer(
+    tmp_path: Path, name: str, container_format: str, codec: str
+) -> None:
+    frames = gradient_frames(5)
+    with av.open(str(tmp_path / name), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    medium = read_medium(tmp_path / name)
+    assert medium.kind == "video" and medium.fps == 8.0 and medium.frames.shape == (5, 32, 48, 3)
+    assert np.abs(medium.frames.astype(int) - frames.astype(int)).mean() < 6.0
+
+
+@pytest.mark.parametrize("name", ["i.png", "i.jpg", "i.jpeg", "i.webp", "i.bmp"])
+def test_every_image_extension_reads_with_its_forced_plugin(tmp_path: Path, name: str) -> None:
+    pixels = gradient_frames(1)[0]
+    lossy = name.endswith(("jpg", "jpeg", "webp"))
+    Image.fromarray(pixels).save(tmp_path / name, **({"quality": 95} if lossy else {}))
+    medium = read_medium(tmp_path / name)
+    assert medium.kind == "image" and medium.frames.shape == (1, 32, 48, 3)
+    assert np.abs(medium.frames[0].astype(int) - pixels.astype(int)).mean() < 3.0
+
+
 def test_extension_tables_match_the_instruction_parser() -> None:
     assert set(IMAGE_FORMATS) == set(IMAGE_EXTENSIONS)
     assert set(VIDEO_DEMUXERS) == set(VIDEO_EXTENSIONS)

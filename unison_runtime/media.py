@@ -66,6 +66,7 @@ _EXTENSION_FAMILY = {
     ".mkv": "matroska",
 }
 _ISOBMFF_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
+_TRIM = "; trim or downscale it first"
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
@@ -308,11 +309,11 @@ def _probe_video(fh: BinaryIO, label: str, demuxer: str, limits: MediaLimits, ca
                 f"{label} is {width}x{height} = {width * height} pixels per frame; at most {limits.max_pixels}"
             )
         if stream.frames > cap:
-            raise MediaError(f"{label} declares {stream.frames} frames; at most {cap} are accepted")
+            raise MediaError(f"{label} declares {stream.frames} frames; at most {cap} are accepted{_TRIM}")
         duration, from_stream = _declared_seconds(stream, container)
         if duration is not None and duration > limits.max_video_seconds:
             raise MediaError(
-                f"{label} lasts {duration:.1f} s; at most {limits.max_video_seconds:g} s are accepted"
+                f"{label} lasts {duration:.1f} s; at most {limits.max_video_seconds:g} s are accepted{_TRIM}"
             )
         fps = float(stream.average_rate) if stream.average_rate else None
         packets = 0
@@ -321,7 +322,7 @@ def _probe_video(fh: BinaryIO, label: str, demuxer: str, limits: MediaLimits, ca
                 if packet.size and not packet.is_discard:
                     packets += 1
                     if packets > cap:
-                        raise MediaError(f"{label} has more than {cap} frames; at most {cap} are accepted")
+                        raise MediaError(f"{label} has more than {cap} frames; at most {cap} are accepted{_TRIM}")
         except MediaError:
             raise
         except Exception as exc:
@@ -387,7 +388,7 @@ def read_video(
         if keep_count * probe.width * probe.height * 3 > limits.max_decoded_bytes:
             raise MediaError(
                 f"{label}: {keep_count} frames of {probe.width}x{probe.height} would decode to more than "
-                f"{limits.max_decoded_bytes} bytes"
+                f"{limits.max_decoded_bytes} bytes{_TRIM}"
             )
         wanted = None if sample_frames is None else set(sample_indices(probe.packets, sample_frames))
         frames, last_time, fps = _decode(fh, label, demuxer, probe, limits, cap, wanted)
@@ -417,7 +418,7 @@ def _decode(
         try:
             for frame in container.decode(stream):
                 if count >= cap:
-                    raise MediaError(f"{label} has more than {cap} frames; at most {cap} are accepted")
+                    raise MediaError(f"{label} has more than {cap} frames; at most {cap} are accepted{_TRIM}")
                 if frame.width * frame.height > limits.max_pixels:
                     raise MediaError(f"{label} frame {count} is {frame.width}x{frame.height}; at most "
                                      f"{limits.max_pixels} pixels")
