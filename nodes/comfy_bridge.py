@@ -9,6 +9,7 @@ module that is present but broken raises as usual.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -181,12 +182,24 @@ def manage_modules(label: str, modules: dict[str, Any], load_device: Any) -> Any
         return None
     import torch
 
-    holder = torch.nn.Module()
+    holder = _holder_class()()
     holder.unison_label = label
+    # ComfyUI compares devices with torch.device("cpu"); a plain "cpu" string would be taken for a GPU.
+    load_device = torch.device(load_device)
     for key, module in modules.items():
         if module is not None:
             holder.add_module(key, module)
     return mp.ModelPatcher(holder, load_device=load_device, offload_device=offload_device())
+
+
+@functools.cache
+def _holder_class() -> type:
+    import torch
+
+    class UnisonModules(torch.nn.Module):
+        """The container ComfyUI's model manager sees (its log says "Requested to load UnisonModules")."""
+
+    return UnisonModules
 
 
 def load_for_use(patchers: Iterable[Any | None]) -> None:

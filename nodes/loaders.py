@@ -81,13 +81,16 @@ def qwen_model_folders() -> list[str]:
     return found
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LoadedPlanner:
     """What ``UNISON_PLANNER`` carries: the runtime planner and its ComfyUI model-manager handle."""
 
     planner: Any
     label: str
     patcher: Any = None
+
+    def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it to a line
+        return f"LoadedPlanner({self.label})"
 
 
 class UnisonPlannerLoader:
@@ -185,13 +188,16 @@ class UnisonProjectorLoader:
 # --------------------------------------------------------------------------- VACE
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LoadedVace:
     """What ``UNISON_VACE`` carries: the runtime models and their ComfyUI model-manager handles."""
 
     models: Any  # unison_runtime.vace.models.VaceModels
     label: str
     patchers: list[Any] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it to a line
+        return f"LoadedVace({self.label}, device={self.models.device}, text_device={self.models.text_device})"
 
 
 def _manage_vace(models: Any, label: str) -> LoadedVace:

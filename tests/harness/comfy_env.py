@@ -146,6 +146,10 @@ def _model_management(env: ComfyEnv) -> types.ModuleType:
                         minimum_memory_required: Any = None, force_full_load: bool = False) -> None:
         env.loads.append(list(models))
         for patcher in models:
+            # ComfyUI compares load devices with torch.device("cpu") (model_management.py:657-663); a
+            # string device makes it query CUDA memory statistics and crash under --cpu.
+            if not isinstance(patcher.load_device, torch.device):
+                raise TypeError(f"load_device must be a torch.device, got {patcher.load_device!r}")
             patcher.model.to(patcher.load_device)
 
     def throw_exception_if_processing_interrupted() -> None:

@@ -1,0 +1,334 @@
+"""Check the pack inside a real ComfyUI (run by hand; not part of the pytest suite).
+
+    python tests/harness/live_comfyui.py --comfyui /path/to/ComfyUI --python /path/to/venv/bin/python
+
+What it does, in an isolated base folder (``--base-directory``; nothing is written into ComfyUI's own
+models/input/output): builds the tiny models under the names the shipped workflows use, links
+this pack into ``custom_nodes/``, starts ComfyUI on loopback (``--cpu``), then
+
+1. reads the start-up log for ``IMPORT FAILED`` / ``Cannot import`` lines naming the pack;
+2. checks every ``NODE_CLASS_MAPPINGS`` entry is in ``/object_info`` with the declared inputs, and
+   that the core-node test doubles declare the same widget order as the real nodes;
+3. converts ``workflows/unison_auto.json`` to the API format from ``/object_info`` (the same
+   converter as the tests), and queues it through ``POST /prompt`` for a question, an image and a
+   video (rule planner: Planner Loader bypassed), and once with the (scripted tiny) Qwen planner;
+   polls ``/history`` and checks what each output node produced and which did not run;
+4. stops the server it started (its own pid only).
+
+It prints what it saw and exits non-zero on the first failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parents[1]))
+
+from harness import build_workflows  # noqa: E402
+from harness.workflow import BYPASSED, ordered_inputs, ui_to_api  # noqa: E402
+
+
+class Check(AssertionError):
+    pass
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def request(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def queue(server: str, prompt: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    prompt_id = str(uuid.uuid4())
+    status, answer = request(f"{server}/prompt", {"prompt": prompt, "prompt_id": prompt_id, "client_id": "unison"})
+    if status != 200 or answer.get("node_errors"):
+        raise Check(f"POST /prompt refused ({status}): {json.dumps(answer)[:2000]}")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, history = request(f"{server}/history/{prompt_id}")
+        if prompt_id in history:
+            return history[prompt_id]
+        time.sleep(0.5)
+    raise Check(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def build_layout(base: Path) -> None:
+    from unison_runtime.testing.tiny_projector import build_tiny_projector
+    from unison_runtime.testing.tiny_qwen import build_tiny_merged_planner, build_tiny_qwen, build_tiny_unison_lora
+    from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
+
+    models = base / "models"
+    build_tiny_comfy_models_dir(models)  # diffusion_models/, vae/, text_encoders/ under the workflow names
+    unison = models / "unison"
+    scratch = base / "scratch"
+    qwen = build_tiny_qwen(unison / build_workflows.QWEN)
+    lora = build_tiny_unison_lora(qwen, unison / build_workflows.LORA)
+    build_tiny_merged_planner(qwen, lora, scratch / "merged", fix_tie=True)
+    build_tiny_projector(unison / build_workflows.PROJECTOR, input_dim=64, t5_dim=32)
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    os.symlink(REPO, base / "custom_nodes" / "ComfyUI-Unison")
+    for sub in ("input", "output", "user", "temp"):
+        (base / sub).mkdir(exist_ok=True)
+
+
+def use_scripted_planner(base: Path, script: str) -> None:
+    """Replace the Qwen folder by a merged tiny planner whose greedy output is ``script``."""
+    import shutil
+
+    from unison_runtime.testing.tiny_qwen import script_tiny_planner
+
+    target = base / "models" / "unison" / build_workflows.QWEN
+    shutil.rmtree(target)
+    script_tiny_planner(base / "scratch" / "merged", script, target)
+
+
+# --------------------------------------------------------------------------- object_info as node classes
+
+
+def classes_from_object_info(info: dict[str, Any]) -> dict[str, type]:
+    """Stand-ins with INPUT_TYPES/RETURN_TYPES from /object_info, for the converter."""
+    classes = {}
+    for name, node in info.items():
+        spec: dict[str, dict[str, Any]] = {"required": {}, "optional": {}}
+        for section in ("required", "optional"):
+            for key in node["input_order"].get(section, []):
+                value = node["input"][section][key]
+                spec[section][key] = tuple(value) if isinstance(value, list) else (value,)
+        classes[name] = type(name, (), {
+            "INPUT_TYPES": classmethod(lambda cls, spec=spec: spec),
+            "RETURN_TYPES": tuple(node["output"]),
+            "RETURN_NAMES": tuple(node["output_name"]),
+            "OUTPUT_NODE": node["output_node"],
+        })
+        # V3 combos arrive as ["COMBO", {"options": [...]}]; the converter needs the list form.
+        for section in spec.values():
+            for key, value in section.items():
+                if value[0] == "COMBO":
+                    section[key] = (list(value[1].get("options", [])), value[1])
+    return classes
+
+
+def check_object_info(info: dict[str, Any]) -> None:
+    build_workflows._classes()  # the pack and the doubles over fake ComfyUI modules (doubles list input files)
+    import nodes
+    from harness import core_nodes
+
+    missing = sorted(set(nodes.NODE_CLASS_MAPPINGS) - set(info))
+    if missing:
+        raise Check(f"not in /object_info: {missing}")
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        served = info[name]
+        declared = [n for n, *_ in ordered_inputs(cls)]
+        listed = served["input_order"].get("required", []) + served["input_order"].get("optional", [])
+        if declared != listed:
+            raise Check(f"{name}: /object_info lists inputs {listed}, the class declares {declared}")
+        if served["category"] != cls.CATEGORY or served["display_name"] != nodes.NODE_DISPLAY_NAME_MAPPINGS[name]:
+            raise Check(f"{name}: category/display name differ in /object_info")
+    say(f"  all {len(nodes.NODE_CLASS_MAPPINGS)} Unison nodes listed, inputs in declared order")
+    for name, cls in core_nodes.CORE_NODES.items():
+        served = info[name]["input_order"]
+        listed = served.get("required", []) + served.get("optional", [])
+        declared = [n for n, *_ in ordered_inputs(cls)]
+        if listed != declared:
+            raise Check(f"core double {name}: declares {declared}, ComfyUI has {listed}")
+    say(f"  the {len(core_nodes.CORE_NODES)} core-node test doubles declare ComfyUI's input order")
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def prompt_for(workflow: dict[str, Any], classes: dict[str, type], *, rule_planner: bool,
+               instruction: str | None = None, router: dict[str, Any] | None = None,
+               loader: dict[str, Any] | None = None) -> dict[str, Any]:
+    workflow = json.loads(json.dumps(workflow))
+    if rule_planner:
+        for node in workflow["nodes"]:
+            if node["type"] == "UnisonPlannerLoader":
+                node["mode"] = BYPASSED
+    prompt = ui_to_api(workflow, classes)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "UnisonVaceSampler":
+            inputs.update(steps=2, guidance=1.0)
+        elif node["class_type"] == "UnisonPlanner" and instruction is not None:
+            inputs["instruction"] = instruction
+        elif node["class_type"] == "UnisonTaskRouter" and router:
+            inputs.update(router)
+        elif node["class_type"] == "UnisonPlannerLoader" and loader:
+            inputs.update(loader)
+    return prompt
+
+
+def outputs_by_type(prompt: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]:
+    return {prompt[i]["class_type"] + ("" if prompt[i]["_meta"]["title"] == prompt[i]["class_type"]
+                                       else f" ({prompt[i]['_meta']['title']})"): out
+            for i, out in history["outputs"].items()}
+
+
+def expect(history: dict[str, Any], prompt: dict[str, Any], label: str, *, produced: set[str],
+           absent: set[str]) -> dict[str, Any]:
+    status = history["status"]
+    if status.get("status_str") != "success":
+        errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+        raise Check(f"{label}: status {status.get('status_str')}: {json.dumps(errors)[:3000]}")
+    outputs = history["outputs"]
+    kinds = {prompt[i]["class_type"] for i in outputs}
+    if not produced <= kinds or kinds & absent:
+        raise Check(f"{label}: outputs from {sorted(kinds)}; expected {sorted(produced)}, none of {sorted(absent)}")
+    say(f"  {label}: success; outputs from {sorted(kinds)}")
+    for node_id, out in outputs.items():
+        say(f"    {prompt[node_id]['class_type']} #{node_id}: {json.dumps(out, ensure_ascii=False)[:300]}")
+    return outputs
+
+
+def run_checks(server: str, base: Path, log: Path) -> None:
+    text = log.read_text(errors="replace")
+    failed = [line for line in text.splitlines()
+              if ("IMPORT FAILED" in line or "Cannot import" in line) and "Unison" in line]
+    if failed:
+        raise Check("import failures:\n" + "\n".join(failed))
+    loaded = [line.strip() for line in text.splitlines() if "ComfyUI-Unison" in line]
+    say("1. start-up log: no IMPORT FAILED for the pack; " + (loaded[0] if loaded else "(no import-time line)"))
+
+    _, info = request(f"{server}/object_info", timeout=60)
+    say(f"2. /object_info: {len(info)} nodes")
+    check_object_info(info)
+    _, extensions = request(f"{server}/extensions")
+    js = [e for e in extensions if "ComfyUI-Unison" in e]
+    if js != ["/extensions/ComfyUI-Unison/unison.js"]:
+        raise Check(f"web extension listed as {js}")
+    say(f"  /extensions lists {js} once")
+    _, templates = request(f"{server}/api/workflow_templates")
+    say(f"  /api/workflow_templates: {templates.get('ComfyUI-Unison')}")
+
+    classes = classes_from_object_info(info)
+    workflow = json.loads((REPO / "workflows" / "unison_auto.json").read_text(encoding="utf-8"))
+    say("3. unison_auto.json converted from /object_info and queued:")
+    small = {"width": 32, "height": 32, "frames": 5}
+    branch = {"SaveImage", "SaveVideo", "PreviewAny"}
+
+    prompt = prompt_for(workflow, classes, rule_planner=True, instruction="What is the capital of France?")
+    outputs = expect(queue(server, prompt), prompt, "question (rule planner)", produced={"PreviewAny"},
+                     absent=branch - {"PreviewAny"} | {"UnisonVaceSampler"})
+    preview = next(out for i, out in outputs.items() if prompt[i]["class_type"] == "PreviewAny")
+    if "rule planner" not in preview["text"][0]:
+        raise Check(f"answer preview shows {preview}")
+
+    prompt = prompt_for(workflow, classes, rule_planner=True, instruction="A watercolor painting of a harbor.",
+                        router=small)
+    outputs = expect(queue(server, prompt), prompt, "image (rule planner)", produced={"SaveImage"},
+                     absent=branch - {"SaveImage"})
+    image = next(out for i, out in outputs.items() if prompt[i]["class_type"] == "SaveImage")["images"][0]
+    path = base / "output" / image["subfolder"] / image["filename"]
+    from PIL import Image
+
+    with Image.open(path) as im:
+        say(f"    wrote {path.relative_to(base)} {im.size}")
+        if im.size != (32, 32):
+            raise Check(f"image is {im.size}")
+
+    prompt = prompt_for(workflow, classes, rule_planner=True,
+                        instruction="Create a video of waves rolling onto a beach, 2 seconds.", router=small)
+    outputs = expect(queue(server, prompt), prompt, "video (rule planner)", produced={"SaveVideo"},
+                     absent=branch - {"SaveVideo"})
+    video = next(out for i, out in outputs.items() if prompt[i]["class_type"] == "SaveVideo")["images"][0]
+    from unison_runtime.media import read_video
+
+    medium = read_video(base / "output" / video["subfolder"] / video["filename"])
+    say(f"    wrote {video['subfolder']}/{video['filename']}: {medium.frames.shape} @ {medium.fps} fps")
+    if medium.frames.shape[:3] != (5, 32, 32):
+        raise Check(f"video frames {medium.frames.shape}")
+
+    use_scripted_planner(base, "<BORES>32,16<EORES><BONF>4<EONF><CFV>")
+    request(f"{server}/free", {"unload_models": True, "free_memory": True})
+    prompt = prompt_for(workflow, classes, rule_planner=False, instruction="A kite over the sea.",
+                        loader={"lora": "none"})
+    outputs = expect(queue(server, prompt), prompt, "video (tiny scripted Qwen planner + projector tokens)",
+                     produced={"SaveVideo"}, absent=branch - {"SaveVideo"})
+    planner_text = next(out for i, out in outputs.items() if prompt[i]["class_type"] == "UnisonPlanner")["text"][0]
+    if "decided by: lora" not in planner_text or "32x16, 5 frames" not in planner_text:
+        raise Check(f"planner shows {planner_text!r}")
+    say("    Planner node text: " + planner_text.replace("\n", " | "))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI checkout (holds main.py)")
+    parser.add_argument("--python", default=sys.executable, help="the Python of ComfyUI's environment")
+    parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--base", type=Path, default=None, help="base folder (default: a new temp folder)")
+    parser.add_argument("--keep", action="store_true", help="leave the server running (prints its pid)")
+    args = parser.parse_args()
+    base = args.base or Path(tempfile.mkdtemp(prefix="unison-live-"))
+    say(f"base folder {base}")
+    build_layout(base)
+    log = base / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port),
+               "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    say("starting: " + " ".join(command))
+    with open(log, "wb") as out:
+        server = subprocess.Popen(command, cwd=args.comfyui, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        for _ in range(120):
+            time.sleep(1)
+            if server.poll() is not None:
+                raise Check(f"server exited ({server.returncode}); see {log}")
+            try:
+                if request(f"{url}/system_stats", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                continue
+        else:
+            raise Check("server did not answer in 120 s")
+        run_checks(url, base, log)
+        say("all checks passed")
+        return 0
+    except Check as exc:
+        say(f"CHECK FAILED: {exc}")
+        return 1
+    finally:
+        if args.keep:
+            say(f"server left running: pid {server.pid}")
+        else:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            say(f"stopped server pid {server.pid}; log {log}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
