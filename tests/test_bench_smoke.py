@@ -76,6 +76,25 @@ def test_engine_overhead_bench_quick(capsys):
     assert by_case(rows, "time ratio unison / diffusers").value > 0
 
 
+def test_memory_bench_quick(capsys):
+    rows, out = run_quick("bench_memory", capsys, "--kinds", "transformer-fp16-file")
+    check_table(rows, out, "Memory: peak RSS while loading, and unloading", "bench_memory")
+    load = by_case(rows, "peak RSS during load / weights: VACE transformer, Comfy-Org single file fp16")
+    assert load.value > 0 and "float16" in load.note  # loaded in the dtype asked for
+    given_back = [row for row in rows if row.case.startswith("RSS given back")]
+    assert [row.case.split(" by ")[1].split(" /")[0] for row in given_back] == [
+        "unloading the Qwen planner", "dropping the umT5 encoder"]
+    assert all(" -> " in row.note for row in given_back)
+
+
+def test_caching_bench_quick(capsys):
+    rows, out = run_quick("bench_caching", capsys)
+    check_table(rows, out, "Caching: second run with unchanged models", "bench_caching")
+    second = by_case(rows, "UnisonPipeline: model load time in run 2")
+    assert second.met is True and second.value == 0.0  # no loader was called on the second run
+    assert by_case(rows, "UnisonPipeline: model load time in run 3").met is True  # release() → loads again
+
+
 # --------------------------------------------------------------------------- helpers
 
 
