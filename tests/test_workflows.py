@@ -13,17 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from harness import build_workflows, core_nodes
+from harness import build_workflows, core_nodes, fixtures
 from harness.fixtures import PROJECTOR_NAME, comfy, install_models, link, tiny_models  # noqa: F401 - fixtures
 from harness.workflow import BYPASSED, MUTED, ConversionError, execute_prompt, ui_to_api, validate_prompt
 from PIL import Image
 
 import nodes
 from nodes.planning import NO_ANSWER
-from unison_runtime.media import read_video, write_video
+from unison_runtime.media import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
@@ -44,13 +43,7 @@ def nodes_of(workflow: dict[str, Any], type_: str) -> list[dict[str, Any]]:
 
 
 def write_example_media(env) -> None:
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(env.input / build_workflows.EXAMPLE_IMAGE)
-    rgba = rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)
-    rgba[..., 3] = 255
-    rgba[8:24, 8:24, 3] = 0  # the painted (masked) square: transparent, i.e. mask 1 in ComfyUI
-    Image.fromarray(rgba, "RGBA").save(env.input / build_workflows.EXAMPLE_MASKED)
-    write_video(rng.random((7, 32, 32, 3)), env.input / build_workflows.EXAMPLE_VIDEO, fps=8)
+    fixtures.write_example_media(env.input)
 
 
 def prepare(workflow: dict[str, Any], classes: dict[str, type], *, rule_planner: bool = False,

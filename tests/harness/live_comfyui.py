@@ -83,6 +83,7 @@ def queue(server: str, prompt: dict[str, Any], timeout: float = 600) -> dict[str
 
 
 def build_layout(base: Path) -> None:
+    from harness.fixtures import write_example_media
     from unison_runtime.testing.tiny_projector import build_tiny_projector
     from unison_runtime.testing.tiny_qwen import build_tiny_merged_planner, build_tiny_qwen, build_tiny_unison_lora
     from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
@@ -99,6 +100,7 @@ def build_layout(base: Path) -> None:
     os.symlink(REPO, base / "custom_nodes" / "ComfyUI-Unison")
     for sub in ("input", "output", "user", "temp"):
         (base / sub).mkdir(exist_ok=True)
+    write_example_media(base / "input")
 
 
 def use_scripted_planner(base: Path, script: str) -> None:
@@ -281,6 +283,58 @@ def run_checks(server: str, base: Path, log: Path) -> None:
     say("    Planner node text: " + planner_text.replace("\n", " | "))
 
 
+def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> None:
+    """Convert every shipped workflow with the real frontend and compare with our converter."""
+    files = sorted((REPO / "workflows").glob("*.json"))
+    env = {**os.environ, "NODE_PATH": str(playwright_dir / "node_modules")}
+    done = subprocess.run(["node", str(HERE.parent / "frontend_convert.mjs"), server, *map(str, files)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise Check(f"frontend conversion failed: {done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if "unison.planDisplay" not in report["extensions"]:
+        raise Check(f"the pack's JS extension is not registered: {report['extensions']}")
+    ours = [e for e in report["consoleErrors"] if "Unison" in e or "unison.js" in e]
+    if ours:
+        raise Check(f"browser console errors from the pack: {ours}")
+    say(f"4. real frontend (headless Chromium): extension 'unison.planDisplay' registered; "
+        f"{len(report['consoleErrors'])} console errors, none from the pack")
+    for line in report["consoleErrors"][:20]:
+        say(f"    console: {line[:200]}")
+    display = report["display"]
+    shipped_planner = next(n for n in json.loads(files[0].read_text(encoding="utf-8"))["nodes"]
+                           if n["type"] == "UnisonPlanner")
+    if display["value"] != "task: text_to_video → video\ndecided by: rules" or display["inPrompt"] \
+            or display["saved"] != shipped_planner["widgets_values"] or display["after"] != display["before"] + 1:
+        raise Check(f"plan display on the Planner node misbehaves: {display}")
+    say("  Planner node shows the executed plan text in a read-only box that is neither saved nor queued")
+    classes = classes_from_object_info(info)
+    for file in files:
+        result = report["results"][str(file)]
+        expected = ui_to_api(json.loads(file.read_text(encoding="utf-8")), classes)
+        frontend = result["output"]
+        if set(frontend) != set(expected):
+            raise Check(f"{file.name}: frontend prompt has nodes {sorted(frontend)}, ours {sorted(expected)}")
+        for node_id, node in expected.items():
+            theirs = frontend[node_id]
+            declared = {k: v for k, v in theirs["inputs"].items() if k in node["inputs"] or k in
+                        info[node["class_type"]]["input"].get("required", {}) or k in
+                        info[node["class_type"]]["input"].get("optional", {})}
+            if theirs["class_type"] != node["class_type"] or declared != node["inputs"]:
+                raise Check(f"{file.name} node {node_id} ({node['class_type']}): frontend {theirs['inputs']} "
+                            f"vs ours {node['inputs']}")
+        saved = {n["id"]: n for n in result["workflow"]["nodes"]}
+        shipped = json.loads(file.read_text(encoding="utf-8"))
+        for node in shipped["nodes"]:
+            if saved[node["id"]].get("widgets_values") != node["widgets_values"]:
+                raise Check(f"{file.name} node {node['id']} ({node['type']}): re-saved widgets_values "
+                            f"{saved[node['id']].get('widgets_values')} vs shipped {node['widgets_values']}")
+        if sorted(map(tuple, result["workflow"]["links"])) != sorted(map(tuple, shipped["links"])):
+            raise Check(f"{file.name}: links change when the frontend re-saves the workflow")
+        say(f"  {file.name}: frontend prompt == our conversion ({len(expected)} nodes); re-saved widgets and "
+            "links unchanged")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI checkout (holds main.py)")
@@ -288,6 +342,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8190)
     parser.add_argument("--base", type=Path, default=None, help="base folder (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="leave the server running (prints its pid)")
+    parser.add_argument("--frontend", type=Path, default=None,
+                        help="folder whose node_modules holds playwright-core: also convert with the real frontend "
+                             "in headless Chromium (/usr/bin/chromium)")
     args = parser.parse_args()
     base = args.base or Path(tempfile.mkdtemp(prefix="unison-live-"))
     say(f"base folder {base}")
@@ -313,6 +370,8 @@ def main() -> int:
         else:
             raise Check("server did not answer in 120 s")
         run_checks(url, base, log)
+        if args.frontend is not None:
+            check_frontend(url, request(f"{url}/object_info", timeout=60)[1], args.frontend)
         say("all checks passed")
         return 0
     except Check as exc:
