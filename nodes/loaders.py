@@ -81,6 +81,23 @@ def qwen_model_folders() -> list[str]:
     return found
 
 
+def _interrupt_criteria() -> Any:
+    """A stopping criterion that lets ComfyUI's Cancel stop Qwen's generation between two tokens.
+
+    It never stops generation itself: it raises ComfyUI's interrupt exception when the user
+    cancelled (a no-op outside ComfyUI), so a long answer does not run to its token budget.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class ComfyInterrupt(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            comfy.throw_if_interrupted()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([ComfyInterrupt()])
+
+
 @dataclass(eq=False, repr=False)
 class LoadedPlanner:
     """What ``UNISON_PLANNER`` carries: the runtime planner and its ComfyUI model-manager handle."""
@@ -136,7 +153,8 @@ class UnisonPlannerLoader:
         def load() -> LoadedPlanner:
             qwen = runtime_module("planner.qwen")
             planner = qwen.load_planner(model_dir, lora_dir, device=target, dtype=None if dtype == AUTO else dtype,
-                                        attention=attention)
+                                        attention=attention,
+                                        generate_options={"stopping_criteria": _interrupt_criteria()})
             label = model_dir.name + (f" + {lora_dir.name}" if lora_dir else "")
             module = getattr(planner, "model", None)
             patcher = comfy.manage_modules(f"Unison planner {label}", {"model": module}, target) \

@@ -12,7 +12,8 @@ import re
 from typing import Any
 
 from . import comfy_bridge as comfy
-from ._runtime import errors, instruction, runtime_module
+from ._runtime import errors, runtime_module
+from ._runtime import instruction as instruction_mod
 from ._runtime import plan as plan_mod
 from .packets import HIDDEN, PLAN, PLANNER, PlanPacket, describe_plan
 
@@ -61,7 +62,7 @@ def _check_references(text: str, connected: set[str]) -> tuple[set[str], list[st
     A name that looks like a slot (``image3``) but is not connected is an error: read as a file
     it would only produce a confusing "unsupported extension" message.
     """
-    named = {m.strip() for m in instruction.REFERENCE_PATTERN.findall(text)}
+    named = {m.strip() for m in instruction_mod.REFERENCE_PATTERN.findall(text)}
     unconnected = sorted(n for n in named if SLOT_PATTERN.match(n) and n not in connected)
     if unconnected:
         raise errors.PathError(
@@ -80,19 +81,19 @@ def validate_instruction_text(text: Any) -> str | bool:
     if not isinstance(text, str) or not text.strip():
         return "instruction is empty; write what you want (reference media as ###image1### or ###file.png###)"
     try:
-        parsed = instruction.parse_instruction(text, kinds=dict.fromkeys(_slot_names(text), "image"))
-        roots = [comfy.input_directory()] if comfy.input_directory() is not None else None
-        if roots:
+        parsed = instruction_mod.parse_instruction(text, kinds=dict.fromkeys(_slot_names(text), "image"))
+        input_dir = comfy.input_directory()
+        if input_dir is not None:
             for ref in parsed.media:
                 if not SLOT_PATTERN.match(ref.path):
-                    runtime_module("paths").resolve_reference(ref.path, roots, must_exist=True)
+                    runtime_module("paths").resolve_reference(ref.path, [input_dir], must_exist=True)
     except errors.UnisonError as exc:
         return str(exc)
     return True
 
 
 def _slot_names(text: str) -> list[str]:
-    return [m.strip() for m in instruction.REFERENCE_PATTERN.findall(text) if SLOT_PATTERN.match(m.strip())]
+    return [m.strip() for m in instruction_mod.REFERENCE_PATTERN.findall(text) if SLOT_PATTERN.match(m.strip())]
 
 
 # --------------------------------------------------------------------------- the Planner node
@@ -154,9 +155,10 @@ class UnisonPlanner:
             **media_inputs: Any) -> dict[str, Any]:
         graph_media = _graph_media(media_inputs)
         _, notes = _check_references(instruction, set(graph_media))
-        roots = [comfy.input_directory()] if comfy.input_directory() is not None else None
+        input_dir = comfy.input_directory()
+        roots = [input_dir] if input_dir is not None else []  # outside ComfyUI no file may be named
         kinds = {name: medium.kind for name, medium in graph_media.items()}
-        parsed = runtime_module("instruction").parse_instruction(instruction, roots, must_exist=True, kinds=kinds)
+        parsed = instruction_mod.parse_instruction(instruction, roots, must_exist=True, kinds=kinds)
 
         decoded = dict(graph_media)
         media_mod = runtime_module("media")

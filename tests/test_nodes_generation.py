@@ -240,3 +240,18 @@ def test_sampler_asks_for_models_only_when_its_plan_is_open() -> None:
     assert node.check_lazy_status(plan="p", vace=None, tokens=None) == ["vace", "tokens"]
     assert node.check_lazy_status(plan="p", vace=None) == ["vace"]  # tokens not connected
     assert node.check_lazy_status(plan="p", vace="models", tokens="t") == []
+
+
+def test_deleted_projector_is_reported_not_served_from_cache(models, tiny_models) -> None:  # noqa: F811
+    import shutil
+
+    path = models.models / "unison" / PROJECTOR_NAME
+    path.unlink()
+    shutil.copy(tiny_models.projector, path)
+    held = UnisonProjectorLoader().load(PROJECTOR_NAME, "auto")[0]
+    signature = UnisonProjectorLoader.IS_CHANGED(projector=PROJECTOR_NAME)
+    path.unlink()
+    assert UnisonProjectorLoader.IS_CHANGED(projector=PROJECTOR_NAME) != signature  # ComfyUI re-runs the loader
+    with pytest.raises(WeightsError, match=r"'projector\.pth' is not in ComfyUI's models/unison"):
+        UnisonProjectorLoader().load(PROJECTOR_NAME, "auto")
+    assert held is not None

@@ -311,3 +311,23 @@ def test_plan_packet_prints_as_plan_json(comfy) -> None:  # noqa: F811
     packet = plan_node(LION)[0]
     assert json.loads(str(packet)) == packet.plan.to_dict()
     assert repr(packet) == "PlanPacket(text_to_video, 0 media)"
+
+
+def test_cancel_stops_qwen_generation_between_tokens(comfy, tiny_models, scripted) -> None:  # noqa: F811
+    from harness.comfy_env import InterruptProcessingException
+
+    install_models(comfy, tiny_models, planner=scripted["answer"])
+    loaded = load_planner_node()
+    comfy.interrupt_after_checks = 2  # the first generated token passes, the second is interrupted
+    with pytest.raises(InterruptProcessingException):
+        plan_node("How many cats are there?", planner=loaded)
+    assert comfy.interrupt_checks == 2
+    _packet, answer, *_ = plan_node("How many cats are there?", planner=loaded)  # still usable afterwards
+    assert answer == "Two cats"
+
+
+def test_qwen_answers_about_a_graph_video(comfy, tiny_models, scripted) -> None:  # noqa: F811
+    install_models(comfy, tiny_models, planner=scripted["answer"])
+    packet, answer, *_ = plan_node("What happens in ###video1###?", planner=load_planner_node(),
+                                   video1=torch.rand(6, 16, 16, 3))
+    assert packet.plan.task is Task.VIDEO_UNDERSTANDING and answer == "Two cats"
