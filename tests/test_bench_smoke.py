@@ -33,7 +33,8 @@ def run_quick(module: str, capsys, *extra: str) -> tuple[list[Row], str]:
 
 def check_table(rows: list[Row], out: str, title: str, module: str) -> list[str]:
     """The printed table has a header, one line per row, each with the machine and the command."""
-    assert f"### {title}" in out
+    if title:
+        assert f"### {title}" in out
     lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| case")]
     assert len(lines) == len(rows) >= 1
     for row, line in zip(rows, lines, strict=True):
@@ -93,6 +94,16 @@ def test_caching_bench_quick(capsys):
     second = by_case(rows, "UnisonPipeline: model load time in run 2")
     assert second.met is True and second.value == 0.0  # no loader was called on the second run
     assert by_case(rows, "UnisonPipeline: model load time in run 3").met is True  # release() → loads again
+
+
+def test_gpu_bench_quick_prints_published_numbers_and_runs_its_measuring_code(capsys):
+    rows, out = run_quick("bench_gpu", capsys)
+    assert "### GPU: published reference numbers (832x480x81)" in out
+    assert "| published: Wan2.1 T2V-1.3B, 480P (832x480x81, 50 steps), 1x RTX 4090 | 261 s |" in out
+    assert "Wan-Video/Wan2.1 README.md" in out
+    check_table(rows, out.split("### GPU: measured here")[1], "", "bench_gpu")
+    assert by_case(rows, "denoising step, batched guidance").value > 0
+    assert by_case(rows, "Wan VAE decode").value > 0
 
 
 # --------------------------------------------------------------------------- helpers
