@@ -15,6 +15,7 @@ from . import comfy_bridge as comfy
 from ._runtime import errors, runtime_module
 from ._runtime import instruction as instruction_mod
 from ._runtime import plan as plan_mod
+from .model_cache import signature
 from .packets import HIDDEN, PLAN, PLANNER, PlanPacket, describe_plan
 
 log = logging.getLogger("unison")
@@ -150,6 +151,25 @@ class UnisonPlanner:
     @classmethod
     def VALIDATE_INPUTS(cls, instruction: Any = None) -> str | bool:
         return validate_instruction_text(instruction)
+
+    @classmethod
+    def IS_CHANGED(cls, instruction: Any = None, **_: Any) -> str:
+        """The named input files' sizes and times: a file replaced under the same name is read again.
+
+        (ComfyUI caches a node by its inputs; without this a new ``cat.png`` would keep the old plan.)
+        """
+        input_dir = comfy.input_directory()
+        if not isinstance(instruction, str) or input_dir is None:
+            return ""
+        paths = []
+        for name in instruction_mod.REFERENCE_PATTERN.findall(instruction):
+            if SLOT_PATTERN.match(name.strip()):
+                continue
+            try:
+                paths.append(runtime_module("paths").resolve_reference(name, [input_dir], must_exist=True))
+            except errors.UnisonError:
+                paths.append(None)  # reported by VALIDATE_INPUTS / the run itself
+        return signature(paths)
 
     def run(self, instruction: str, on_unreadable_plan: str = FALLBACK_TO_RULES, planner: Any = None,
             **media_inputs: Any) -> dict[str, Any]:

@@ -99,6 +99,15 @@ def test_file_reference_reads_from_the_input_folder(comfy) -> None:  # noqa: F81
     np.testing.assert_array_equal(packet.ordered_media()[0].frames[0], pixels)
 
 
+def test_a_file_replaced_under_the_same_name_is_read_again(comfy) -> None:  # noqa: F811
+    Image.new("RGB", (8, 8), "red").save(comfy.input / "cat.png")
+    instruction = "What is in ###cat.png### and ###image1###?"
+    before = UnisonPlanner.IS_CHANGED(instruction=instruction)
+    assert before == UnisonPlanner.IS_CHANGED(instruction=instruction)
+    Image.new("RGB", (16, 8), "blue").save(comfy.input / "cat.png")
+    assert UnisonPlanner.IS_CHANGED(instruction=instruction) != before
+
+
 def test_references_outside_the_input_folder_are_refused(comfy, tmp_path: Path) -> None:  # noqa: F811
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
     with pytest.raises(PathError, match=r"contains .\.\..*allowed folder"):
