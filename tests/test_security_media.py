@@ -514,3 +514,24 @@ def test_sampled_frames_are_the_same_frames_a_full_read_gives(tmp_path: Path) ->
     assert isinstance(sampled, Medium) and sampled.fps == full.fps
     assert np.array_equal(sampled.frames, full.frames[[0, 4, 8]])
     assert np.array_equal(read_video(path, sample_frames=50).frames, full.frames)
+
+
+def test_read_reference_reads_inside_the_root_and_refuses_a_link_out(tmp_path):
+    """The one entry point for user-named media: resolved and opened without a check-then-use gap."""
+    from unison_runtime.errors import PathError
+    from unison_runtime.media import read_reference, write_image
+
+    root, outside = tmp_path / "input", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    frame = np.zeros((8, 16, 3), dtype=np.uint8)
+    frame[:, 8:] = 255
+    write_image(frame, root / "inside.png")
+    write_image(frame, outside / "leak.png")
+    (root / "link.png").symlink_to(outside / "leak.png")
+
+    medium = read_reference("inside.png", [root])
+    assert medium.name == "inside.png" and medium.kind == "image"
+    assert np.array_equal(medium.frames[0], frame)
+    with pytest.raises(PathError, match=r"link\.png"):
+        read_reference("link.png", [root])

@@ -168,13 +168,13 @@ def _plan_batch_line(planner: Any, args: argparse.Namespace, number: int, line: 
 
 def cmd_ask(args: argparse.Namespace, out: TextIO) -> int:
     from .instruction import parse_instruction
-    from .media import read_medium
+    from .media import read_reference
 
     if args.model is None:
         raise UnisonError("ask needs --model (a Qwen2.5-VL directory); the rule planner cannot answer")
     planner = _make_planner(args)
     instruction = parse_instruction(args.instruction, roots=[args.input_dir], must_exist=True)
-    media = [read_medium(path, ref.path) for path, ref in zip(instruction.resolved, instruction.media, strict=True)]
+    media = [read_reference(ref.path, [args.input_dir]) for ref in instruction.media]
     out.write((planner.answer(instruction, media) or "") + "\n")
     return 0
 

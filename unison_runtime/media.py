@@ -21,7 +21,7 @@ import contextlib
 import io
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import BinaryIO
@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import MediaError, PathError
 from .instruction import media_kind
-from .paths import open_regular_file
+from .paths import open_reference, open_regular_file
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_VIDEO_FRAMES = 1025
@@ -469,6 +469,22 @@ def read_medium(
     if kind == "image":
         return read_image(path, name, limits=limits)
     return read_video(path, name, limits=limits, sample_frames=sample_frames)
+
+
+def read_reference(
+    reference: str,
+    roots: Sequence[str | Path],
+    *,
+    limits: MediaLimits | None = None,
+    sample_frames: int | None = None,
+) -> Medium:
+    """Read a ``###reference###`` from inside ``roots``: resolved, opened and decoded in one step.
+
+    The file is opened through :func:`paths.open_reference`, so a link swapped in after the
+    check cannot redirect the read; every caller that reads user-named media goes through here.
+    """
+    with open_reference(reference, roots) as handle:
+        return read_medium(handle, name=reference, limits=limits, sample_frames=sample_frames)
 
 
 # --------------------------------------------------------------------------- writing
