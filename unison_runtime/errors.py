@@ -54,3 +54,15 @@ class WeightsError(UnisonError, ValueError):
 
 class SamplingCancelled(UnisonError):
     """The caller's cancel check asked to stop; raised between two sampling steps."""
+
+
+class OutOfMemory(UnisonError, MemoryError):
+    """A device ran out of memory; the message names the settings to lower and their current values.
+
+    Raised after the memory the failed call allocated was let go, so the same models can run
+    again with smaller settings. ``stage`` says what was running (``"sampling"``, ...).
+    """
+
+    def __init__(self, message: str, stage: str = "") -> None:
+        self.stage = stage
+        super().__init__(message)
