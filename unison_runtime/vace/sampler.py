@@ -27,11 +27,11 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import MediaError, SamplingCancelled, UnisonError
+from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset_model_caches
 from ..plan import Plan
 from .models import VaceModels
 
 ProgressFn = Callable[[int, int], None]
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 CancelFn = Callable[[], bool]
 
 
@@ -247,9 +247,14 @@ def denoise(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     notes: list[str] | None = None,
+    step: list[int] | None = None,
 ) -> torch.Tensor:
-    """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents."""
+    """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents.
+
+    ``step``, when given, is a one-item list kept at the step being computed (for error messages).
+    """
     transformer = models.transformer
+    predictions: list[torch.Tensor] = []
     cond = _context(models, cond_context, "conditional")
     guided = options.uses_guidance
     neg = _context(models, neg_context, "negative") if guided else None
@@ -268,28 +273,50 @@ def denoise(
     latents = prepared.noise
     control = prepared.control
     total = len(scheduler.timesteps)
-    with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            if cancel is not None and cancel():
-                raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {total}")
-            if batched:
-                try:
-                    cond_pred, uncond_pred = _forward(transformer, latents, t, both, control, scale,
-                                                      "cond_uncond").chunk(2)
-                except _OUT_OF_MEMORY:
+    # Cache hooks (first-block cache, ...) compare each step with the last: start clean, and leave
+    # nothing for the next run however this one ends (finished, cancelled, out of memory).
+    reset_model_caches(transformer)
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                if cancel is not None and cancel():
+                    raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {total}")
+                if step is not None:
+                    step[0] = i + 1
+                if batched and not _batched_step(transformer, latents, t, both, control, scale, predictions):
                     batched, both = False, None
                     if notes is not None:
                         notes.append(f"batched guidance ran out of memory at step {i + 1}; continued with two passes")
+                    # Only now: the failed forward's activations went with its exception.
                     _empty_cache(models.device)
-            if not batched:
-                cond_pred = _forward(transformer, latents, t, cond, control, scale, "cond")
+                if not batched:
+                    predictions[:] = [_forward(transformer, latents, t, cond, control, scale, "cond")]
+                    if guided:
+                        predictions.append(_forward(transformer, latents, t, neg, control, scale, "uncond"))
                 if guided:
-                    uncond_pred = _forward(transformer, latents, t, neg, control, scale, "uncond")
-            noise_pred = uncond_pred + options.guidance * (cond_pred - uncond_pred) if guided else cond_pred
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if progress is not None:
-                progress(i + 1, total)
+                    cond_pred, uncond_pred = predictions
+                    noise_pred = uncond_pred + options.guidance * (cond_pred - uncond_pred)
+                else:
+                    noise_pred = predictions[0]
+                predictions.clear()
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if progress is not None:
+                    progress(i + 1, total)
+    finally:
+        reset_model_caches(transformer)
     return latents
+
+
+def _batched_step(transformer: Any, latents: torch.Tensor, t: torch.Tensor, both: torch.Tensor,
+                  control: torch.Tensor, scale: torch.Tensor, predictions: list[torch.Tensor]) -> bool:
+    """One forward for both guidance branches into ``predictions``; False when it ran out of memory."""
+    try:
+        predictions[:] = _forward(transformer, latents, t, both, control, scale, "cond_uncond").chunk(2)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return False
+    return True
 
 
 def _empty_cache(device: str) -> None:
@@ -326,6 +353,9 @@ def sample(
     may be ``None`` when ``options.guidance <= 1``. ``progress(step, total)`` is called after each
     step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`). Deterministic
     for a given seed on a given device.
+
+    Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
+    to lower, after the latents of this call were let go; the models stay usable.
     """
     options = options or SamplingOptions()
     check_inputs(models, plan, inputs)
@@ -334,8 +364,25 @@ def sample(
     notes: list[str] = []
     if cancel is not None and cancel():
         raise SamplingCancelled("sampling cancelled before it started")
-    prepared = prepare_latents(models, inputs, options.seed)
-    latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
-                      notes=notes)
-    frames = decode(models, latents, prepared.num_references)
+    stage = ["encoding the VACE inputs with the VAE"]
+    step = [0]
+
+    def work() -> torch.Tensor:
+        # Everything this call allocates lives in this frame, which an out-of-memory error clears.
+        prepared = prepare_latents(models, inputs, options.seed)
+        stage[0] = "sampling"
+        latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
+                          notes=notes, step=step)
+        stage[0] = "decoding with the VAE"
+        return decode(models, latents, prepared.num_references)
+
+    def where() -> str:
+        return f"sampling, step {step[0]} of {options.steps}" if stage[0] == "sampling" else stage[0]
+
+    def advice(exc: BaseException) -> str:
+        return memory_advice(exc, stage=where(), width=plan.width, height=plan.height, num_frames=plan.num_frames,
+                             device=models.device, batch_cfg=options.batch_cfg, guidance=options.guidance,
+                             text_device=models.text_device)
+
+    frames = call_freeing_memory(work, advice, stage=where, devices=(models.device,))
     return Generation(frames=frames, fps=options.fps or plan.fps, notes=notes)
