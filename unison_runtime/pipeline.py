@@ -8,9 +8,13 @@ stage can also be called alone (a node, a test or a benchmark picks the ones it 
 ``sources`` (VACE inputs) → ``sample`` (frames). ``run`` does all of it.
 
 Models load lazily, on first use, and stay cached until :meth:`UnisonPipeline.release`, so a
-second job with the same models does no loading. The *planner* decides the plan; *stage one*
-answers and gives the projector its hidden states. They are the same object unless told
-otherwise (the selftest plans with the rule planner and answers with a tiny Qwen).
+second job with the same models does no loading. A cached model whose file was deleted is
+reported, one whose file was replaced is loaded again (``files``, :mod:`.faults`). A job that
+fails (cancelled, out of memory, a bad plan or medium) leaves the cached models as they were.
+
+The *planner* decides the plan; *stage one* answers and gives the projector its hidden states.
+They are the same object unless told otherwise (the selftest plans with the rule planner and
+answers with a tiny Qwen).
 
 :func:`run_cli_job` backs ``python -m unison_runtime run``; where it finds the weights is one
 small function, :func:`locate_models`.
@@ -19,12 +23,14 @@ small function, :func:`locate_models`.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PathError, UnisonError, WeightsError
+from .faults import FileSignature, call_freeing_memory, file_signature, memory_advice, stage_one_advice
 from .instruction import Instruction, parse_instruction
 from .media import Medium, read_medium
 from .plan import Plan
@@ -40,6 +46,11 @@ if TYPE_CHECKING:
     from .vace.text import TextContexts
 
 Loader = Callable[[], Any]
+
+log = logging.getLogger(__name__)
+
+_FILE_KINDS = {"planner": "planner model file", "stage_one": "stage-one model file", "projector": "projector file",
+               "vace": "VACE model file"}
 
 
 @dataclass
@@ -71,7 +82,9 @@ class UnisonPipeline:
     - ``vace``: :class:`~unison_runtime.vace.models.VaceModels` (or loader); needed for generation.
 
     ``roots`` are the folders ``###name###`` references resolve in; ``options`` the default
-    sampling options of every job.
+    sampling options of every job. ``files`` names, per model given as a loader, the files or
+    folders it loads from: before a cached model is served they are checked, so a deleted file is
+    a :class:`WeightsError` and a replaced one is loaded again instead of served stale.
     """
 
     def __init__(
@@ -83,9 +96,15 @@ class UnisonPipeline:
         vace: VaceModels | Loader | None = None,
         roots: Sequence[str | Path] = (),
         options: SamplingOptions | None = None,
+        files: Mapping[str, Sequence[str | Path | None]] | None = None,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
                                          "vace": vace}
+        unknown = sorted(set(files or {}) - set(self._sources))
+        if unknown:
+            raise UnisonError(f"files given for unknown model(s) {unknown}; expected some of {sorted(self._sources)}")
+        self._files = {name: tuple(paths) for name, paths in (files or {}).items()}
+        self._signatures: dict[str, FileSignature] = {}
         self._loaded: dict[str, Any] = {}
         self.roots = [Path(r) for r in roots]
         self.options = options
@@ -94,10 +113,31 @@ class UnisonPipeline:
     # ------------------------------------------------------------------ models
 
     def _get(self, name: str) -> Any:
+        if name in self._signatures:
+            self._check_files(name)
         if name not in self._loaded:
             source = self._sources[name]
+            signature = None
+            if _is_loader(source) and any(p is not None for p in self._files.get(name, ())):
+                # Stamped before loading: a file replaced while it loads counts as replaced next time.
+                signature = file_signature(*self._files[name], what=_FILE_KINDS[name])
             self._loaded[name] = source() if _is_loader(source) else source
+            if signature is not None:
+                self._signatures[name] = signature
         return self._loaded[name]
+
+    def _check_files(self, name: str) -> None:
+        """Drop a cached model whose files changed; report one whose file was deleted."""
+        signature = self._signatures[name]
+        try:
+            changed = signature.changed()
+        except WeightsError:
+            self.release(name)  # never serve it again; put the file back and it loads anew
+            raise
+        if changed:
+            log.info("%s changed since it was loaded (%s); loading it again", _FILE_KINDS[name],
+                     ", ".join(signature.roots))
+            self.release(name)
 
     @property
     def planner(self) -> Planner:
@@ -133,6 +173,7 @@ class UnisonPipeline:
             if name not in self._sources:
                 raise UnisonError(f"unknown model {name!r}; expected one of {sorted(self._sources)}")
             value = self._loaded.pop(name, None)
+            self._signatures.pop(name, None)
             if name == "vace":
                 self._negative_cache.clear()
             if value is None or not _is_loader(self._sources[name]):
@@ -244,19 +285,45 @@ class UnisonPipeline:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
     ) -> UnisonResult:
-        """Hidden states → projector → contexts → sources → sample, for a generation plan."""
+        """Sources → hidden states → projector → contexts → sample, for a generation plan.
+
+        The plan and media are checked against each other and against the VACE model before any
+        model runs, so a bad plan is a :class:`PlanError` / :class:`MediaError` naming the field or
+        medium. Out of memory anywhere is an :class:`~unison_runtime.errors.OutOfMemory` naming the
+        settings to lower, raised after this call's tensors were let go.
+        """
         if plan.output == "text":
             raise UnisonError(f"task {plan.task.value} is an understanding task; use answer()")
+        from .vace.sampler import check_inputs
+
         options = self._options(options)
+        plan = plan.with_changes()  # validated again: a plan is checked wherever it came from
         notes = list(plan.notes)
-        tokens = self.projector_tokens(instruction)
-        if tokens is None:
-            why = "no projector was given" if self.projector is None else "the planner has no stage-one model"
-            notes.append(f"{why}: the text context is the umT5 embedding alone (no projector tokens)")
-        contexts = self.contexts(plan, tokens, options.negative_prompt)
-        inputs = self.sources(plan, media)
-        notes.extend(inputs.notes)
-        generation = self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)
+        stage = ["preparing the VACE inputs"]
+
+        def work() -> Generation:
+            # Every tensor this job allocates lives in this frame, which an out-of-memory error clears.
+            inputs = self.sources(plan, media)
+            check_inputs(self.vace, plan, inputs)
+            stage[0] = "running stage one for the projector tokens"
+            tokens = self.projector_tokens(instruction)
+            if tokens is None:
+                why = "no projector was given" if self.projector is None else "the planner has no stage-one model"
+                notes.append(f"{why}: the text context is the umT5 embedding alone (no projector tokens)")
+            stage[0] = "encoding the prompt with umT5"
+            contexts = self.contexts(plan, tokens, options.negative_prompt)
+            notes.extend(inputs.notes)
+            stage[0] = "sampling"
+            return self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)
+
+        def advice(exc: BaseException) -> str:
+            models = self._loaded.get("vace")
+            return memory_advice(exc, stage=stage[0], width=plan.width, height=plan.height,
+                                 num_frames=plan.num_frames, device=getattr(models, "device", "the device"),
+                                 batch_cfg=options.batch_cfg, guidance=options.guidance,
+                                 text_device=getattr(models, "text_device", None))
+
+        generation = call_freeing_memory(work, advice, stage=lambda: stage[0])
         notes.extend(generation.notes)
         return UnisonResult(plan=plan, frames=generation.frames, fps=generation.fps, notes=notes)
 
@@ -285,17 +352,30 @@ class UnisonPipeline:
         cancel: CancelFn | None = None,
     ) -> UnisonResult:
         """:meth:`run` after :meth:`read`: ``media`` are the decoded references in instruction order."""
-        plan = plan or self.make_plan(instruction)
+        if plan is None:
+            plan = self._with_stage_one_memory(lambda: self.make_plan(instruction), "planning", self.planner)
         if plan.output != "text":
             return self.generate(plan, instruction, media, options, progress=progress, cancel=cancel)
         notes = list(plan.notes)
-        answer = self.answer(instruction, media)
+        answer = self._with_stage_one_memory(lambda: self.answer(instruction, media), "answering", self.stage_one)
         if answer is None:
             notes.append(f"{getattr(self.stage_one, 'name', 'the planner')} has no model to answer with: "
                          "understanding tasks need the Qwen2.5-VL stage one")
         else:
             plan = plan.with_changes(answer=answer)
         return UnisonResult(plan=plan, answer=answer, notes=notes)
+
+    @staticmethod
+    def _with_stage_one_memory(work: Callable[[], Any], doing: str, model: Any) -> Any:
+        """``work()``, an out-of-memory error in it explained for stage one (see :mod:`.faults`)."""
+        name = getattr(model, "name", "stage one")
+        stage = f"{doing} with {name}"
+
+        def advice(exc: BaseException) -> str:
+            return stage_one_advice(exc, stage=stage, device=getattr(model, "device", "the device"),
+                                    max_video_frames=getattr(model, "max_video_frames", None))
+
+        return call_freeing_memory(work, advice, stage=stage)
 
     def _options(self, options: SamplingOptions | None) -> SamplingOptions:
         if options is not None:
@@ -431,8 +511,13 @@ def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
 
         projector = partial(load_projector, locations.projector)
     vace = partial(locations.load_vace, device=device) if locations.load_vace is not None else None
+    found = locations.paths
+    vace_files = [found.diffusers_dir] if found.diffusers_dir is not None else \
+        [found.transformer, found.vae, found.text_encoder, found.tokenizer]
+    files = {"planner": [qwen, lora] if qwen is not None else [], "projector": [locations.projector],
+             "vace": vace_files if vace is not None else []}
     pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
-                              roots=[getattr(args, "input_dir", None) or Path.cwd()])
+                              roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files)
     return pipeline, locations
 
 
