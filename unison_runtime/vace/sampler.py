@@ -247,11 +247,12 @@ def denoise(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     notes: list[str] | None = None,
-    step: list[int] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents.
 
-    ``step``, when given, is a one-item list kept at the step being computed (for error messages).
+    ``state``, when given, is kept up to date with the step being computed (``"step"``) and whether
+    guidance still runs batched (``"batched"``), for error messages.
     """
     transformer = models.transformer
     predictions: list[torch.Tensor] = []
@@ -281,10 +282,12 @@ def denoise(
             for i, t in enumerate(scheduler.timesteps):
                 if cancel is not None and cancel():
                     raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {total}")
-                if step is not None:
-                    step[0] = i + 1
+                if state is not None:
+                    state.update(step=i + 1, batched=batched)
                 if batched and not _batched_step(transformer, latents, t, both, control, scale, predictions):
                     batched, both = False, None
+                    if state is not None:
+                        state["batched"] = False
                     if notes is not None:
                         notes.append(f"batched guidance ran out of memory at step {i + 1}; continued with two passes")
                     # Only now: the failed forward's activations went with its exception.
@@ -365,23 +368,23 @@ def sample(
     if cancel is not None and cancel():
         raise SamplingCancelled("sampling cancelled before it started")
     stage = ["encoding the VACE inputs with the VAE"]
-    step = [0]
+    state: dict[str, Any] = {"step": 0, "batched": options.batch_cfg}
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
         prepared = prepare_latents(models, inputs, options.seed)
         stage[0] = "sampling"
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
-                          notes=notes, step=step)
+                          notes=notes, state=state)
         stage[0] = "decoding with the VAE"
         return decode(models, latents, prepared.num_references)
 
     def where() -> str:
-        return f"sampling, step {step[0]} of {options.steps}" if stage[0] == "sampling" else stage[0]
+        return f"sampling, step {state['step']} of {options.steps}" if stage[0] == "sampling" else stage[0]
 
     def advice(exc: BaseException) -> str:
         return memory_advice(exc, stage=where(), width=plan.width, height=plan.height, num_frames=plan.num_frames,
-                             device=models.device, batch_cfg=options.batch_cfg, guidance=options.guidance,
+                             device=models.device, batch_cfg=state["batched"], guidance=options.guidance,
                              text_device=models.text_device)
 
     frames = call_freeing_memory(work, advice, stage=where, devices=(models.device,))
