@@ -310,6 +310,10 @@ def test_memory_advice_lists_every_setting_with_its_value():
                           batch_cfg=True, guidance=1.0, text_device="cpu")
     assert "num_frames" not in image and "batch_cfg" not in image and "umT5" not in image
     assert "try 16x16" in image  # never below the 16-pixel minimum
+    host = memory_advice(None, stage="sampling", width=64, height=64, num_frames=5, device="cuda", batch_cfg=None,
+                         guidance=5.0, where="(in ComfyUI: width, height and frames are on the Unison Task Router)")
+    assert "batch_cfg" not in host and "guidance: 5 runs two passes per step; 1 runs one" in host
+    assert host.endswith("(in ComfyUI: width, height and frames are on the Unison Task Router)")
 
 
 # --------------------------------------------------------------------------- model files

@@ -149,11 +149,14 @@ def memory_advice(
     batch_cfg: bool | None = None,
     guidance: float | None = None,
     text_device: Any = None,
+    where: str = "",
 ) -> str:
     """The message of an :class:`OutOfMemory`: what ran out, then each setting to lower with its value.
 
     Listed from the one that saves the most: the resolution, the frame count, batched guidance,
-    the text encoder's device, and memory held by other models.
+    the text encoder's device, and memory held by other models. ``batch_cfg=None`` is for hosts
+    that do not expose it (the guidance line remains); ``where`` tells where those settings live
+    in the host (e.g. which ComfyUI node), appended as a last line.
     """
     frames = f"{num_frames} frame" + ("s" if num_frames != 1 else "")
     lines = [f"out of memory on {device} while {stage} ({width}x{height}, {frames})"
@@ -167,10 +170,13 @@ def memory_advice(
             lines.append("- batch_cfg: on (both guidance passes in one batch); turn it off to halve the activations, "
                          f"or set guidance to 1 (now {guidance:g}) for a single pass")
         else:
-            lines.append(f"- guidance: {guidance:g} runs two passes per step (batch_cfg is already off); 1 runs one")
+            off = " (batch_cfg is already off)" if batch_cfg is False else ""
+            lines.append(f"- guidance: {guidance:g} runs two passes per step{off}; 1 runs one")
     if text_device is not None and str(text_device).split(":")[0] != "cpu":
         lines.append(f"- the text encoder device: umT5 runs on {text_device}; load it on the CPU to free its memory")
     lines.append("- memory held by other models: unload or offload them (ComfyUI: 'Unload models')")
+    if where:
+        lines.append(where)
     return "\n".join(lines)
 
 
