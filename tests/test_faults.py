@@ -156,8 +156,8 @@ def test_without_the_reset_the_stale_cache_would_change_the_result(vace_dir, mon
 class OutOfMemoryAt:
     """Patches a module's forward to fail from its ``at``-th call on, remembering (weakly) what it was given."""
 
-    def __init__(self, module, at: int, error=None):
-        self.module, self.at, self.calls = module, at, 0
+    def __init__(self, module, at: int, error=None, method: str = "forward"):
+        self.module, self.at, self.calls, self.method = module, at, 0, method
         self.error = error or (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         self.seen: list[weakref.ref] = []
 
@@ -169,12 +169,12 @@ class OutOfMemoryAt:
         return self.original(*args, **kwargs)
 
     def __enter__(self):
-        self.original = self.module.forward
-        self.module.forward = self.forward
+        self.original = getattr(self.module, self.method)
+        setattr(self.module, self.method, self.forward)
         return self
 
     def __exit__(self, *exc):
-        del self.module.forward  # back to the class's forward
+        delattr(self.module, self.method)  # back to the class's method
 
 
 def real_cpu_allocation_failure():
@@ -265,6 +265,16 @@ def test_out_of_memory_in_the_sampler_called_alone_frees_its_latents(vace_dir):
     assert contexts.cond.shape[1] == 2048  # the caller's tensors are untouched and usable
     again = sample(models, plan, inputs, contexts.cond, contexts.neg, SamplingOptions(steps=2, guidance=1.0))
     assert again.frames.shape == (5, 32, 32, 3)
+
+
+def test_out_of_memory_while_decoding_names_only_what_matters_there(vace_dir, fresh_t2v):
+    pipeline, _ = make_pipeline(vace_dir)
+    with OutOfMemoryAt(pipeline.vace.vae, at=1, method="decode"), pytest.raises(OutOfMemory) as info:
+        pipeline.run(T2V)
+    message = str(info.value)
+    assert info.value.stage == "decoding with the VAE" and "32x32" in message and "num_frames is 5" in message
+    assert "batch_cfg" not in message and "guidance" not in message  # no transformer pass runs while decoding
+    assert torch.equal(pipeline.run(T2V).frames, fresh_t2v)
 
 
 def test_out_of_memory_while_encoding_the_prompt_is_explained_and_recoverable(vace_dir, fresh_t2v):

@@ -383,9 +383,10 @@ def sample(
         return f"sampling, step {state['step']} of {options.steps}" if stage[0] == "sampling" else stage[0]
 
     def advice(exc: BaseException) -> str:
+        denoising = stage[0] == "sampling"  # guidance and batching only matter to the transformer's passes
         return memory_advice(exc, stage=where(), width=plan.width, height=plan.height, num_frames=plan.num_frames,
-                             device=models.device, batch_cfg=state["batched"], guidance=options.guidance,
-                             text_device=models.text_device)
+                             device=models.device, batch_cfg=state["batched"] if denoising else None,
+                             guidance=options.guidance if denoising else None, text_device=models.text_device)
 
     frames = call_freeing_memory(work, advice, stage=where, devices=(models.device,))
     return Generation(frames=frames, fps=options.fps or plan.fps, notes=notes)
