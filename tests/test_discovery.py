@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unison_runtime.errors import WeightsError
+from unison_runtime.errors import UnisonError, WeightsError
 from unison_runtime.models_dir import find_models, find_models_in, folders_in, list_models
 from unison_runtime.testing import tiny_wan_files as tw
 from unison_runtime.vace.files import load_vace_from_files
@@ -172,13 +172,15 @@ def test_download_dry_run_prints_the_plan_without_the_hub(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any import would now fail
     monkeypatch.delenv("UNISON_REPO_ID", raising=False)
     lines = list(download_all(tmp_path / "models", dry_run=True))
-    assert len(lines) == 5 and all(line.startswith("would fetch") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("would fetch") for line in lines)
     text = "\n".join(lines)
     models = tmp_path / "models"
     assert f"-> {models / 'diffusion_models' / 'wan2.1_vace_1.3B_fp16.safetensors'}" in text
     assert "Comfy-Org/Wan_2.1_ComfyUI_repackaged/split_files/vae/wan_2.1_vae.safetensors" in text
-    assert f"-> {models / 'text_encoders' / 'umt5_xxl_fp16.safetensors'}" in text
+    assert f"-> {models / 'text_encoders' / 'umt5_xxl_fp8_e4m3fn_scaled.safetensors'}" in text
     assert f"Qwen/Qwen2.5-VL-3B-Instruct (whole repository) -> {models / 'unison' / 'Qwen2.5-VL-3B-Instruct'}" in text
+    assert f"ali-vilab/Unison (its lora) -> {models / 'unison' / 'unison-lora'}" in text
+    assert f"ali-vilab/Unison (its projector) -> {models / 'unison' / 'projector.pth'}" in text
     assert "not confirmed; set UNISON_REPO_ID" in text
     assert not models.exists()  # a dry run writes nothing
 
@@ -193,7 +195,7 @@ def test_download_lands_where_discovery_looks(comfy_models, tmp_path, monkeypatc
         "split_files/diffusion_models/wan2.1_vace_1.3B_fp16.safetensors":
             comfy_models[1]["transformer"],
         "split_files/vae/wan_2.1_vae.safetensors": comfy_models[1]["vae"],
-        "split_files/text_encoders/umt5_xxl_fp16.safetensors": comfy_models[1]["text_encoder"],
+        "split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors": comfy_models[1]["text_encoder"],
     }
     calls = []
 
@@ -223,12 +225,94 @@ def test_download_lands_where_discovery_looks(comfy_models, tmp_path, monkeypatc
     found = find_models(models, require_generation=True)
     assert found.transformer == models / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
     assert found.vae == models / "vae" / "wan_2.1_vae.safetensors"
-    assert found.text_encoder == models / "text_encoders" / "umt5_xxl_fp16.safetensors"
+    assert found.text_encoder == models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     assert found.planner_model == models / "unison" / "Qwen2.5-VL-3B-Instruct"
-    assert found.planner_lora == models / "unison" / "Unison" / "lora"
-    assert found.projector == models / "unison" / "Unison" / "projector.pth"
-    assert sum(line.startswith("done") for line in lines) == 5
+    assert found.planner_lora == models / "unison" / "unison-lora"
+    assert found.projector == models / "unison" / "projector.pth"
+    assert sum(line.startswith("done") for line in lines) == 6
     # A second run finds everything in place and fetches nothing.
     calls.clear()
     assert all(line.startswith("present") for line in download_all(models))
     assert calls == []
+
+
+def _fake_unison_release(monkeypatch, fill) -> list[str]:
+    """A hub that serves only the Unison repository, laid out by ``fill(folder)``; returns the repos asked for."""
+    import sys
+    import types
+
+    calls: list[str] = []
+
+    def snapshot_download(repo_id, *, local_dir):
+        calls.append(repo_id)
+        fill(Path(local_dir))
+        return local_dir
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    return calls
+
+
+def _only_unison_rows(monkeypatch):
+    from unison_runtime import download
+
+    monkeypatch.setattr(download, "DOWNLOADS", tuple(r for r in download.DOWNLOADS if r.pick is not None))
+
+
+def test_download_writes_the_names_the_shipped_workflows_choose():
+    from unison_runtime.download import DOWNLOADS
+
+    folders = {  # loader type -> the models/ sub-folder of each model widget, in widget order
+        "UnisonPlannerLoader": ("unison", "unison"),
+        "UnisonProjectorLoader": ("unison",),
+        "UnisonVaceLoader": ("diffusion_models", "vae", "text_encoders"),
+        "UNETLoader": ("diffusion_models",),
+        "CLIPLoader": ("text_encoders",),
+        "VAELoader": ("vae",),
+    }
+    chosen = set()
+    for workflow in sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json")):
+        for node in json.loads(workflow.read_text(encoding="utf-8"))["nodes"]:
+            for folder, value in zip(folders.get(node["type"], ()), node["widgets_values"], strict=False):
+                chosen.add(f"{folder}/{value}")
+    assert chosen == {row.destination for row in DOWNLOADS}  # every choice is fetched, and nothing else
+
+
+def test_download_takes_lora_and_projector_from_any_release_layout(tmp_path, monkeypatch):
+    from unison_runtime.download import download_all
+
+    def release_at_top_level(folder: Path) -> None:  # adapter files at the top, projector in a sub-folder
+        _lora_dir(folder, "Qwen/Qwen2.5-VL-3B-Instruct")
+        (folder / "adapter_model.safetensors").write_bytes(b"adapter")
+        (folder / "weights").mkdir()
+        (folder / "weights" / "unison_projector.pt").write_bytes(b"projector")
+        (folder / ".cache" / "huggingface").mkdir(parents=True)  # the hub's own bookkeeping
+
+    calls = _fake_unison_release(monkeypatch, release_at_top_level)
+    _only_unison_rows(monkeypatch)
+    models = tmp_path / "models"
+    lines = list(download_all(models))
+    assert calls == ["ali-vilab/Unison"]  # one fetch serves both rows
+    assert [line.split()[0] for line in lines] == ["fetching", "done", "fetching", "done"]
+    assert (models / "unison" / "projector.pth").read_bytes() == b"projector"
+    assert (models / "unison" / "unison-lora" / "adapter_model.safetensors").read_bytes() == b"adapter"
+    assert not list((models / "unison" / "unison-lora").rglob("*projector*"))
+    found = find_models(models)
+    assert found.planner_lora == models / "unison" / "unison-lora"
+    assert found.projector == models / "unison" / "projector.pth"
+
+
+def test_download_refuses_a_release_it_cannot_read_unambiguously(tmp_path, monkeypatch):
+    from unison_runtime.download import download_all
+
+    def two_adapters(folder: Path) -> None:
+        _lora_dir(folder / "lora_a", "Qwen/Qwen2.5-VL-3B-Instruct")
+        _lora_dir(folder / "lora_b", "Qwen/Qwen2.5-VL-3B-Instruct")
+        (folder / "projector.pth").write_bytes(b"projector")
+
+    _fake_unison_release(monkeypatch, two_adapters)
+    _only_unison_rows(monkeypatch)
+    with pytest.raises(UnisonError) as info:
+        list(download_all(tmp_path / "models"))
+    message = str(info.value)
+    assert "ali-vilab/Unison (its lora)" in message and "adapter_config.json" in message
+    assert "'lora_a', 'lora_b'" in message and "models/unison/unison-lora" in message
