@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from . import comfy_env
+from .build_workflows import LORA as LORA_NAME
+from .build_workflows import PROJECTOR as PROJECTOR_NAME
+from .build_workflows import QWEN as QWEN_NAME
+from .build_workflows import TEXT_ENCODER as TEXT_ENCODER_NAME
+from .build_workflows import TRANSFORMER as TRANSFORMER_NAME
+from .build_workflows import VAE as VAE_NAME
 
-# The names the shipped workflows choose in their loader widgets.
-QWEN_NAME = "Qwen2.5-VL-3B-Instruct"
-LORA_NAME = "unison-lora"
-PROJECTOR_NAME = "projector.pth"
-TRANSFORMER_NAME = "wan2.1_vace_1.3B_fp16.safetensors"
-VAE_NAME = "wan_2.1_vae.safetensors"
-TEXT_ENCODER_NAME = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+# The shipped workflows' loader choices (above) plus a diffusers folder for the diffusers loader.
 DIFFUSERS_NAME = "Wan2.1-VACE-1.3B-diffusers"
 
 
