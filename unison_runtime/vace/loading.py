@@ -11,6 +11,7 @@ Weights are read from safetensors only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,42 +118,37 @@ def _wrap(what: str, folder: Path, exc: Exception) -> WeightsError:
 # --------------------------------------------------------------------------- components
 
 
+def _load_model(load: Callable[..., Any], folder: str | Path, what: str, device: str, **options: Any) -> Any:
+    """``load(folder, ...)`` offline from safetensors, then on ``device`` in eval mode without gradients."""
+    folder = Path(folder)
+    try:
+        model = load(folder, local_files_only=True, use_safetensors=True, **options)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _wrap(what, folder, exc) from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_transformer(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """``WanVACETransformer3DModel`` from a diffusers folder, in ``dtype`` on ``device``, in eval mode."""
     from diffusers import WanVACETransformer3DModel
 
-    folder = Path(folder)
-    try:
-        model = WanVACETransformer3DModel.from_pretrained(
-            folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _wrap("VACE transformer", folder, exc) from exc
-    return model.to(device).eval().requires_grad_(False)
+    return _load_model(WanVACETransformer3DModel.from_pretrained, folder, "VACE transformer", device,
+                       torch_dtype=dtype)
 
 
 def load_vae(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """``AutoencoderKLWan`` from a diffusers folder."""
     from diffusers import AutoencoderKLWan
 
-    folder = Path(folder)
-    try:
-        model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _wrap("Wan VAE", folder, exc) from exc
-    return model.to(device).eval().requires_grad_(False)
+    return _load_model(AutoencoderKLWan.from_pretrained, folder, "Wan VAE", device, torch_dtype=dtype)
 
 
 def load_text_encoder(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """transformers' ``UMT5EncoderModel`` (umT5-XXL for the released model)."""
     from transformers import UMT5EncoderModel
 
-    folder = Path(folder)
-    try:
-        model = UMT5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _wrap("umT5 text encoder", folder, exc) from exc
-    return model.to(device).eval().requires_grad_(False)
+    # transformers names the argument ``dtype``; diffusers still calls it ``torch_dtype``.
+    return _load_model(UMT5EncoderModel.from_pretrained, folder, "umT5 text encoder", device, dtype=dtype)
 
 
 def load_tokenizer(folder: str | Path) -> Any:
