@@ -54,6 +54,7 @@ from .wan_keys import (
 logger = logging.getLogger(__name__)
 
 PathLike = str | Path
+ShapeTable = dict[str, tuple[str, tuple[int, ...]]]  # {tensor name: (safetensors dtype, shape)}
 
 # What to tell a user who picked a file of another kind, by the kind found.
 _HINTS = {
@@ -132,8 +133,8 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def _shapes_of(files: list[Path], what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+def _shapes_of(files: list[Path], what: str) -> ShapeTable:
+    shapes: ShapeTable = {}
     for file in files:
         shapes.update(shapes_from_header(read_safetensors_header(file, what=what)))
     return shapes
@@ -146,6 +147,19 @@ def _load_all(files: list[Path], what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_layout(files: list[Path], what: str) -> tuple[ShapeTable, dict[str, torch.Tensor] | None]:
+    """``({name: (dtype, shape)}, state)`` of a weights file (or its shards), read as cheaply as possible.
+
+    safetensors: from the headers alone, so a file of the wrong kind is refused before any tensor
+    is read (``state`` is ``None``; load it once the layout checks pass). Pickles have no header:
+    they are loaded here and the state is returned, so they are read only once.
+    """
+    if files[0].suffix.lower() == ".safetensors":
+        return _shapes_of(files, what), None
+    state = _load_all(files, what)
+    return shapes_from_state_dict(state), state
+
+
 # --------------------------------------------------------------------------- inspection
 
 
@@ -154,10 +168,7 @@ def inspect_file(path: PathLike) -> FileIdentity:
 
     Pickle files (``.pth``) have no header: they are opened memory-mapped with the safe loader.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        return identify(shapes_from_header(read_safetensors_header(path, what="model")))
-    return identify(shapes_from_state_dict(load_state_dict(path, what="model")))
+    return identify(_read_layout([Path(path)], "model")[0])
 
 
 # --------------------------------------------------------------------------- transformer
@@ -214,12 +225,7 @@ def _load_transformer(
     path = Path(path)
     what = "VACE transformer"
     files = _transformer_files(path)
-    if files[0].suffix.lower() == ".safetensors":
-        shapes = _shapes_of(files, what)
-        state = None
-    else:
-        state = _load_all(files, what)
-        shapes = shapes_from_state_dict(state)
+    shapes, state = _read_layout(files, what)
     identity = identify(shapes)
     if identity.kind != "wan-vace":
         raise _wrong_kind(path, "a Wan2.1-VACE transformer in Wan's key names", identity)
@@ -285,12 +291,7 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
 
     path = Path(path)
     what = "Wan VAE"
-    state = None
-    if path.suffix.lower() == ".safetensors":
-        shapes = shapes_from_header(read_safetensors_header(path, what=what))
-    else:
-        state = load_state_dict(path, what=what)
-        shapes = shapes_from_state_dict(state)
+    shapes, state = _read_layout([path], what)
     identity = identify(shapes)
     expected = "the Wan 2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)"
     if identity.kind != "wan-vae" or identity.details.get("z_dim") == 48:  # the Wan 2.2 VAE does not fit
@@ -303,7 +304,7 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
     if missing or wrong:
         raise _layout_error(path, "Wan VAE", missing, wrong)
     if state is None:
-        state = load_state_dict(path, what=what)
+        state = _load_all([path], what)
     for name in unexpected:
         logger.warning("%s: ignoring tensor %s, not part of the Wan VAE", path, name)
         state.pop(name)
@@ -387,18 +388,13 @@ def _load_text_encoder(
     if path.is_dir():
         target = resolve_dtype(dtype, str(device), role="text_encoder")
         return _load_hf_text_encoder_dir(path, tokenizer, target, device)
-    state = None
-    if path.suffix.lower() == ".safetensors":
-        shapes = shapes_from_header(read_safetensors_header(path, what=what))
-    else:
-        state = load_state_dict(path, what=what)
-        shapes = shapes_from_state_dict(state)
+    shapes, state = _read_layout([path], what)
     identity = identify(shapes)
     if identity.kind not in ("umt5", "umt5-wan"):
         raise _wrong_kind(path, "the umT5-XXL text encoder", identity)
     target = resolve_dtype(dtype, str(device), role="text_encoder")
     if state is None:
-        state = load_state_dict(path, what=what)
+        state = _load_all([path], what)
 
     spiece = state.pop(umt5_files.SPIECE_KEY, None)
     if identity.kind == "umt5-wan":
