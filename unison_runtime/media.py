@@ -187,12 +187,27 @@ def _check_content(fh: BinaryIO, label: str, suffix: str) -> None:
         )
 
 
-def _unsupported(label: str, suffix: str, kind: str) -> MediaError:
+@contextlib.contextmanager
+def _open_checked(
+    source: MediaSource, name: str | None, kind: str, limits: MediaLimits
+) -> Iterator[tuple[BinaryIO, str, str]]:
+    """``(file, label, decoder)`` for a medium of ``kind``, once every check that needs no decoding passed.
+
+    The extension picks the one decoder allowed to parse the file (Pillow plugin or FFmpeg
+    demuxer), the file must be a regular one within the size cap, and its first bytes must not
+    say it is something else.
+    """
+    label, suffix = _label_and_suffix(source, name)
     known = IMAGE_FORMATS if kind == "image" else VIDEO_DEMUXERS
-    return MediaError(
-        f"{label} has the extension {suffix or '(none)'}, which is not a supported {kind} format; "
-        f"expected one of {', '.join(sorted(known))}"
-    )
+    decoder = known.get(suffix)
+    if decoder is None:
+        raise MediaError(
+            f"{label} has the extension {suffix or '(none)'}, which is not a supported {kind} format; "
+            f"expected one of {', '.join(sorted(known))}"
+        )
+    with _open_source(source, label, limits) as fh:
+        _check_content(fh, label, suffix)
+        yield fh, label, decoder
 
 
 # --------------------------------------------------------------------------- images
@@ -220,12 +235,7 @@ def read_image(
     from PIL import Image, UnidentifiedImageError
 
     limits = limits or DEFAULT_LIMITS
-    label, suffix = _label_and_suffix(path, name)
-    plugin = IMAGE_FORMATS.get(suffix)
-    if plugin is None:
-        raise _unsupported(label, suffix, "image")
-    with _open_source(path, label, limits) as fh:
-        _check_content(fh, label, suffix)
+    with _open_checked(path, name, "image", limits) as (fh, label, plugin):
         try:
             im = Image.open(fh, formats=[plugin])  # header only: nothing is decoded yet
         except Image.DecompressionBombError as exc:
@@ -377,12 +387,7 @@ def read_video(
     if sample_frames is not None and (isinstance(sample_frames, bool) or not isinstance(sample_frames, int)
                                       or sample_frames < 1):
         raise ValueError(f"sample_frames must be a positive integer or None, got {sample_frames!r}")
-    label, suffix = _label_and_suffix(path, name)
-    demuxer = VIDEO_DEMUXERS.get(suffix)
-    if demuxer is None:
-        raise _unsupported(label, suffix, "video")
-    with _open_source(path, label, limits) as fh:
-        _check_content(fh, label, suffix)
+    with _open_checked(path, name, "video", limits) as (fh, label, demuxer):
         probe = _probe_video(fh, label, demuxer, limits, cap)
         keep_count = probe.packets if sample_frames is None else min(sample_frames, probe.packets)
         if keep_count * probe.width * probe.height * 3 > limits.max_decoded_bytes:
