@@ -153,14 +153,14 @@ def check_vace_media(plan: Plan, media: Sequence[Medium]) -> None:
 # --------------------------------------------------------------------------- recipes
 
 
-def _blank(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grey frames and an all-ones mask: generate everything."""
+def _blank(plan: Plan) -> VaceInputs:
+    """Grey frames, an all-ones mask and no references: generate everything (text-to-image/video as is)."""
     n, h, w = plan.num_frames, plan.height, plan.width
-    return torch.full((n, h, w, 3), GREY, dtype=torch.float32), torch.ones((n, h, w), dtype=torch.float32)
-
-
-def _no_references(plan: Plan) -> torch.Tensor:
-    return torch.zeros((0, plan.height, plan.width, 3), dtype=torch.float32)
+    return VaceInputs(
+        frames=torch.full((n, h, w, 3), GREY, dtype=torch.float32),
+        masks=torch.ones((n, h, w), dtype=torch.float32),
+        references=torch.zeros((0, h, w, 3), dtype=torch.float32),
+    )
 
 
 def _crop_note(label: str, medium: Medium, plan: Plan) -> str | None:
@@ -188,12 +188,11 @@ def _pad_note(notes: list[str], what: str, label: str, count: int, n: int, effec
         notes.append(f"{what} {label} has {count} frames, the plan asks for {n}: {span} {effect}")
 
 
-def _editing(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-    notes: list[str] = []
-    frames, masks = _blank(plan)
+def _editing(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
+    notes, frames, masks = inputs.notes, inputs.frames, inputs.masks
     n = plan.num_frames
     si = plan.source_index
-    assert si is not None  # checked by check_vace_media
+    assert si is not None  # a Plan of an editing task always has one (plan validation)
     source = media[si]
     src_label = _label(si, source)
     covered = _fitted_frames(src_label, source, plan, notes, "source")
@@ -203,7 +202,7 @@ def _editing(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
 
     if plan.mask_index is None:
         notes.append("no mask given: the whole frame is editable")
-        return VaceInputs(frames, masks, _no_references(plan), notes)
+        return
 
     mi = plan.mask_index
     mask_medium = media[mi]
@@ -225,54 +224,39 @@ def _editing(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
         _pad_note(notes, "mask", mask_label, m_count, k, "are fully editable (mask 1)")
     if not fitted.any():
         notes.append(f"mask {mask_label} marks no pixel to regenerate (all dark): the source frames are kept")
-    return VaceInputs(frames, masks, _no_references(plan), notes)
 
 
-def _controllable(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-    notes: list[str] = []
-    frames, masks = _blank(plan)
+def _controllable(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
     found = _role_indices(plan, "control")
     i = found[0]
     if len(found) > 1:
         names = ", ".join(_label(j, media[j]) for j in found[1:])
-        notes.append(f"{len(found)} control media given; only {_label(i, media[i])} is used, not {names}")
+        inputs.notes.append(f"{len(found)} control media given; only {_label(i, media[i])} is used, not {names}")
     label = _label(i, media[i])
-    covered = _fitted_frames(label, media[i], plan, notes, "control")
-    frames[: covered.shape[0]] = covered
-    _pad_note(notes, "control", label, covered.shape[0], plan.num_frames, "have no control (grey, mask 1)")
-    return VaceInputs(frames, masks, _no_references(plan), notes)
+    covered = _fitted_frames(label, media[i], plan, inputs.notes, "control")
+    inputs.frames[: covered.shape[0]] = covered
+    _pad_note(inputs.notes, "control", label, covered.shape[0], plan.num_frames, "have no control (grey, mask 1)")
 
 
-def _reference(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-    notes: list[str] = []
-    frames, masks = _blank(plan)
+def _reference(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
     refs = [contain_on_white(media[i].frames[0], plan.width, plan.height) for i in _role_indices(plan, "reference")]
-    return VaceInputs(frames, masks, torch.stack(refs), notes)
+    inputs.references = torch.stack(refs)
 
 
-def _image_to_video(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-    notes: list[str] = []
-    frames, masks = _blank(plan)
+def _image_to_video(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
     found = _role_indices(plan, "frame")
     i = found[0]
     if len(found) > 1:
-        notes.append(f"{len(found)} media have role 'frame'; only {_label(i, media[i])} is placed")
+        inputs.notes.append(f"{len(found)} media have role 'frame'; only {_label(i, media[i])} is placed")
     at = 0 if plan.frame_index == "first" else plan.num_frames - 1
     if note := _crop_note(_label(i, media[i]), media[i], plan):
-        notes.append(note)
-    frames[at] = cover_frames(media[i].frames, plan.width, plan.height)[0]
-    masks[at] = 0.0
-    return VaceInputs(frames, masks, _no_references(plan), notes)
+        inputs.notes.append(note)
+    inputs.frames[at] = cover_frames(media[i].frames, plan.width, plan.height)[0]
+    inputs.masks[at] = 0.0
 
 
-def _text_only(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-    frames, masks = _blank(plan)
-    return VaceInputs(frames, masks, _no_references(plan), [])
-
-
+#: What each task changes in the blank inputs; text-to-image and text-to-video keep them blank.
 _RECIPES = {
-    Task.TEXT_TO_IMAGE: _text_only,
-    Task.TEXT_TO_VIDEO: _text_only,
     Task.IMAGE_EDITING: _editing,
     Task.VIDEO_EDITING: _editing,
     Task.IMAGE_CONTROLLABLE: _controllable,
@@ -290,7 +274,10 @@ def prepare_vace_inputs(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
     (:func:`check_vace_media`); the recipe per task is in this module's docstring.
     """
     check_vace_media(plan, media)
-    return _RECIPES[plan.task](plan, media)
+    inputs = _blank(plan)
+    if plan.task in _RECIPES:
+        _RECIPES[plan.task](plan, media, inputs)
+    return inputs
 
 
 # --------------------------------------------------------------------------- ComfyUI tensors
