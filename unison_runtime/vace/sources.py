@@ -126,11 +126,7 @@ def check_vace_media(plan: Plan, media: Sequence[Medium]) -> None:
         _check_medium(i, medium, plan)
 
     task = plan.task
-    if task in (Task.IMAGE_EDITING, Task.VIDEO_EDITING):
-        if plan.source_index is None:
-            raise PlanError("source_index", f"{task.value} needs the index of its source medium")
-        return
-    if task not in _ROLE_KIND:
+    if task not in _ROLE_KIND:  # editing reads the plan's own (validated) indices; text-to-X reads nothing
         return
     role, kind = _ROLE_KIND[task]
     found = _role_indices(plan, role)
