@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,15 +243,42 @@ TEXT_DEVICE_TOOLTIP = ("Where umT5-XXL runs: auto = ComfyUI's text-encoder devic
                        "(slower prompt encoding, once per run); main device = the GPU.")
 
 
-class UnisonVaceLoader:
-    DESCRIPTION = ("Loads Wan2.1-VACE-1.3B for Unison from the files ComfyUI users already have: the transformer "
-                   "(diffusion_models), the Wan VAE (vae) and umT5-XXL (text_encoders). Reused across runs until "
-                   "a choice changes.")
+class _VaceLoaderNode:
+    """What both VACE loaders share: the output, the dtype and device inputs, and loading through the cache."""
+
     CATEGORY = "Unison/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (VACE,)
     RETURN_NAMES = ("vace",)
     OUTPUT_TOOLTIPS = ("The stage-two models; connect to Unison VACE Sampler.",)
+
+    @staticmethod
+    def _device_inputs() -> dict[str, Any]:
+        return {
+            "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
+                                                            "fp32 on the CPU."}),
+            "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
+        }
+
+    @staticmethod
+    def _load(kind: str, paths: list[Path], label: str, dtype: str, text_encoder_device: str,
+              load_models: Callable[..., Any]) -> LoadedVace:
+        """``load_models(dtype=..., device=..., ...)`` once per choice of files, dtype and devices."""
+        device = str(comfy.torch_device())
+        text_device = _device_name(text_encoder_device, text=True)
+        key = (kind, signature(paths), dtype, device, text_device)
+
+        def load() -> LoadedVace:
+            models = load_models(**_vace_dtypes(dtype, device, text_device), device=device, text_device=text_device)
+            return _manage_vace(models, label)
+
+        return LOADED.get_or_load(key, load)
+
+
+class UnisonVaceLoader(_VaceLoaderNode):
+    DESCRIPTION = ("Loads Wan2.1-VACE-1.3B for Unison from the files ComfyUI users already have: the transformer "
+                   "(diffusion_models), the Wan VAE (vae) and umT5-XXL (text_encoders). Reused across runs until "
+                   "a choice changes.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -269,9 +297,7 @@ class UnisonVaceLoader:
                 "text_encoder": (encoders, {"tooltip": "umT5-XXL, e.g. umt5_xxl_fp16.safetensors (with its embedded "
                                                        "tokenizer) or a Hugging Face umt5-xxl folder, from "
                                                        "models/text_encoders."}),
-                "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
-                                                                "fp32 on the CPU."}),
-                "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
+                **cls._device_inputs(),
             }
         }
 
@@ -282,22 +308,16 @@ class UnisonVaceLoader:
 
     def load(self, transformer: str, vae: str, text_encoder: str, dtype: str,
              text_encoder_device: str) -> tuple[LoadedVace]:
-        paths = (
+        paths = [
             _choose("diffusion_models", transformer, "VACE transformer file"),
             _choose("vae", vae, "Wan VAE file"),
             _choose("text_encoders", text_encoder, "umT5 text encoder"),
-        )
-        device = str(comfy.torch_device())
-        text_device = _device_name(text_encoder_device, text=True)
-        key = ("vace-files", signature(paths), dtype, device, text_device)
+        ]
 
-        def load() -> LoadedVace:
-            files = runtime_module("vace.files")
-            models = files.load_vace_from_files(*paths, **_vace_dtypes(dtype, device, text_device), device=device,
-                                                text_device=text_device)
-            return _manage_vace(models, paths[0].name)
+        def load_models(**options: Any) -> Any:
+            return runtime_module("vace.files").load_vace_from_files(*paths, **options)
 
-        return (LOADED.get_or_load(key, load),)
+        return (self._load("vace-files", paths, paths[0].name, dtype, text_encoder_device, load_models),)
 
 
 def diffusers_folders() -> list[str]:
@@ -313,14 +333,9 @@ def _diffusers_path(choice: str) -> Path | None:
     return comfy.resolve_model_path(folder, rel)
 
 
-class UnisonVaceDiffusersLoader:
+class UnisonVaceDiffusersLoader(_VaceLoaderNode):
     DESCRIPTION = ("Loads Wan2.1-VACE from a diffusers-layout folder (Wan2.1-VACE-1.3B-diffusers) in models/unison "
                    "or models/diffusers.")
-    CATEGORY = "Unison/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (VACE,)
-    RETURN_NAMES = ("vace",)
-    OUTPUT_TOOLTIPS = ("The stage-two models; connect to Unison VACE Sampler.",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -328,9 +343,7 @@ class UnisonVaceDiffusersLoader:
         return {
             "required": {
                 "folder": (folders, {"tooltip": "A diffusers-layout Wan2.1-VACE folder (with model_index.json)."}),
-                "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
-                                                                "fp32 on the CPU."}),
-                "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
+                **cls._device_inputs(),
             }
         }
 
@@ -343,14 +356,8 @@ class UnisonVaceDiffusersLoader:
         if path is None:
             raise _missing(comfy.UNISON_FOLDER if _is_placeholder(folder) else folder.partition("/")[0], folder,
                            "diffusers VACE folder")
-        device = str(comfy.torch_device())
-        text_device = _device_name(text_encoder_device, text=True)
-        key = ("vace-diffusers", signature([path]), dtype, device, text_device)
 
-        def load() -> LoadedVace:
-            loading = runtime_module("vace.loading")
-            models = loading.load_vace_diffusers(path, **_vace_dtypes(dtype, device, text_device), device=device,
-                                                 text_device=text_device)
-            return _manage_vace(models, path.name)
+        def load_models(**options: Any) -> Any:
+            return runtime_module("vace.loading").load_vace_diffusers(path, **options)
 
-        return (LOADED.get_or_load(key, load),)
+        return (self._load("vace-diffusers", [path], path.name, dtype, text_encoder_device, load_models),)
