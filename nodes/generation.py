@@ -7,23 +7,14 @@ import logging
 from typing import Any
 
 from . import comfy_bridge as comfy
-from ._runtime import errors, runtime_module
-from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, PlanPacket
+from ._runtime import runtime_module
+from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
 log = logging.getLogger("unison")
 
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _generation_plan(packet: Any, node: str) -> PlanPacket:
-    if comfy.is_blocked(packet) or not isinstance(packet, PlanPacket):
-        raise errors.UnisonError(f"{node}: expected a Unison plan (from the Planner or the Router), got "
-                                 f"{type(packet).__name__}")
-    if packet.plan.output == "text":
-        raise errors.PlanError("task", f"{node}: {packet.plan.task.value} is answered by stage one; there is nothing "
-                                        "to generate (wire the Task Router's image or video output here)")
-    return packet
+_GENERATE_INSTEAD = "there is nothing to generate (wire the Task Router's image or video output here)"
 
 
 # --------------------------------------------------------------------------- projector
@@ -104,7 +95,7 @@ class UnisonVaceInputs:
         return {"required": {"plan": (PLAN, {"tooltip": tooltip})}}
 
     def prepare(self, plan: Any) -> dict[str, Any]:
-        packet = _generation_plan(plan, "Unison VACE Inputs")
+        packet = generation_packet(plan, "Unison VACE Inputs", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         control_video, control_masks, reference = sources.to_comfy_vace_inputs(inputs)
@@ -178,7 +169,7 @@ class UnisonVaceSampler:
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
                negative_prompt: str, tokens: Any = None) -> dict[str, Any]:
-        packet = _generation_plan(plan, "Unison VACE Sampler")
+        packet = generation_packet(plan, "Unison VACE Sampler", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+from . import comfy_bridge as comfy
 from ._runtime import errors
 from ._runtime import media as media_mod
 from ._runtime import plan as plan_mod
@@ -55,6 +57,20 @@ class PlanPacket:
     def __str__(self) -> str:
         # Core "Preview Any" falls back to str() for objects: show the plan's JSON there.
         return self.plan.to_json(indent=2)
+
+
+def generation_packet(value: Any, node: str, *, on_text: str) -> PlanPacket:
+    """``value`` as the plan of an image or video task, for a node that works on frames.
+
+    Anything else is refused naming ``node``; a text (understanding) plan with ``on_text``,
+    which says what to wire instead.
+    """
+    if comfy.is_blocked(value) or not isinstance(value, PlanPacket):
+        raise errors.UnisonError(f"{node}: expected a Unison plan (from the Planner or the Router), got "
+                                 f"{type(value).__name__}")
+    if value.plan.output == "text":
+        raise errors.PlanError("task", f"{node}: {value.plan.task.value} is answered by stage one; {on_text}")
+    return value
 
 
 def describe_plan(plan: plan_mod.Plan, extra: Iterable[str] = ()) -> str:

@@ -16,7 +16,7 @@ from ._runtime import errors, runtime_module
 from ._runtime import instruction as instruction_mod
 from ._runtime import plan as plan_mod
 from .model_cache import signature
-from .packets import HIDDEN, PLAN, PLANNER, PlanPacket, describe_plan
+from .packets import HIDDEN, PLAN, PLANNER, PlanPacket, describe_plan, generation_packet
 
 log = logging.getLogger("unison")
 
@@ -427,10 +427,8 @@ class UnisonOutputSwitch:
         }}
 
     def switch(self, plan: PlanPacket, frames: Any) -> tuple[Any, Any]:
-        kind = plan.plan.output
-        if kind == "text":
-            raise errors.PlanError("task", f"{plan.plan.task.value} is answered by stage one; there are no frames "
-                                            "to route (use the Task Router's text output)")
+        kind = generation_packet(plan, "Unison Output Switch",
+                                 on_text="there are no frames to route (use the Task Router's text output)").plan.output
         if kind == "image" and frames.shape[0] != 1:
             log.info("Unison Output Switch: image plan with %d frames; the first is the image", frames.shape[0])
             frames = frames[:1]
