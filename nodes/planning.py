@@ -57,8 +57,8 @@ def _graph_media(inputs: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def _check_references(text: str, connected: set[str]) -> tuple[set[str], list[str]]:
-    """Graph slots the instruction names, and notes about connected slots it does not name.
+def _check_graph_references(text: str, connected: set[str]) -> list[str]:
+    """Notes about connected slots the instruction does not name.
 
     A name that looks like a slot (``image3``) but is not connected is an error: read as a file
     it would only produce a confusing "unsupported extension" message.
@@ -71,8 +71,7 @@ def _check_references(text: str, connected: set[str]) -> tuple[set[str], list[st
             f"that input of the Unison Planner; connect it, or name a file from ComfyUI's input folder instead"
         )
     unused = sorted(connected - named)
-    notes = [f"{slot} is connected but the instruction never names ###{slot}###; it was not used" for slot in unused]
-    return named & connected, notes
+    return [f"{slot} is connected but the instruction never names ###{slot}###; it was not used" for slot in unused]
 
 
 def validate_instruction_text(text: Any) -> str | bool:
@@ -174,7 +173,7 @@ class UnisonPlanner:
     def run(self, instruction: str, on_unreadable_plan: str = FALLBACK_TO_RULES, planner: Any = None,
             **media_inputs: Any) -> dict[str, Any]:
         graph_media = _graph_media(media_inputs)
-        _, notes = _check_references(instruction, set(graph_media))
+        notes = _check_graph_references(instruction, set(graph_media))
         input_dir = comfy.input_directory()
         roots = [input_dir] if input_dir is not None else []  # outside ComfyUI no file may be named
         kinds = {name: medium.kind for name, medium in graph_media.items()}
