@@ -10,14 +10,11 @@ module that is present but broken raises as usual.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-log = logging.getLogger("unison")
 
 #: The ComfyUI model folder (``models/unison``) for the planner, its LoRA and the projector.
 UNISON_FOLDER = "unison"
@@ -229,11 +226,6 @@ def throw_if_interrupted() -> None:
     mm = model_management()
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
-
-
-def is_interrupt(exc: BaseException) -> bool:
-    mm = model_management()
-    return mm is not None and isinstance(exc, mm.InterruptProcessingException)
 
 
 def progress_bar(total: int) -> Any | None:

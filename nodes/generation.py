@@ -3,14 +3,11 @@ tensors) and the VACE Sampler (plan + models → frames)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from . import comfy_bridge as comfy
 from ._runtime import runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
-
-log = logging.getLogger("unison")
 
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
 MAX_SEED = 0xFFFFFFFFFFFFFFFF

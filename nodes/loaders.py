@@ -7,7 +7,6 @@ and hands back one object. Caching, reuse and release follow :mod:`.model_cache`
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,6 @@ from . import comfy_bridge as comfy
 from ._runtime import errors, runtime_module
 from .model_cache import LOADED, signature
 from .packets import PLANNER, PROJECTOR, VACE
-
-log = logging.getLogger("unison")
 
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 AUTO = "auto"

@@ -34,7 +34,6 @@ from .paths import open_reference, open_regular_file
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_VIDEO_FRAMES = 1025
-DEFAULT_VIDEO_FRAME_CAP = MAX_VIDEO_FRAMES
 
 #: Extension → the one Pillow plugin allowed to parse it.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}

@@ -150,9 +150,6 @@ class Plan:
     def output(self) -> OutputKind:
         return self.task.output
 
-    def media_with_role(self, role: str) -> list[MediaRef]:
-        return [m for m in self.media if m.role == role]
-
     def with_changes(self, **changes: Any) -> Plan:
         """A copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)

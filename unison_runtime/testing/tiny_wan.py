@@ -14,7 +14,7 @@ corpus (with umT5's special-token ids: pad 0, eos 1, unk 2), saved as a T5 token
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Wan's default negative prompt is in the tokenizer corpus, so it tokenizes to real pieces.
@@ -165,10 +165,3 @@ def build_tiny_vace_diffusers(directory: str | Path, *, seed: int = 0, dims: Tin
     )
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-def tiny_dims() -> dict:
-    """The tiny model's sizes as plain data (for reports and other builders)."""
-    data = asdict(TINY_VACE)
-    data["vace_in_channels"] = TINY_VACE.vace_in_channels
-    return data

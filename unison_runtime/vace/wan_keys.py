@@ -48,7 +48,6 @@ _TORCH_TO_ST = {
     "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2", "torch.uint8": "U8", "torch.int8": "I8",
     "torch.int32": "I32", "torch.int64": "I64", "torch.bool": "BOOL",
 }
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
 def shapes_from_header(header: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
