@@ -7,9 +7,9 @@ neither torch nor numpy, so ``python -m unison_runtime plan`` answers from a col
 
 The decision, in the order a reader should follow it:
 
-1. :func:`detect_task` - understanding or generation (the first sentence that asks for
-   something decides), then image or video output, then the task from the media kinds and
-   the mask / control / edit / reference cues.
+1. :func:`decide_task` - understanding or generation (:func:`read_intent`: the first sentence
+   that asks for something decides), then image or video output (:func:`wants_video`), then
+   the task from the media kinds and the mask / control / edit / reference cues.
 2. :mod:`.rules_meta` - size, length, frame index and edit indices for that task.
 3. :class:`RulePlanner` - assembles and validates the :class:`Plan`.
 """
