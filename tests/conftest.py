@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -14,3 +16,14 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny Qwen2.5-VL set (base, planning LoRA, merged planners) for every stage-one test module.
+
+    Built once per session; tests only read it (those that alter a model copy it first).
+    """
+    from unison_runtime.testing.tiny_qwen import build_tiny_qwen_set
+
+    return build_tiny_qwen_set(tmp_path_factory.mktemp("qwen"))

@@ -14,20 +14,15 @@ from unison_runtime.instruction import parse_instruction
 from unison_runtime.media import write_image, write_video
 from unison_runtime.planner import qwen
 from unison_runtime.planner.qwen import load_planner
-from unison_runtime.testing.tiny_qwen import build_tiny_qwen_set, script_tiny_planner
+from unison_runtime.testing.tiny_qwen import script_tiny_planner
 
 SCRIPT = "<BORES>640,352<EORES><BONF>8<EONF><CFV>"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_qwen_set(tmp_path_factory.mktemp("qwen"))
-
-
-@pytest.fixture(scope="module")
-def scripted(tiny, tmp_path_factory):
+def scripted(tiny_qwen, tmp_path_factory):
     """A merged planner that emits SCRIPT, shipped with the reference's tie_word_embeddings bug."""
-    directory = script_tiny_planner(tiny.merged_fixed, SCRIPT, tmp_path_factory.mktemp("scripted") / "planner")
+    directory = script_tiny_planner(tiny_qwen.merged_fixed, SCRIPT, tmp_path_factory.mktemp("scripted") / "planner")
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
@@ -53,12 +48,12 @@ def test_plan_with_a_merged_planner_prints_the_lora_plan(scripted, tmp_path):
     assert plan["prompt"] == "A short clip of waves at dusk"
 
 
-def test_plan_with_base_and_lora_matches_the_python_api(tiny, tmp_path, monkeypatch):
+def test_plan_with_base_and_lora_matches_the_python_api(tiny_qwen, tmp_path, monkeypatch):
     monkeypatch.setattr(qwen, "PLAN_MAX_NEW_TOKENS", 12)  # the random LoRA never stops: keep it short
     instruction_text = "Please make an image of a lighthouse 720P"
-    code, text = _run("plan", "--model", str(tiny.base), "--lora", str(tiny.lora), "--device", "cpu",
+    code, text = _run("plan", "--model", str(tiny_qwen.base), "--lora", str(tiny_qwen.lora), "--device", "cpu",
                       "--input-dir", str(tmp_path), instruction_text)  # fmt: skip
-    planner = load_planner(tiny.base, lora=tiny.lora, device="cpu")
+    planner = load_planner(tiny_qwen.base, lora=tiny_qwen.lora, device="cpu")
     try:
         expected = planner.plan(parse_instruction(instruction_text, roots=[tmp_path])).to_dict()
     except PlannerOutputError:
@@ -69,8 +64,8 @@ def test_plan_with_base_and_lora_matches_the_python_api(tiny, tmp_path, monkeypa
         assert expected["source"] == "lora"
 
 
-def test_ask_answers_seeing_the_referenced_media(tiny, tmp_path, monkeypatch):
-    answerer = script_tiny_planner(tiny.merged_fixed, "It walks.", tmp_path / "answerer")
+def test_ask_answers_seeing_the_referenced_media(tiny_qwen, tmp_path, monkeypatch):
+    answerer = script_tiny_planner(tiny_qwen.merged_fixed, "It walks.", tmp_path / "answerer")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     write_image(image, tmp_path / "cat.png")
@@ -94,12 +89,12 @@ def test_ask_answers_seeing_the_referenced_media(tiny, tmp_path, monkeypatch):
     np.testing.assert_array_equal(seen[0].frames[0], image)
 
 
-def test_cli_refusals_are_one_clear_line(tiny, tmp_path, capsys):
-    code, _ = _run("plan", "--model", str(tiny.base), "--lora", str(tmp_path / "missing"), "a cat")
+def test_cli_refusals_are_one_clear_line(tiny_qwen, tmp_path, capsys):
+    code, _ = _run("plan", "--model", str(tiny_qwen.base), "--lora", str(tmp_path / "missing"), "a cat")
     assert code == 2
     assert "LoRA adapter directory" in capsys.readouterr().err
 
-    code, _ = _run("ask", "--model", str(tiny.base), "--device", "cpu", "--attention", "flash_attention_2", "Why?")
+    code, _ = _run("ask", "--model", str(tiny_qwen.base), "--device", "cpu", "--attention", "flash_attention_2", "Why?")
     assert code == 2
     err = capsys.readouterr().err
     assert "flash_attention_2" in err

@@ -22,7 +22,6 @@ from unison_runtime.testing.tiny_qwen import (
     MERGE_SIZE,
     PATCH_SIZE,
     TEMPORAL_PATCH_SIZE,
-    build_tiny_qwen_set,
     script_tiny_planner,
 )
 
@@ -49,13 +48,8 @@ class ForceText(LogitsProcessor):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_qwen_set(tmp_path_factory.mktemp("qwen"))
-
-
-@pytest.fixture(scope="module")
-def planner(tiny) -> QwenPlanner:
-    return load_planner(tiny.base, lora=tiny.lora, device="cpu")
+def planner(tiny_qwen) -> QwenPlanner:
+    return load_planner(tiny_qwen.base, lora=tiny_qwen.lora, device="cpu")
 
 
 @pytest.fixture()
@@ -131,15 +125,15 @@ def test_output_without_planner_tokens_is_understanding(planner, forced):
     assert any("A lion." in note for note in plan.notes)
 
 
-def test_without_a_lora_the_rule_planner_plans(tiny):
-    base = load_planner(tiny.base, device="cpu")
+def test_without_a_lora_the_rule_planner_plans(tiny_qwen):
+    base = load_planner(tiny_qwen.base, device="cpu")
     instruction = parse_instruction(LION)
     assert base.plan(instruction) == RulePlanner().plan(instruction)
 
 
-def test_scripted_weights_plan_end_to_end_without_hooks(tiny, tmp_path):
+def test_scripted_weights_plan_end_to_end_without_hooks(tiny_qwen, tmp_path):
     text = "<BORES>640,352<EORES><BONF>8<EONF><CFV>"
-    scripted = script_tiny_planner(tiny.merged_fixed, text, tmp_path / "scripted")
+    scripted = script_tiny_planner(tiny_qwen.merged_fixed, text, tmp_path / "scripted")
     planner = load_planner(scripted, device="cpu")
     assert planner.generate_options == {}
     plan = planner.plan(parse_instruction("A short clip of waves"))
@@ -149,9 +143,9 @@ def test_scripted_weights_plan_end_to_end_without_hooks(tiny, tmp_path):
     )  # fmt: skip
 
 
-def test_script_refuses_repeated_tokens(tiny, tmp_path):
+def test_script_refuses_repeated_tokens(tiny_qwen, tmp_path):
     with pytest.raises(ValueError, match="repeats tokens"):
-        script_tiny_planner(tiny.merged_fixed, "<BORES>768,480<EORES><CFI>", tmp_path / "never")
+        script_tiny_planner(tiny_qwen.merged_fixed, "<BORES>768,480<EORES><CFI>", tmp_path / "never")
 
 
 # --------------------------------------------------------------------------- understanding
