@@ -31,6 +31,15 @@ def _copy_tree(root: Path, to: Path) -> Path:
     return to
 
 
+def _write_plain_t2v(vace_file: Path, target: Path) -> dict[str, torch.Tensor]:
+    """A plain Wan T2V model (the VACE model without its VACE blocks) at ``target``; returns the VACE state."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(vace_file))
+    save_file({k: v for k, v in state.items() if ".vace_" not in k}, str(target))
+    return state
+
+
 def _qwen_dir(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
@@ -47,11 +56,9 @@ def test_comfy_layout_is_found_by_content(comfy_models, tmp_path):
     root = _copy_tree(comfy_models[0], tmp_path / "models")
     # Decoys: a plain T2V model, an fp8 copy of the VACE model, and the VACE file under another name.
     full = root / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    state = load_file(str(full))
-    save_file({k: v for k, v in state.items() if ".vace_" not in k},
-              str(root / "diffusion_models" / "a_wan2.1_t2v_1.3B_fp16.safetensors"))
+    state = _write_plain_t2v(full, root / "diffusion_models" / "a_wan2.1_t2v_1.3B_fp16.safetensors")
     save_file({k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()},
               str(root / "diffusion_models" / "a_vace_fp8_e4m3fn.safetensors"))
     found = find_models(root, require_generation=True)
@@ -80,11 +87,7 @@ def test_missing_models_name_the_folder_and_the_expected_file(comfy_models, tmp_
 def test_only_a_plain_t2v_model_is_reported_as_not_usable(comfy_models, tmp_path):
     root = _copy_tree(comfy_models[0], tmp_path / "models")
     full = root / "diffusion_models" / "wan2.1_vace_1.3B_fp16.safetensors"
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(full))
-    save_file({k: v for k, v in state.items() if ".vace_" not in k},
-              str(root / "diffusion_models" / "wan2.1_t2v_1.3B_fp16.safetensors"))
+    _write_plain_t2v(full, root / "diffusion_models" / "wan2.1_t2v_1.3B_fp16.safetensors")
     full.unlink()
     with pytest.raises(WeightsError) as info:
         find_models(root, require_generation=True)
