@@ -63,6 +63,13 @@ def executed_types(prompt: dict[str, Any], ids: list[str]) -> set[str]:
     return {prompt[i]["class_type"] for i in ids}
 
 
+def run_with_rules(env, tiny, classes: dict[str, type], name: str, instruction: str) -> tuple[dict[str, Any], Any]:
+    """Run workflow ``name`` on the tiny models, the Planner Loader bypassed so the rule planner decides."""
+    install_models(env, tiny)
+    prompt = prepare(load(name), classes, rule_planner=True, set_inputs={"UnisonPlanner": {"instruction": instruction}})
+    return prompt, execute_prompt(prompt, classes)
+
+
 # --------------------------------------------------------------------------- the files
 
 
@@ -150,10 +157,7 @@ def test_invalid_router_override_is_refused_at_submit(comfy, tiny_models, classe
 
 @pytest.mark.slow
 def test_auto_answers_a_question_without_loading_stage_two(comfy, tiny_models, classes) -> None:  # noqa: F811
-    install_models(comfy, tiny_models)
-    prompt = prepare(load("unison_auto"), classes, rule_planner=True,
-                     set_inputs={"UnisonPlanner": {"instruction": "What is the capital of France?"}})
-    run = execute_prompt(prompt, classes)
+    prompt, run = run_with_rules(comfy, tiny_models, classes, "unison_auto", "What is the capital of France?")
     ran = executed_types(prompt, run.executed)
     assert ran == {"UnisonPlanner", "UnisonTaskRouter", "PreviewAny"}
     (preview,) = run.of_type(prompt, "PreviewAny")
@@ -165,10 +169,8 @@ def test_auto_answers_a_question_without_loading_stage_two(comfy, tiny_models, c
 
 @pytest.mark.slow
 def test_auto_makes_an_image(comfy, tiny_models, classes) -> None:  # noqa: F811
-    install_models(comfy, tiny_models)
-    prompt = prepare(load("unison_auto"), classes, rule_planner=True, set_inputs={
-        "UnisonPlanner": {"instruction": "A watercolor painting of a harbor at dusk, 32x48."}})
-    run = execute_prompt(prompt, classes)
+    prompt, run = run_with_rules(comfy, tiny_models, classes, "unison_auto",
+                                 "A watercolor painting of a harbor at dusk, 32x48.")
     assert executed_types(prompt, run.executed) >= {"UnisonVaceLoader", "UnisonProjector", "UnisonVaceSampler",
                                                     "SaveImage"}
     assert executed_types(prompt, run.blocked) == {"UnisonVaceSampler", "CreateVideo", "SaveVideo", "PreviewAny"}
@@ -180,10 +182,8 @@ def test_auto_makes_an_image(comfy, tiny_models, classes) -> None:  # noqa: F811
 
 @pytest.mark.slow
 def test_auto_makes_a_video(comfy, tiny_models, classes) -> None:  # noqa: F811
-    install_models(comfy, tiny_models)
-    prompt = prepare(load("unison_auto"), classes, rule_planner=True, set_inputs={
-        "UnisonPlanner": {"instruction": "Create a video of waves rolling onto a beach, 32x32, 4 frames."}})
-    run = execute_prompt(prompt, classes)
+    prompt, run = run_with_rules(comfy, tiny_models, classes, "unison_auto",
+                                 "Create a video of waves rolling onto a beach, 32x32, 4 frames.")
     assert "SaveVideo" in executed_types(prompt, run.executed)
     assert executed_types(prompt, run.blocked) == {"UnisonVaceSampler", "SaveImage", "PreviewAny"}
     (saved,) = comfy.output.rglob("*.mp4")
@@ -288,10 +288,8 @@ def test_native_wan_feeds_plan_sizes_vace_inputs_and_tokens(comfy, tiny_models, 
 
 @pytest.mark.slow
 def test_native_wan_saves_an_image_plan_as_png(comfy, tiny_models, classes) -> None:  # noqa: F811
-    install_models(comfy, tiny_models)
-    prompt = prepare(load("unison_native_wan"), classes, rule_planner=True, set_inputs={
-        "UnisonPlanner": {"instruction": "A watercolor painting of a harbor, 32x32."}})
-    run = execute_prompt(prompt, classes)
+    prompt, run = run_with_rules(comfy, tiny_models, classes, "unison_native_wan",
+                                 "A watercolor painting of a harbor, 32x32.")
     assert executed_types(prompt, run.blocked) == {"CreateVideo", "SaveVideo"}
     (saved,) = comfy.output.rglob("*.png")
     assert Image.open(saved).size == (32, 32)
