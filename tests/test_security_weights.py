@@ -183,11 +183,6 @@ HOSTILE: dict[str, Callable] = {
     "umT5 transformers folder with pytorch_model.bin": lambda ctx, p: load_text_encoder(
         _evil_umt5_dir(ctx.wan, ctx.tmp, ctx.marker, ctx.style)),
 }
-NEEDS_FIX = {
-    "umT5 transformers folder with pytorch_model.bin":
-        "vace/files.py _load_hf_text_encoder_dir lets torch's UnpicklingError out (with its advice to set "
-        "weights_only=False); it should pass use_safetensors=True like vace/loading.py",
-}
 
 
 class Context:
@@ -214,8 +209,6 @@ def test_a_malicious_pickle_never_runs_in_any_loader(loader, style, tmp_path, qw
         error = None
     assert not marker.exists(), f"{loader}: the pickle's code ran"
     assert not (tmp_path / "out.safetensors").exists()
-    if loader in NEEDS_FIX and not isinstance(error, WeightsError):
-        pytest.xfail(NEEDS_FIX[loader])
     assert isinstance(error, WeightsError), f"{loader}: {type(error).__name__}: {error}"
     named = written[0].name if written else ("adapter_model" if "LoRA" in loader else tmp_path.name)
     assert named in str(error)
@@ -308,9 +301,6 @@ def test_a_truncated_file_is_named(case, tmp_path, qwen, wan_files, vace_dir):
         error = exc
     else:
         raise AssertionError(f"{case}: a truncated file loaded")
-    if case == "diffusers text encoder" and not isinstance(error, WeightsError):
-        pytest.xfail("vace/loading.py lets safetensors' SafetensorError out without the file's name; "
-                     "_require_weights should read each weights file's header (weights.read_safetensors_header)")
     assert isinstance(error, WeightsError), f"{case}: {type(error).__name__}: {error}"
     message = str(error)
     assert str(path) in message
@@ -376,9 +366,6 @@ def test_a_diffusers_folder_with_the_wrong_model_in_a_part_is_named(vace_dir, tm
         error = exc
     else:
         raise AssertionError("a VAE loaded as the VACE transformer")
-    if not isinstance(error, WeightsError):
-        pytest.xfail("vace/loading.py lets a TypeError out; it should check config.json's _class_name "
-                     "(WanVACETransformer3DModel, AutoencoderKLWan, UMT5EncoderModel) before loading each part")
     assert "transformer" in str(error) and "expected" in str(error)
 
 

@@ -31,7 +31,8 @@ import torch
 from ..errors import WeightsError
 from ..weights import load_state_dict, read_safetensors_header, strip_prefix
 from . import umt5_files
-from .loading import default_device, resolve_dtype
+from .loading import TRANSFORMERS_WEIGHTS, default_device, resolve_dtype
+from .loading import _require_weights as require_safetensors_weights
 from .models import VaceModels
 from .quantized import dequantize
 from .wan_keys import (
@@ -361,9 +362,10 @@ def _load_hf_text_encoder_dir(
         raise WeightsError(f"{config_path}: not readable JSON ({exc})") from None
     if model_type != "umt5":
         raise WeightsError(f"{folder}: config.json says model_type {model_type!r}; expected 'umt5' (umT5-XXL)")
+    require_safetensors_weights(folder, TRANSFORMERS_WEIGHTS, "umT5 text encoder")  # never a pickle
     try:
         model = UMT5EncoderModel.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False
+            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"{folder}: could not load the umT5 encoder ({exc})") from None

@@ -23,9 +23,6 @@ TRANSFORMERS_WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 
-_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-                "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
-
 
 # --------------------------------------------------------------------------- devices and dtypes
 
@@ -47,13 +44,15 @@ def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
     """
     import torch
 
+    from ..weights import DTYPE_NAMES
+
     if dtype is not None and dtype != "auto":
         if isinstance(dtype, torch.dtype):
             return dtype
-        name = _DTYPE_NAMES.get(str(dtype).lower())
-        if name is None:
+        found = DTYPE_NAMES.get(str(dtype).lower())
+        if found is None:
             raise WeightsError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16")
-        return getattr(torch, name)
+        return found
     kind = torch.device(device).type
     if kind == "cpu" or role == "vae":
         return torch.float32
@@ -74,11 +73,18 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _require_weights(folder: Path, filename: str, what: str) -> None:
-    """A config.json plus single or sharded safetensors weights must be present."""
+    """A config.json plus single or sharded safetensors weights must be present and whole.
+
+    Each file's header is read (bounded, byte ranges checked against the file size), so a
+    truncated download is named here rather than failing half-way through ``from_pretrained``.
+    """
+    from ..weights import read_safetensors_header
+
     if not (folder / "config.json").is_file():
         raise WeightsError(f"{what}: {folder / 'config.json'} is missing")
     index = folder / f"{filename}.index.json"
     if (folder / filename).is_file():
+        read_safetensors_header(folder / filename, what=what)
         return
     if index.is_file():
         try:
@@ -88,10 +94,31 @@ def _require_weights(folder: Path, filename: str, what: str) -> None:
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise WeightsError(f"{what}: shard(s) {', '.join(missing)} listed in {index.name} are missing in {folder}")
+        for shard in sorted(shards):
+            read_safetensors_header(folder / shard, what=what)
         return
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {', '.join(others)}: only safetensors are loaded)" if others else ""
     raise WeightsError(f"{what}: {folder / filename} (or a sharded {index.name}) is missing{hint}")
+
+
+# What each part's config.json must describe (diffusers' _class_name, transformers' model_type).
+_EXPECTED_CLASS = {"transformer": ("_class_name", "WanVACETransformer3DModel"),
+                   "vae": ("_class_name", "AutoencoderKLWan"),
+                   "text_encoder": ("model_type", "umt5")}
+
+
+def _require_kind(folder: Path, what: str) -> None:
+    """Refuse a part whose config.json describes another model (a VAE copied where the transformer goes)."""
+    key, expected = _EXPECTED_CLASS[folder.name]
+    config = folder / "config.json"
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{what}: {config} is not a readable JSON object ({exc})") from None
+    if found != expected:
+        raise WeightsError(f"{what}: {config} says {key} {found!r}; expected {expected!r} in the {folder.name}/ "
+                           "folder of a Wan2.1-VACE-1.3B-diffusers directory")
 
 
 def check_diffusers_dir(directory: str | Path) -> Path:
@@ -100,11 +127,13 @@ def check_diffusers_dir(directory: str | Path) -> Path:
     if not directory.is_dir():
         raise WeightsError(f"VACE model folder {directory} does not exist; expected a Wan2.1-VACE-1.3B-diffusers "
                            f"directory with {', '.join(COMPONENTS)} and scheduler sub-folders")
-    _require_weights(_require_dir(directory / "transformer", "VACE transformer"), DIFFUSERS_WEIGHTS,
-                     "VACE transformer")
-    _require_weights(_require_dir(directory / "vae", "Wan VAE"), DIFFUSERS_WEIGHTS, "Wan VAE")
-    _require_weights(_require_dir(directory / "text_encoder", "umT5 text encoder"), TRANSFORMERS_WEIGHTS,
-                     "umT5 text encoder")
+    for part, filename, what in (("transformer", DIFFUSERS_WEIGHTS, "VACE transformer"),
+                                 ("vae", DIFFUSERS_WEIGHTS, "Wan VAE"),
+                                 ("text_encoder", TRANSFORMERS_WEIGHTS, "umT5 text encoder")):
+        folder = _require_dir(directory / part, what)
+        if (folder / "config.json").is_file():
+            _require_kind(folder, what)
+        _require_weights(folder, filename, what)
     tokenizer = _require_dir(directory / "tokenizer", "umT5 tokenizer")
     if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
         raise WeightsError(f"umT5 tokenizer: neither {' nor '.join(TOKENIZER_FILES)} is in {tokenizer}")
