@@ -218,6 +218,22 @@ def empty_cache() -> None:
         mm.soft_empty_cache()
 
 
+def free_after_out_of_memory() -> None:
+    """What ComfyUI does after its own nodes run out of memory: unload every model, empty the cache.
+
+    Our error is a ``unison_runtime.errors.OutOfMemory`` (with the settings to lower), which
+    ComfyUI does not recognise as its ``OOM_EXCEPTION``, so the node asks for this itself. The
+    models are only offloaded: the next run loads them back (``load_for_use``).
+    """
+    mm = model_management()
+    if mm is None:
+        return
+    unload = getattr(mm, "unload_all_models", None)
+    if unload is not None:
+        unload()
+    mm.soft_empty_cache()
+
+
 # --------------------------------------------------------------------------- execution
 
 

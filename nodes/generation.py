@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_bridge as comfy
-from ._runtime import runtime_module
+from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
@@ -107,12 +107,8 @@ class UnisonVaceInputs:
 # --------------------------------------------------------------------------- sampler
 
 
-def _out_of_memory_types() -> tuple[type[BaseException], ...]:
-    import torch
-
-    mm = comfy.model_management()
-    found = getattr(mm, "OOM_EXCEPTION", None) if mm is not None else None
-    return (found,) if found is not None else (torch.OutOfMemoryError,)
+SETTINGS_IN_COMFYUI = ("(in ComfyUI: width, height and frames are on the Unison Task Router; the text encoder "
+                       "device on the Unison VACE Loader)")
 
 
 class UnisonVaceSampler:
@@ -184,18 +180,27 @@ class UnisonVaceSampler:
             comfy.throw_if_interrupted()  # raises ComfyUI's InterruptProcessingException
             return False
 
+        faults = runtime_module("faults")
+        p, m = packet.plan, vace.models
+
+        def work() -> Any:
+            # The contexts live in this frame: an out-of-memory error clears it before travelling on.
+            contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
+            return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
+                                  cancel=cancel)
+
+        def advice(exc: BaseException) -> str:
+            return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,
+                                        num_frames=p.num_frames, device=m.device, batch_cfg=None,
+                                        guidance=guidance, text_device=m.text_device, where=SETTINGS_IN_COMFYUI)
+
         try:
-            contexts = text.text_contexts(vace.models, packet.plan.prompt, tokens, negative_prompt=negative_prompt)
-            generation = sampler.sample(vace.models, packet.plan, inputs, contexts.cond, contexts.neg, options,
-                                        progress=progress, cancel=cancel)
-        except _out_of_memory_types() as exc:
-            comfy.empty_cache()
-            p = packet.plan
-            raise type(exc)(
-                f"Unison VACE Sampler ran out of memory generating {p.width}x{p.height}, {p.num_frames} frame(s): "
-                "lower width/height or frames on the Task Router, set guidance to 1, or load the text encoder on "
-                f"the CPU ({exc})"
-            ) from exc
+            generation = faults.call_freeing_memory(work, advice, stage="encoding the prompt with umT5")
+        except errors.OutOfMemory as exc:
+            comfy.free_after_out_of_memory()  # as ComfyUI does for its own nodes: other models make room
+            if SETTINGS_IN_COMFYUI in str(exc):
+                raise
+            raise errors.OutOfMemory(f"{exc}\n{SETTINGS_IN_COMFYUI}", exc.stage) from None
         notes = [*inputs.notes, *generation.notes]
         frames = generation.frames
         summary = f"{frames.shape[0]} frame(s) {frames.shape[2]}x{frames.shape[1]} @ {generation.fps} fps"

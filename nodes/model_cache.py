@@ -14,41 +14,37 @@ Policy (documented here because loaders are where memory goes):
   (``comfy_bridge.manage_modules``): ComfyUI moves them to the GPU when a node is about to use
   them, offloads them when another model needs the room, and moves them off the GPU on "Unload
   models", like its own models.
-* **Stale files.** The key and each loader's ``IS_CHANGED`` include every chosen file's size and
-  modification time, so a model file replaced under the same name is loaded again, and a
-  deleted one is reported by the loader instead of being served from a cache.
+* **Stale files.** The key and each loader's ``IS_CHANGED`` include every chosen file's size,
+  modification time, inode and device (``unison_runtime.faults.file_signature``), so a model file
+  replaced under the same name is loaded again (even by a copy that keeps size and timestamps),
+  and a deleted one is reported by the loader instead of being served from a cache.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from ._runtime import errors, runtime_module
 
-MAX_SIGNATURE_FILES = 2000
+T = TypeVar("T")
 
 
 def path_signature(path: Path | None) -> str:
-    """Size and mtime of a file, or of every file in a model folder; ``missing`` when it is gone."""
-    if path is None or not path.exists():
+    """Size, mtime (ns), inode and device of a file, or of every file in a model folder; ``missing`` when it is gone.
+
+    The inode catches a file replaced by one of the same size and time (a copy that keeps
+    timestamps); ``missing`` keeps ``IS_CHANGED`` from raising, so the loader itself reports the file.
+    """
+    if path is None:
         return "missing"
-    if path.is_file():
-        stat = path.stat()
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
-    parts = []
-    for index, (current, dirs, files) in enumerate(os.walk(path, followlinks=True)):
-        dirs.sort()
-        for name in sorted(files):
-            stat = (Path(current) / name).stat()
-            parts.append(f"{Path(current, name).relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}")
-        if index > MAX_SIGNATURE_FILES or len(parts) > MAX_SIGNATURE_FILES:
-            break
-    return "|".join(parts)
+    try:
+        return runtime_module("faults").file_signature(path).token()
+    except errors.WeightsError:
+        return "missing"
 
 
 def signature(paths: Iterable[Path | None]) -> str:

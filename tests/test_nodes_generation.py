@@ -219,14 +219,47 @@ def test_interrupt_stops_sampling_and_models_stay_usable(models) -> None:
 
 
 def test_out_of_memory_names_the_setting_to_lower(models, monkeypatch) -> None:
+    from unison_runtime.errors import OutOfMemory
     from unison_runtime.vace import sampler
 
-    def fail(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    real_sample = sampler.sample
+    calls = {"n": 0}
 
-    monkeypatch.setattr(sampler, "sample", fail)
-    with pytest.raises(torch.OutOfMemoryError, match="lower width/height or frames on the Task Router"):
-        sample(load_vace(), plan_for("A watercolor painting of a harbor."))
+    def oom_on_second_call(*args, **kwargs):  # the first run fails, the next one on the same models works
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "sample", oom_on_second_call)
+    vace = load_vace()
+    packet = plan_for("A watercolor painting of a harbor.")
+    with pytest.raises(OutOfMemory) as info:
+        sample(vace, packet)
+    message = str(info.value)
+    assert "width x height is" in message and "on the Unison Task Router" in message
+    assert "Tried to allocate 20.00 GiB" in message
+    frames, *_ = sample(vace, packet, steps=1)
+    assert frames.shape[0] == 1
+
+
+def test_out_of_memory_while_sampling_says_where_the_settings_are(models, monkeypatch) -> None:
+    from unison_runtime.errors import OutOfMemory
+
+    vace = load_vace()
+    transformer = vace.models.transformer
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(transformer, "forward", fail)
+    with pytest.raises(OutOfMemory) as info:
+        sample(vace, plan_for("A watercolor painting of a harbor."), steps=1)
+    assert info.value.stage.startswith("sampling, step 1")
+    assert str(info.value).endswith("the text encoder device on the Unison VACE Loader)")
+    monkeypatch.undo()
+    frames, *_ = sample(vace, plan_for("A watercolor painting of a harbor."), steps=1)
+    assert frames.shape[0] == 1
 
 
 def test_sampler_refuses_understanding_plans(models) -> None:
