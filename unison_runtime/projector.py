@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UnisonError, WeightsError
-from .weights import load_state_dict, read_safetensors_header, save_safetensors, strip_prefix
+from .weights import DTYPE_NAMES, load_state_dict, read_safetensors_header, save_safetensors, strip_prefix
 
 PROJECTOR_KEYS = (
     "ln_in.weight",
@@ -202,22 +202,12 @@ def infer_projector_dims(
 # --------------------------------------------------------------------------- loading
 
 
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype]
-    raise ValueError(f"projector dtype {dtype!r}: expected one of {sorted(_DTYPE_NAMES)} or a torch.dtype")
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise ValueError(f"projector dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES)} or a torch.dtype")
 
 
 def load_projector(

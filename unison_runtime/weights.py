@@ -27,6 +27,16 @@ from .errors import WeightsError
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
+#: Dtype names as users write them (CLI, node widgets, Python callers), shared by every loader.
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
 # safetensors itself refuses headers above 100 MB; a real header is a few KB per hundred tensors.
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 

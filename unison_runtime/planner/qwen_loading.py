@@ -32,20 +32,11 @@ import torch
 
 from ..errors import UnisonError, WeightsError
 from ..plan import PLANNER_TOKENS
-from ..weights import load_state_dict, read_safetensors_header
+from ..weights import DTYPE_NAMES, load_state_dict, read_safetensors_header
 
 MODEL_TYPE = "qwen2_5_vl"
 ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "eager")
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
+_DTYPES = {**DTYPE_NAMES, "half": torch.float16, "float": torch.float32}
 _ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
