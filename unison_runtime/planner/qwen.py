@@ -33,6 +33,7 @@ from .qwen_inputs import (
     visual_inputs,
 )
 from .qwen_loading import LoadedQwen, load_qwen
+from .rules import RulePlanner
 
 if TYPE_CHECKING:
     from ..instruction import Instruction
@@ -210,8 +211,6 @@ def _to_device(inputs: Any, model: Any) -> dict[str, Any]:
 
 
 def _rule_plan(instruction: Instruction) -> Plan:
-    from .rules import RulePlanner  # written alongside; imported lazily to keep this module light
-
     return RulePlanner().plan(instruction)
 
 
