@@ -485,7 +485,7 @@ def read_reference(
     """Read a ``###reference###`` from inside ``roots``: resolved, opened and decoded in one step.
 
     The file is opened through :func:`paths.open_reference`, so a link swapped in after the
-    check cannot redirect the read; every caller that reads user-named media goes through here.
+    check cannot redirect the read; this is the way to read user-named media.
     """
     with open_reference(reference, roots) as handle:
         return read_medium(handle, name=reference, limits=limits, sample_frames=sample_frames)
