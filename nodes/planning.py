@@ -57,14 +57,21 @@ def _graph_media(inputs: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def _named_references(text: str) -> tuple[list[str], list[str]]:
+    """The ``###names###`` an instruction uses, in order: graph slots (``image1``...) and file names."""
+    names = [m.strip() for m in instruction_mod.REFERENCE_PATTERN.findall(text)]
+    return [n for n in names if SLOT_PATTERN.match(n)], [n for n in names if not SLOT_PATTERN.match(n)]
+
+
 def _check_graph_references(text: str, connected: set[str]) -> list[str]:
     """Notes about connected slots the instruction does not name.
 
     A name that looks like a slot (``image3``) but is not connected is an error: read as a file
     it would only produce a confusing "unsupported extension" message.
     """
-    named = {m.strip() for m in instruction_mod.REFERENCE_PATTERN.findall(text)}
-    unconnected = sorted(n for n in named if SLOT_PATTERN.match(n) and n not in connected)
+    slots, files = _named_references(text)
+    named = {*slots, *files}
+    unconnected = sorted(n for n in set(slots) if n not in connected)
     if unconnected:
         raise errors.PathError(
             f"the instruction names {', '.join(f'###{n}###' for n in unconnected)} but no media is connected to "
@@ -81,7 +88,7 @@ def validate_instruction_text(text: Any) -> str | bool:
     if not isinstance(text, str) or not text.strip():
         return "instruction is empty; write what you want (reference media as ###image1### or ###file.png###)"
     try:
-        parsed = instruction_mod.parse_instruction(text, kinds=dict.fromkeys(_slot_names(text), "image"))
+        parsed = instruction_mod.parse_instruction(text, kinds=dict.fromkeys(_named_references(text)[0], "image"))
         input_dir = comfy.input_directory()
         if input_dir is not None:
             for ref in parsed.media:
@@ -90,10 +97,6 @@ def validate_instruction_text(text: Any) -> str | bool:
     except errors.UnisonError as exc:
         return str(exc)
     return True
-
-
-def _slot_names(text: str) -> list[str]:
-    return [m.strip() for m in instruction_mod.REFERENCE_PATTERN.findall(text) if SLOT_PATTERN.match(m.strip())]
 
 
 # --------------------------------------------------------------------------- the Planner node
@@ -161,9 +164,7 @@ class UnisonPlanner:
         if not isinstance(instruction, str) or input_dir is None:
             return ""
         paths = []
-        for name in instruction_mod.REFERENCE_PATTERN.findall(instruction):
-            if SLOT_PATTERN.match(name.strip()):
-                continue
+        for name in _named_references(instruction)[1]:
             try:
                 paths.append(runtime_module("paths").resolve_reference(name, [input_dir], must_exist=True))
             except errors.UnisonError:
