@@ -49,8 +49,11 @@ def media_kind(reference: str) -> MediaKind:
     raise PathError(f"media reference {reference!r} has an unsupported extension; expected one of {accepted}")
 
 
-def clean_prompt(text: str) -> str:
-    """Collapse the gaps left by removed references: no double spaces, no space before punctuation."""
+def close_reference_gaps(text: str) -> str:
+    """Collapse the gaps left by removed references: no double spaces, no space before punctuation.
+
+    (Not Wan's prompt cleaning, which :func:`unison_runtime.vace.text.clean_prompt` does before umT5.)
+    """
     text = re.sub(r"\(\s*\)", "", text)  # first, so "a (###x###) b" does not keep a double space
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +([,.;:!?])", r"\1", text)
@@ -88,7 +91,7 @@ def parse_instruction(
         return IMAGE_PAD if kind == "image" else VIDEO_PAD
 
     planning_text = REFERENCE_PATTERN.sub(to_pad, text)
-    prompt = clean_prompt(REFERENCE_PATTERN.sub(" ", text))
+    prompt = close_reference_gaps(REFERENCE_PATTERN.sub(" ", text))
     return Instruction(
         text=text, prompt=prompt, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)
     )
