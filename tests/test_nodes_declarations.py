@@ -144,3 +144,13 @@ def test_nodes_import_without_comfyui() -> None:
     assert nodes.comfy_bridge.model_files("vae") == []
     blocker = nodes.comfy_bridge.execution_blocker(None)
     assert nodes.comfy_bridge.is_blocked(blocker) and not nodes.comfy_bridge.is_blocked("text")
+
+
+def test_constants_repeated_to_keep_node_imports_light_match_the_engine() -> None:
+    """nodes/ repeats a few engine values so INPUT_TYPES needs no torch; they must not drift apart."""
+    from nodes import generation, loaders
+    from unison_runtime import projector
+    from unison_runtime.weights import DTYPE_NAMES
+
+    assert generation.REFERENCE_CONTEXT_LENGTH == projector.REFERENCE_CONTEXT_LENGTH
+    assert set(loaders.DTYPES) - {loaders.AUTO} <= set(DTYPE_NAMES)
