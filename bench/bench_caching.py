@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Row, base_parser, command_line, machine_summary, median, print_table
+from bench.common import ROOT, Row, base_parser, command_line, machine_summary, median, print_table, set_torch_threads
 from bench.scaled_models import QUICK_MODEL, SAMPLER_MODEL, ScaledVace, build_scaled_vace, cache_root
 
 INSTRUCTION = "Create a {size}x{size} image of a lion walking around in its habitat on a sunny day."
@@ -256,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--comfyui-python", default=sys.executable, help="the interpreter ComfyUI runs with")
     parser.add_argument("--port", type=int, default=8199, help="loopback port for the benchmark's ComfyUI")
     args = parser.parse_args(argv)
+    set_torch_threads(args.threads)
     spec = QUICK_MODEL if args.quick else SAMPLER_MODEL
     size, steps = (32, 1) if args.quick else (128, 4)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -263,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows = pipeline_rows([pipeline_runs(spec, size, steps, guidance) for _ in range(repeats)])
     if args.comfyui is not None:
         rows += comfy_rows(comfy_runs(args.comfyui, args.comfyui_python, spec, size, steps, args.port))
-    print_table("Caching: second run with unchanged models", rows, machine=machine_summary() + f", model {spec.name}",
+    machine = machine_summary() + f", {args.threads} torch thread(s), model {spec.name}"
+    print_table("Caching: second run with unchanged models", rows, machine=machine,
                 command=command_line("bench.bench_caching", argv))
     return rows
 

@@ -14,13 +14,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.common import Row, base_parser, command_line, interleaved, machine_summary, median, pair_ratios, print_table
+from bench.common import (
+    Row,
+    base_parser,
+    command_line,
+    interleaved,
+    machine_summary,
+    median,
+    pair_ratios,
+    print_table,
+    set_torch_threads,
+)
 from bench.scaled_models import (
     QUICK_MODEL,
     SAMPLER_MODEL,
     Geometry,
     build_scaled_vace,
     device_label,
+    materialize,
     pick_device,
     synchronize,
 )
@@ -74,11 +85,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     args = parser.parse_args(argv)
+    set_torch_threads(args.threads)
     spec = QUICK_MODEL if args.quick else SAMPLER_MODEL
     geometries = QUICK_GEOMETRIES if args.quick else FULL_GEOMETRIES
     rounds = args.repeats or (1 if args.quick else 5)
     device = pick_device(args.device)
     models = load_vace_diffusers(build_scaled_vace(spec), device=device, text_device=device)
+    materialize(models)
     rows: list[Row] = []
     for geometry in geometries:
         rows += measure(models, geometry, rounds, warmup=0 if args.quick else 1)

@@ -158,7 +158,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few runs: checks the script works, the numbers mean nothing")
     parser.add_argument("--repeats", type=int, default=None, help="runs per case (median reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a machine shared with other jobs, OpenMP threads "
+                             "spin-waiting on a descheduled sibling make steps up to 50x slower, see BENCHMARKS.md)")
     return parser
+
+
+def set_torch_threads(count: int) -> None:
+    """Fix torch's CPU thread count for the run (both arms of every comparison share it)."""
+    import torch
+
+    torch.set_num_threads(max(1, count))
 
 
 # --------------------------------------------------------------------------- timing

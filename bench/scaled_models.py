@@ -187,3 +187,21 @@ def attention_backend(transformer) -> str:
     default = os.environ.get("DIFFUSERS_ATTN_BACKEND", "native")
     resolved = sorted({name or default for name in names})
     return "/".join(resolved) if resolved else "unknown"
+
+
+def materialize(models) -> None:
+    """Copy every weight of the loaded models into private memory (benchmark setup, shared by all arms).
+
+    The loaders map safetensors files zero-copy, so weights live in the page cache. On this VM the
+    kernel pages such file pages out proactively (DAMON ``pageout``; see BENCHMARKS.md) and a later
+    step stalls for seconds re-reading them, which would land on whichever arm was running. Private
+    copies cannot be paged out (no swap), so timings measure the engines, not the page cache.
+    """
+    import torch
+
+    with torch.no_grad():
+        for part in (models.transformer, models.vae, models.text_encoder):
+            if part is None:
+                continue
+            for tensor in [*part.parameters(), *part.buffers()]:
+                tensor.data = tensor.data.clone()
