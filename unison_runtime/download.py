@@ -106,15 +106,19 @@ def _hub() -> Any:
 
 
 def _picked(row: Download, snapshot: Path) -> Path:
-    """The part of a fetched repository that ``row.pick`` names; exactly one must be there."""
-    candidates = sorted(p for p in snapshot.rglob("*") if ".cache" not in p.relative_to(snapshot).parts)
+    """The part of a fetched repository that ``row.pick`` names; exactly one must be there.
+
+    Recognised as model discovery recognises it (:mod:`.models_dir`), hidden folders such as the
+    hub's ``.cache`` skipped, so what is fetched is what the loaders will then find.
+    """
+    from .models_dir import is_lora_dir, is_projector_name, walk_models
+
+    candidates = [snapshot, *walk_models(snapshot)]
     if row.pick == "lora":
-        found = [p for p in candidates if p.is_dir() and (p / "adapter_config.json").is_file()]
-        if (snapshot / "adapter_config.json").is_file():
-            found.insert(0, snapshot)
+        found = [p for p in candidates if is_lora_dir(p)]
         expected = "one folder with adapter_config.json (a peft LoRA adapter)"
     else:
-        found = [p for p in candidates if p.is_file() and "projector" in p.name.lower()
+        found = [p for p in candidates if p.is_file() and is_projector_name(p.name)
                  and p.suffix.lower() in PROJECTOR_SUFFIXES]
         expected = f"one *projector* file ending in {' or '.join(PROJECTOR_SUFFIXES)}"
     if len(found) != 1:

@@ -27,6 +27,7 @@ KINDS = ("diffusion_models", "vae", "text_encoders", "unison")
 LEGACY = {"unet": "diffusion_models", "clip": "text_encoders"}
 SAFETENSORS = ".safetensors"
 MAX_DEPTH = 3  # ComfyUI lists sub-folders too; deeper trees are not model folders
+WEIGHT_SUFFIXES = (SAFETENSORS, ".pth", ".pt", ".bin", ".ckpt")
 
 EXPECTED = {
     "transformer": "a Wan2.1-VACE transformer, e.g. Comfy-Org's wan2.1_vace_1.3B_fp16.safetensors or Wan's "
@@ -104,7 +105,7 @@ def folders_in(models_dir: str | Path) -> dict[str, list[Path]]:
     return out
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def walk_models(folder: Path) -> Iterator[Path]:
     """Files and folders under ``folder`` (sorted, hidden ones skipped, at most MAX_DEPTH deep)."""
     if not folder.is_dir():
         return
@@ -143,11 +144,21 @@ def _scan(folders: Sequence[Path]) -> list[Found]:
     """Recognise every model file and folder under ``folders``."""
     found: list[Found] = []
     for folder in folders:
-        for path in _walk(Path(folder)):
+        for path in walk_models(Path(folder)):
             item = _recognise(path)
             if item is not None:
                 found.append(item)
     return found
+
+
+def is_lora_dir(path: Path) -> bool:
+    """A peft adapter folder, as the Unison planning LoRA is released."""
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def is_projector_name(name: str) -> bool:
+    """A Unison projector file, told by its name: its weights (a small MLP) have no telling header."""
+    return "projector" in name.lower() and name.lower().endswith(WEIGHT_SUFFIXES)
 
 
 def _recognise(path: Path) -> Found | None:
@@ -156,7 +167,7 @@ def _recognise(path: Path) -> Found | None:
         index = _json(path / "model_index.json")
         if index.get("_class_name") == "WanVACEPipeline":
             return Found(path, "wan-vace-diffusers", "Wan2.1-VACE in the diffusers layout")
-        if (path / "adapter_config.json").is_file():
+        if is_lora_dir(path):
             return Found(path, "lora", "LoRA adapter")
         config = _json(path / "config.json")
         if config.get("model_type") == "qwen2_5_vl":
@@ -164,16 +175,14 @@ def _recognise(path: Path) -> Found | None:
         if config.get("model_type") == "umt5":
             return Found(path, "umt5-dir", "umT5 text encoder (transformers folder)")
         return None
+    if is_projector_name(name):
+        return Found(path, "projector", "Unison projector")
     if name.endswith(SAFETENSORS):
-        if "projector" in name:
-            return Found(path, "projector", "Unison projector")
         identity = _header_identity(path)
         if identity is None or identity.kind == "unknown":
             return None
         return Found(path, identity.kind, identity.summary, identity.size, identity.dtype)
-    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        if "projector" in name:
-            return Found(path, "projector", "Unison projector")
+    if name.endswith(WEIGHT_SUFFIXES):
         if "vae" in name and "wan" in name:
             return Found(path, "wan-vae", "Wan VAE (Wan's .pth)")
         if "umt5" in name:
