@@ -183,9 +183,9 @@ class UnisonPlanner:
         decoded = dict(graph_media)
         media_mod = runtime_module("media")
         file_refs = [ref for ref in parsed.media if ref.path not in kinds]
-        for ref, path in zip(file_refs, parsed.resolved, strict=True):
+        for ref in file_refs:  # read through read_reference: no gap between the path check and the open
             if ref.path not in decoded:
-                decoded[ref.path] = media_mod.read_medium(path, name=ref.path)
+                decoded[ref.path] = media_mod.read_reference(ref.path, roots)
         ordered = [decoded[ref.path] for ref in parsed.media]
 
         model = planner.planner if planner is not None else runtime_module("planner.rules").RulePlanner()

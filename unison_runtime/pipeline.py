@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PathError, UnisonError, WeightsError
 from .faults import FileSignature, call_freeing_memory, file_signature, memory_advice, stage_one_advice
 from .instruction import Instruction, parse_instruction
-from .media import Medium, read_medium
+from .media import Medium, read_reference
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class UnisonPipeline:
             if path is None:
                 raise PathError(f"media reference {ref.path!r} was neither given nor found: pass it in the media "
                                 "mapping, or give the folder it is in (--input-dir)")
-            decoded.append(read_medium(path, ref.path))
+            decoded.append(read_reference(ref.path, self.roots))  # re-opened without a check-then-use gap
         return instruction, decoded
 
     def make_plan(self, instruction: Instruction) -> Plan:
