@@ -18,7 +18,7 @@ projector at its released 2048 -> 2048 -> 4096), fewer layers.
 ``--child offload`` loads stage one and stage two together, then unloads the Qwen planner
 (``QwenPlanner.unload``) and drops the umT5 encoder, measuring the RSS after each step.
 
-    python -m bench.bench_memory            # builds ~2 GB of model files once (cached), then ~2-4 min
+    python -m bench.bench_memory            # builds ~2 GB of model files once (cached), then 5-12 min
     python -m bench.bench_memory --quick    # smoke run on tiny models
 """
 
