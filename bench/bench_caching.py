@@ -21,10 +21,7 @@ Two levels, both on a random model with the released structure (``bench.scaled_m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -36,6 +33,7 @@ from typing import Any
 
 from bench.common import ROOT, Row, base_parser, command_line, machine_summary, median, print_table, set_torch_threads
 from bench.scaled_models import QUICK_MODEL, SAMPLER_MODEL, ScaledVace, build_scaled_vace, cache_root
+from tests.harness.comfy_server import start_server, stop_server
 
 INSTRUCTION = "Create a {size}x{size} image of a lion walking around in its habitat on a sunny day."
 
@@ -160,27 +158,11 @@ def api_prompt(names: dict[str, str], size: int, steps: int, seed: int) -> dict[
 class ComfyServer:
     """A ComfyUI started by this benchmark on loopback (and stopped by it: only its own process)."""
 
-    def __init__(self, comfyui: Path, python: str, base: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = base / "server.log"
-        args = [python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                "--base-directory", str(base), "--disable-auto-launch"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(self.log, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(args, cwd=comfyui, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited; see {self.log}")
-            try:
-                if _request(f"{self.url}/object_info/UnisonVaceLoader", timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout} s; see {self.log}")
+    def __init__(self, comfyui: Path, python: str, base: Path, port: int, timeout: float = 300) -> None:
+        self.server = start_server(comfyui, python, base, port, timeout=timeout,
+                                   ready_path="/object_info/UnisonVaceLoader")  # answers once the pack is loaded
+        self.url = self.server.url
+        self.log = self.server.log
 
     def run(self, prompt: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
         prompt_id = str(uuid.uuid4())
@@ -206,13 +188,7 @@ class ComfyServer:
         time.sleep(2)  # /free is applied by the queue worker between prompts
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.server)
 
 
 def comfy_runs(comfyui: Path, python: str, spec: ScaledVace, size: int, steps: int, port: int) -> dict[str, Any]:
@@ -224,9 +200,8 @@ def comfy_runs(comfyui: Path, python: str, spec: ScaledVace, size: int, steps: i
         link.unlink() if link.is_symlink() else shutil.rmtree(link)
     link.symlink_to(ROOT, target_is_directory=True)
     names = write_comfy_models(spec, base / "models")
-    server = ComfyServer(comfyui, python, base, port)
+    server = ComfyServer(comfyui, python, base, port)  # stops its process itself if it fails to start
     try:
-        server.wait_ready()
         first = server.run(api_prompt(names, size, steps, seed=0))
         second = server.run(api_prompt(names, size, steps, seed=1))
         server.free()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from harness import build_workflows  # noqa: E402
+from harness.comfy_server import ServerError, serving  # noqa: E402
 from harness.workflow import BYPASSED, ordered_inputs, ui_to_api  # noqa: E402
 
 
@@ -213,12 +213,18 @@ def expect(history: dict[str, Any], prompt: dict[str, Any], label: str, *, produ
     return outputs
 
 
-def run_checks(server: str, base: Path, log: Path) -> None:
+def check_start_log(log: Path) -> str:
+    """The server's start-up log, after checking it has no import failure naming the pack."""
     text = log.read_text(errors="replace")
     failed = [line for line in text.splitlines()
               if ("IMPORT FAILED" in line or "Cannot import" in line) and "Unison" in line]
     if failed:
         raise Check("import failures:\n" + "\n".join(failed))
+    return text
+
+
+def run_checks(server: str, base: Path, log: Path) -> None:
+    text = check_start_log(log)
     loaded = [line.strip() for line in text.splitlines() if "ComfyUI-Unison" in line]
     say("1. start-up log: no IMPORT FAILED for the pack; " + (loaded[0] if loaded else "(no import-time line)"))
 
@@ -335,13 +341,19 @@ def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> N
             "links unchanged")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def server_arguments(description: str, port: int) -> argparse.ArgumentParser:
+    """The options both live checks take: where ComfyUI and its Python are, the port, the base folder."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI checkout (holds main.py)")
     parser.add_argument("--python", default=sys.executable, help="the Python of ComfyUI's environment")
-    parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--port", type=int, default=port)
     parser.add_argument("--base", type=Path, default=None, help="base folder (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="leave the server running (prints its pid)")
+    return parser
+
+
+def main() -> int:
+    parser = server_arguments(__doc__, port=8190)
     parser.add_argument("--frontend", type=Path, default=None,
                         help="folder whose node_modules holds playwright-core: also convert with the real frontend "
                              "in headless Chromium (/usr/bin/chromium)")
@@ -349,44 +361,16 @@ def main() -> int:
     base = args.base or Path(tempfile.mkdtemp(prefix="unison-live-"))
     say(f"base folder {base}")
     build_layout(base)
-    log = base / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port),
-               "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    say("starting: " + " ".join(command))
-    with open(log, "wb") as out:
-        server = subprocess.Popen(command, cwd=args.comfyui, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{args.port}"
     try:
-        for _ in range(120):
-            time.sleep(1)
-            if server.poll() is not None:
-                raise Check(f"server exited ({server.returncode}); see {log}")
-            try:
-                if request(f"{url}/system_stats", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                continue
-        else:
-            raise Check("server did not answer in 120 s")
-        run_checks(url, base, log)
-        if args.frontend is not None:
-            check_frontend(url, request(f"{url}/object_info", timeout=60)[1], args.frontend)
+        with serving(args.comfyui, args.python, base, args.port, keep=args.keep, say=say) as server:
+            run_checks(server.url, base, server.log)
+            if args.frontend is not None:
+                check_frontend(server.url, request(f"{server.url}/object_info", timeout=60)[1], args.frontend)
         say("all checks passed")
         return 0
-    except Check as exc:
+    except (Check, ServerError) as exc:
         say(f"CHECK FAILED: {exc}")
         return 1
-    finally:
-        if args.keep:
-            say(f"server left running: pid {server.pid}")
-        else:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            say(f"stopped server pid {server.pid}; log {log}")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ Then it stops the server it started (its own pid only). Exits non-zero on the fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,15 +41,18 @@ sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from harness import build_workflows  # noqa: E402
+from harness.comfy_server import ServerError, serving  # noqa: E402
 from harness.live_comfyui import (  # noqa: E402
     REPO,
     Check,
     build_layout,
+    check_start_log,
     classes_from_object_info,
     prompt_for,
     queue,
     request,
     say,
+    server_arguments,
     use_scripted_planner,
 )
 
@@ -366,85 +367,35 @@ def probe_native_loaders(comfyui: Path, python: str, base: Path) -> None:
         raise Check(f"a core loader now reads a tiny file: {result}; update NATIVE_WHY")
 
 
-# --------------------------------------------------------------------------- server
-
-
-def start_server(comfyui: Path, python: str, port: int, base: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    log = base / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-               "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    say("starting: " + " ".join(command))
-    with open(log, "wb") as out:
-        server = subprocess.Popen(command, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        time.sleep(1)
-        if server.poll() is not None:
-            raise Check(f"server exited ({server.returncode}); see {log}")
-        try:
-            if request(f"{url}/system_stats", timeout=2)[0] == 200:
-                return server, url, log
-        except OSError:
-            continue
-    stop_server(server)
-    raise Check("server did not answer in 120 s")
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI checkout (holds main.py)")
-    parser.add_argument("--python", default=sys.executable, help="the Python of ComfyUI's environment")
-    parser.add_argument("--port", type=int, default=8191)
-    parser.add_argument("--base", type=Path, default=None, help="base folder (default: a new temp folder)")
+    parser = server_arguments(__doc__, port=8191)
     parser.add_argument("--only", default=None, help="run only the workflows whose name contains this")
-    parser.add_argument("--keep", action="store_true", help="leave the server running (prints its pid)")
     args = parser.parse_args()
     base = args.base or Path(tempfile.mkdtemp(prefix="unison-families-"))
     say(f"base folder {base}")
     build_layout(base)
     write_family_media(base / "input")
     say("input files: " + ", ".join(sorted(p.name for p in (base / "input").iterdir())))
-    server = None
     try:
-        server, url, log = start_server(args.comfyui, args.python, args.port, base)
-        failed = [line for line in log.read_text(errors="replace").splitlines()
-                  if ("IMPORT FAILED" in line or "Cannot import" in line) and "Unison" in line]
-        if failed:
-            raise Check("import failures:\n" + "\n".join(failed))
-        _, info = request(f"{url}/object_info", timeout=60)
-        images = info["LoadImage"]["input"]["required"]["image"][0]  # V1 list combo
-        videos = info["LoadVideo"]["input"]["required"]["file"][1]["options"]  # V3 ["COMBO", {options}]
-        say(f"/object_info: LoadImage lists {images}; LoadVideo lists {videos}")
-        classes = classes_from_object_info(info)
-        started = time.time()
-        for case in family_cases():
-            if args.only is None or args.only in case.workflow:
-                run_case(url, base, classes, case)
-        if args.only is None or args.only in "unison_native_wan":
-            check_native_wan(url, classes)
-            probe_native_loaders(args.comfyui, args.python, base)
+        with serving(args.comfyui, args.python, base, args.port, keep=args.keep, say=say) as server:
+            check_start_log(server.log)
+            _, info = request(f"{server.url}/object_info", timeout=60)
+            images = info["LoadImage"]["input"]["required"]["image"][0]  # V1 list combo
+            videos = info["LoadVideo"]["input"]["required"]["file"][1]["options"]  # V3 ["COMBO", {options}]
+            say(f"/object_info: LoadImage lists {images}; LoadVideo lists {videos}")
+            classes = classes_from_object_info(info)
+            started = time.time()
+            for case in family_cases():
+                if args.only is None or args.only in case.workflow:
+                    run_case(server.url, base, classes, case)
+            if args.only is None or args.only in "unison_native_wan":
+                check_native_wan(server.url, classes)
+                probe_native_loaders(args.comfyui, args.python, base)
         say(f"all checks passed ({time.time() - started:.0f} s of queued work)")
         return 0
-    except Check as exc:
+    except (Check, ServerError) as exc:
         say(f"CHECK FAILED: {exc}")
         return 1
-    finally:
-        if server is not None:
-            if args.keep:
-                say(f"server left running: pid {server.pid}")
-            else:
-                stop_server(server)
-                say(f"stopped server pid {server.pid}; log {base / 'server.log'}")
 
 
 if __name__ == "__main__":
