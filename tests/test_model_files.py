@@ -141,18 +141,21 @@ def test_dtype_follows_the_diffusers_loader_policy_not_the_file(tiny_transformer
     assert files.load_transformer_file(fp16).proj_out.weight.dtype == torch.float32
     assert files.load_transformer_file(fp8).proj_out.weight.dtype == torch.float32
     bf16 = files.load_transformer_file(fp8, dtype="bf16")
-    assert bf16.proj_out.weight.dtype == bf16.scale_shift_table.dtype == torch.bfloat16
+    assert bf16.proj_out.weight.dtype == torch.bfloat16
+    assert bf16.scale_shift_table.dtype == torch.float32  # diffusers keeps it in fp32 for any dtype, so do we
     with pytest.raises(WeightsError, match="unknown dtype 'fp4'"):
         files.load_transformer_file(fp8, dtype="fp4")
 
 
-def test_fp16_precision_layout_matches_from_pretrained(tiny_transformer, tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_layout_matches_from_pretrained(tiny_transformer, tmp_path, precision):
     from diffusers import WanVACETransformer3DModel
 
-    path = tw.write_wan_transformer(tiny_transformer, tmp_path / "m.safetensors", precision="fp16")
-    tw.reference_weights(tiny_transformer, "fp16").save_pretrained(str(tmp_path / "ref"))
-    reference = WanVACETransformer3DModel.from_pretrained(str(tmp_path / "ref"), torch_dtype=torch.float16)
-    loaded = files.load_transformer_file(path, dtype=torch.float16)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    path = tw.write_wan_transformer(tiny_transformer, tmp_path / "m.safetensors", precision=precision)
+    tw.reference_weights(tiny_transformer, precision).save_pretrained(str(tmp_path / "ref"))
+    reference = WanVACETransformer3DModel.from_pretrained(str(tmp_path / "ref"), torch_dtype=dtype)
+    loaded = files.load_transformer_file(path, dtype=dtype)
     ref_dtypes = {n: t.dtype for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
     got_dtypes = {n: t.dtype for n, t in [*loaded.named_parameters(), *loaded.named_buffers()]}
     assert got_dtypes == ref_dtypes
@@ -160,9 +163,10 @@ def test_fp16_precision_layout_matches_from_pretrained(tiny_transformer, tmp_pat
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
     assert all(torch.equal(got_state[k], ref_state[k]) for k in ref_state)  # bit for bit
     inputs = _transformer_inputs(tiny_transformer.config)
-    # Same weights; CPU GEMM blocking may still differ by an fp16 ulp.
+    # Same weights; CPU GEMM blocking may still differ by an ulp of the compute dtype.
+    ulp = {"fp16": 2e-3, "bf16": 2e-2}[precision]
     torch.testing.assert_close(_run_transformer(loaded, inputs), _run_transformer(reference, inputs),
-                               rtol=2e-3, atol=2e-3)
+                               rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize(("size", "dim", "layers", "vace"), [("1.3B", 1536, 30, 15), ("14B", 5120, 40, 8)])
@@ -464,3 +468,32 @@ def test_single_files_match_the_diffusers_folder_loader(tmp_path):
     assert models.tokenizer(text).input_ids == reference.tokenizer(text).input_ids
     torch.testing.assert_close(_encode(models.text_encoder, models.tokenizer, [text]),
                                _encode(reference.text_encoder, reference.tokenizer, [text]))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_umt5_file_dtypes_and_tied_embedding_match_from_pretrained(tiny_umt5, tmp_path, precision):
+    from transformers import UMT5EncoderModel
+
+    model, _, proto = tiny_umt5
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    path = tw.write_umt5_comfy(model, proto, tmp_path / "umt5_xxl_fp16.safetensors", precision="fp16")
+    tw.reference_weights(model, "fp16").save_pretrained(str(tmp_path / "ref"))
+    reference = UMT5EncoderModel.from_pretrained(str(tmp_path / "ref"), dtype=dtype)
+    loaded, _ = files.load_text_encoder(path, dtype=precision)
+    assert {n: p.dtype for n, p in loaded.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
+    ref_state, got_state = reference.state_dict(), loaded.state_dict()
+    assert ref_state.keys() == got_state.keys()
+    assert all(torch.equal(got_state[k], ref_state[k]) for k in ref_state)
+    # One embedding, as in transformers: the encoder's lookup table is the shared one, not a copy.
+    assert loaded.encoder.embed_tokens.weight.data_ptr() == loaded.shared.weight.data_ptr()
+
+
+def test_umt5_wan_bf16_pth_converts_to_fp32_on_the_cpu(tiny_umt5, tmp_path):
+    model, tokenizer, _ = tiny_umt5
+    pth = tw.write_umt5_wan(model, tokenizer, tmp_path / "Wan2.1-VACE-1.3B", precision="bf16")
+    reference = _diffusers_reload(tw.reference_weights(model, "bf16"), tmp_path / "ref")
+    loaded, tok = files.load_text_encoder(pth)  # CPU default: fp32, converted tensor by tensor
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    ref_state, got_state = reference.state_dict(), loaded.state_dict()
+    assert all(torch.equal(got_state[k], ref_state[k]) for k in ref_state)
+    torch.testing.assert_close(_encode(loaded, tok), _encode(reference, tokenizer))

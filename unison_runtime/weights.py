@@ -66,6 +66,11 @@ def read_safetensors_header(path: str | Path, *, what: str = "") -> dict[str, An
 
 
 def _read_header(path: Path, label: str) -> dict[str, Any]:
+    return _read_header_and_start(path, label)[0]
+
+
+def _read_header_and_start(path: Path, label: str) -> tuple[dict[str, Any], int]:
+    """The checked header and the byte position where the tensor data starts."""
     bad = f"{label}: truncated or not a safetensors file"
     file_size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -93,7 +98,7 @@ def _read_header(path: Path, label: str) -> dict[str, Any]:
                 raise WeightsError(f"{bad} (__metadata__ must map strings to strings)")
             continue
         _check_header_entry(name, info, data_size, bad)
-    return header
+    return header, 8 + header_len
 
 
 def _check_header_entry(name: str, info: Any, data_size: int, bad: str) -> None:
@@ -117,15 +122,110 @@ def _check_header_entry(name: str, info: Any, data_size: int, bad: str) -> None:
         )
 
 
+# --------------------------------------------------------------------------- one tensor at a time
+
+#: safetensors dtype names -> torch dtypes (the ones this torch has).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("I64", "int64"), ("I32", "int32"),
+        ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("U16", "uint16"), ("U32", "uint32"),
+        ("U64", "uint64"), ("BOOL", "bool"),
+    )
+    if hasattr(torch, attr)
+}
+
+
+class SafetensorsFile:
+    """A ``.safetensors`` file whose tensors are taken one at a time, mapped or copied.
+
+    Why both: a tensor used as stored is best a zero-copy view of the file (``mapped``: its pages
+    are read, and count in RSS, only when used). A tensor that is converted to another dtype is
+    better ``copy``-ed: its bytes are read into private memory, converted, and the copy dropped,
+    so the file's pages never sit in memory next to the converted model, as they do when the whole
+    file is mapped and cast. The header is checked on opening (see :func:`read_safetensors_header`).
+    """
+
+    def __init__(self, path: str | Path, *, what: str = "") -> None:
+        self.path = Path(path)
+        self.label = _describe(what, self.path)
+        _check_is_file(self.path, self.label)
+        self.header, self._data_start = _read_header_and_start(self.path, self.label)
+        self._mapping: Any = None
+
+    def names(self) -> list[str]:
+        return [name for name in self.header if name != _HEADER_METADATA_KEY]
+
+    def __contains__(self, name: object) -> bool:
+        return name != _HEADER_METADATA_KEY and name in self.header
+
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self.header[name]["dtype"]
+        if stored not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{self.label}: tensor {name!r} has dtype {stored!r}, which this torch cannot hold")
+        return SAFETENSORS_DTYPES[stored]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the file (no copy; read-only in spirit: never modify it)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            if self._mapping is None:
+                self._mapping = safe_open(str(self.path), framework="pt")
+            return self._mapping.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise WeightsError(f"{self.label}: cannot read tensor {name!r} ({exc})") from None
+
+    def copy(self, name: str) -> torch.Tensor:
+        """The tensor in private memory, read from the file directly (the file is not mapped)."""
+        dtype, shape = self.dtype(name), self.shape(name)
+        begin, end = self.header[name]["data_offsets"]
+        size = end - begin
+        expected = dtype.itemsize * _numel(shape)
+        if size != expected:
+            raise WeightsError(f"{self.label}: tensor {name!r} holds {size} bytes; its dtype and shape need {expected}")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self._data_start + begin)
+            done = 0
+            while done < size:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise WeightsError(f"{self.label}: truncated while reading tensor {name!r}")
+                done += got
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        """Forget the mapping handle (tensors already taken from it keep their own reference)."""
+        self._mapping = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def load_state_dict(path: str | Path, *, what: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: str | Path, *, what: str, device: str | torch.device = "cpu", mmap: bool = True
+) -> dict[str, torch.Tensor]:
     """Load a flat ``{name: tensor}`` state dict from ``.safetensors`` or a pickle-based file.
 
     ``what`` says what the file is meant to be ("projector", "VACE transformer") and appears in
     every error. Pickle formats go through ``torch.load(weights_only=True)`` (memory-mapped
-    when the file is in the zip format), so a pickle that would run code is refused, not run.
+    when the file is in the zip format, unless ``mmap=False``), so a pickle that would run code
+    is refused, not run.
 
     Wrapping: a checkpoint whose top level is a single entry holding the state dict
     (``{"state_dict": {...}}``, ``{"model": {...}}``, any one key) is unwrapped one level,
@@ -139,7 +239,7 @@ def load_state_dict(path: str | Path, *, what: str, device: str | torch.device =
     if suffix in SAFETENSORS_SUFFIXES:
         state = _load_safetensors(path, label, device)
     elif suffix in PICKLE_SUFFIXES:
-        state = _load_pickle(path, label, device)
+        state = _load_pickle(path, label, device, mmap)
     else:
         expected = ", ".join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
         raise WeightsError(f"{label}: unsupported file type {path.suffix or '(none)'!r}; expected one of {expected}")
@@ -164,13 +264,15 @@ def _load_safetensors(path: Path, label: str, device: str | torch.device) -> dic
         raise WeightsError(f"{label}: truncated or not a safetensors file ({exc})") from None
 
 
-def _load_pickle(path: Path, label: str, device: str | torch.device) -> Any:
+def _load_pickle(path: Path, label: str, device: str | torch.device, mmap: bool) -> Any:
     not_plain = f"{label}: not a plain state dict (a pickle that only holds tensors was expected)"
     with warnings.catch_warnings():
         # The restricted unpickler warns about protocol numbers; the refusal below is what matters.
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         try:
             try:
+                if not mmap:
+                    return torch.load(path, map_location=device, weights_only=True)
                 return torch.load(path, map_location=device, weights_only=True, mmap=True)
             except RuntimeError as exc:
                 if "mmap can only be used" not in str(exc):

@@ -20,7 +20,6 @@ every file is checked (header, byte ranges) before transformers touches it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import warnings
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..attention import HALF_DTYPES, flash_attention_available
 from ..errors import UnisonError, WeightsError
 from ..plan import PLANNER_TOKENS
 from ..weights import DTYPE_NAMES, load_state_dict, read_safetensors_header
@@ -95,13 +95,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise UnisonError(f"stage-one dtype {dtype!r} is not one of auto, bf16, fp16, fp32") from None
 
 
-def flash_attention_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 def resolve_attention(attention: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """sdpa by default; flash_attention_2 when flash-attn is installed and the model runs half precision on CUDA."""
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in HALF_DTYPES
     if attention is None or attention == "auto":
         if flash_attention_available() and device.type == "cuda" and half:
             return "flash_attention_2"

@@ -28,13 +28,27 @@ from typing import Any
 
 import torch
 
+from ..attention import use_best_vace_attention
 from ..errors import WeightsError
-from ..weights import load_state_dict, read_safetensors_header, strip_prefix
+from ..weights import load_state_dict, read_safetensors_header
 from . import umt5_files
+from .converting_load import (
+    DtypeRule,
+    SafetensorsSource,
+    StateDictSource,
+    StateSource,
+    assemble_module,
+    dtype_rule,
+    empty_module,
+    load_converted,
+    needs_conversion,
+    pickle_source,
+)
 from .loading import TRANSFORMERS_WEIGHTS, default_device, resolve_dtype
 from .loading import _require_weights as require_safetensors_weights
+from .loading import load_text_encoder as load_text_encoder_dir
 from .models import VaceModels
-from .quantized import dequantize
+from .quantized import is_quant_bookkeeping
 from .wan_keys import (
     COMFY_PREFIX,
     QUANT_MARKER_KEY,
@@ -92,46 +106,25 @@ def _layout_error(path: Path, what: str, missing: list[str], wrong: list[str]) -
                         "another model")
 
 
-def _check_meta(model: torch.nn.Module, path: Path, what: str) -> None:
-    empty = [name for name, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise WeightsError(f"{path}: the {what} has no weights for {', '.join(empty[:5])}")
+def _gather(
+    files: list[Path], state: dict[str, torch.Tensor] | None, names: dict[str, str], rule: DtypeRule, *,
+    device: str | torch.device, what: str,
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (``names``: model name -> stored name) in ``rule``'s dtypes, converted one at a time.
 
-
-def _assemble(
-    cls: Any, config: Mapping[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype,
-    device: str | torch.device, path: Path, what: str,
-) -> Any:
-    """Build a diffusers model from its config and a diffusers-named state dict, without a copy.
-
-    Precision follows ``from_pretrained`` exactly (fp16 keeps the class's ``_keep_in_fp32_modules``
-    in float32; buffers keep their own dtype), so a single file and the diffusers folder of the
-    same weights give the same numbers. (``from_single_file`` casts everything at the end.)
+    ``state`` is ``None`` for safetensors (read from the files) or the pickle state already loaded.
     """
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    keep = list(cls._keep_in_fp32_modules or []) if dtype == torch.float16 else []
-    for name, tensor in state.items():
-        if tensor.is_floating_point():
-            wanted = torch.float32 if any(part in keep for part in name.split(".")) else dtype
-            state[name] = tensor.to(device=device, dtype=wanted)
-        else:
-            state[name] = tensor.to(device=device)
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"{path}: could not build the {what} from it ({_first_line(str(exc))})") from None
-    if result.missing_keys or result.unexpected_keys:
-        names = [*result.missing_keys[:3], *result.unexpected_keys[:3]]
-        raise WeightsError(f"{path}: the {what} does not match its config (tensors {', '.join(names)})")
-    _check_meta(model, path, what)
-    return model.to(device).eval().requires_grad_(False)
+    source = _source(files, state, names, rule, what)
+    return load_converted(source, names, rule, device=device)
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
+def _source(
+    files: list[Path], state: dict[str, torch.Tensor] | None, names: dict[str, str], rule: DtypeRule, what: str
+) -> StateSource:
+    if state is None:
+        return SafetensorsSource(files, what=what)
+    converts = needs_conversion(StateDictSource(state), names, rule)
+    return pickle_source(files, state, what=what, converts=converts)
 
 
 def _shapes_of(files: list[Path], what: str) -> ShapeTable:
@@ -248,18 +241,16 @@ def _load_transformer(
                        ", ".join(unexpected[:5]))
 
     target = resolve_dtype(dtype, str(device), role="transformer")
-    if state is None:
-        state = _load_all(files, what)
-    if prefix:  # a full checkpoint may also hold a VAE or text encoder: keep only the transformer
-        state = strip_prefix({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
-    for name in unexpected:
-        state.pop(name, None)
-    state = dequantize(state, target)  # fp8 (scaled or not) -> target; other tensors pass through
-
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    model = _assemble(WanVACETransformer3DModel, config, convert_wan_transformer_to_diffusers(state), target,
-                      device, path, what)
+    # diffusers' converter only renames (for VACE models), so it maps names, not tensors: tensors
+    # are then read one at a time. A full checkpoint may also hold a VAE or text encoder: only
+    # the transformer's tensors are named, the rest (and unexpected extras) is never read.
+    names = convert_wan_transformer_to_diffusers({name: prefix + name for name in expected_transformer_shapes(config)})
+    rule = dtype_rule(WanVACETransformer3DModel, target)
+    tensors = _gather(files, state, names, rule, device=device, what=what)
+    model = assemble_module(empty_module(lambda: WanVACETransformer3DModel.from_config(_public(config))), tensors,
+                            device=device, path=path, what=what)
     layout = "Comfy-Org layout" if prefix == COMFY_PREFIX else "Wan key names"
     description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
     return _Loaded(model, description)
@@ -304,17 +295,15 @@ def _load_vae(path: PathLike, *, dtype: torch.dtype | str | None, device: str | 
     missing, unexpected, wrong = compare_layout(shapes, expected_vae_shapes(config))
     if missing or wrong:
         raise _layout_error(path, "Wan VAE", missing, wrong)
-    if state is None:
-        state = _load_all([path], what)
     for name in unexpected:
         logger.warning("%s: ignoring tensor %s, not part of the Wan VAE", path, name)
-        state.pop(name)
     target = resolve_dtype(dtype, str(device), role="vae")
-    state = dequantize(state, target)
-
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    model = _assemble(AutoencoderKLWan, config, convert_wan_vae_to_diffusers(state), target, device, path, what)
+    names = convert_wan_vae_to_diffusers({name: name for name in expected_vae_shapes(config)})
+    tensors = _gather([path], state, names, dtype_rule(AutoencoderKLWan, target), device=device, what=what)
+    model = assemble_module(empty_module(lambda: AutoencoderKLWan.from_config(_public(config))), tensors,
+                            device=device, path=path, what=what)
     return _Loaded(model, f"{path} ({identity.summary}, stored {identity.dtype}, computing in {_name(target)})")
 
 
@@ -351,8 +340,6 @@ def _tokenizer_from(value: Any) -> Any:
 def _load_hf_text_encoder_dir(
     folder: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device
 ) -> _Loaded:
-    from transformers import UMT5EncoderModel
-
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{folder}: expected an umT5-XXL folder with config.json (like google/umt5-xxl)")
@@ -363,19 +350,13 @@ def _load_hf_text_encoder_dir(
     if model_type != "umt5":
         raise WeightsError(f"{folder}: config.json says model_type {model_type!r}; expected 'umt5' (umT5-XXL)")
     require_safetensors_weights(folder, TRANSFORMERS_WEIGHTS, "umT5 text encoder")  # never a pickle
-    try:
-        model = UMT5EncoderModel.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"{folder}: could not load the umT5 encoder ({exc})") from None
+    model = load_text_encoder_dir(folder, dtype=dtype, device=str(device))
     if tokenizer is None:
         found = _find_tokenizer_near(folder)
         if found is None:
             raise WeightsError(f"{folder}: no tokenizer found (tokenizer.json or spiece.model in the folder or in "
                                "../tokenizer); pass tokenizer=FOLDER")
         tokenizer = umt5_files.load_tokenizer_dir(found)
-    model = model.to(device).eval().requires_grad_(False)
     return _Loaded((model, tokenizer), f"{folder} (umT5-XXL, transformers folder, computing in {_name(dtype)})")
 
 
@@ -395,60 +376,62 @@ def _load_text_encoder(
     if identity.kind not in ("umt5", "umt5-wan"):
         raise _wrong_kind(path, "the umT5-XXL text encoder", identity)
     target = resolve_dtype(dtype, str(device), role="text_encoder")
-    if state is None:
-        state = _load_all([path], what)
-
-    spiece = state.pop(umt5_files.SPIECE_KEY, None)
-    if identity.kind == "umt5-wan":
-        try:
-            state = umt5_files.wan_t5_to_transformers(state)
-        except KeyError as exc:
-            raise WeightsError(f"{path}: tensor {exc} is not part of Wan's umT5 encoder") from None
-        layout = "Wan key names"
-    else:
-        state = dequantize(state, target)
-        layout = "ComfyUI / transformers key names"
-    embedding = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
-    if embedding is None:
-        raise _layout_error(path, what, ["shared.weight"], [])
-    state.setdefault("shared.weight", embedding)
-    state.setdefault("encoder.embed_tokens.weight", embedding)
-    shapes = shapes_from_state_dict(state)
+    names = _umt5_names(path, shapes, identity.kind)  # model name -> stored name, no tensor read yet
+    layout = "Wan key names" if identity.kind == "umt5-wan" else "ComfyUI / transformers key names"
+    model_shapes = {name: shapes[stored] for name, stored in names.items()}
     try:
-        config = umt5_files.umt5_config(shapes)
+        config = umt5_files.umt5_config(model_shapes)
     except KeyError as exc:
         raise _layout_error(path, what, [str(exc).strip("'")], []) from None
-    missing, unexpected, wrong = compare_layout(shapes, umt5_files.expected_umt5_shapes(config),
+    missing, unexpected, wrong = compare_layout(model_shapes, umt5_files.expected_umt5_shapes(config),
                                                 ignore=QUANT_SUFFIXES)
     if missing or wrong:
         raise _layout_error(path, what, missing, wrong)
     for name in unexpected:
         logger.warning("%s: ignoring tensor %s, not part of the umT5 encoder", path, name)
-        state.pop(name)
+        names.pop(name)
 
+    rule = dtype_rule(UMT5EncoderModel, target)
+    source = _source([path], state, names, rule, what)
     if tokenizer is None:
-        if spiece is not None:
-            tokenizer = umt5_files.tokenizer_from_spiece(spiece)
-        else:
-            found = _find_tokenizer_near(path)
-            if found is None:
-                raise WeightsError(
-                    f"{path}: this text encoder file has no embedded tokenizer ('{umt5_files.SPIECE_KEY}') and no "
-                    "tokenizer folder was found next to it (google/umt5-xxl/, umt5-xxl/ or tokenizer/); pass "
-                    "tokenizer=FOLDER"
-                )
-            tokenizer = umt5_files.load_tokenizer_dir(found)
-    try:
-        model = UMT5EncoderModel.from_pretrained(
-            None, config=UMT5Config(**{k: v for k, v in config.items() if not k.startswith("_")}),
-            state_dict=state, dtype=target,
-        )
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise WeightsError(f"{path}: could not build the umT5 encoder from it ({exc})") from None
-    model = model.to(device).eval().requires_grad_(False)
-    _check_meta(model, path, what)
+        tokenizer = _file_tokenizer(path, source)
+    tensors = load_converted(source, names, rule, device=device)
+    umt5_config = UMT5Config(**_public(config))
+    model = assemble_module(empty_module(lambda: UMT5EncoderModel(umt5_config)), tensors, device=device, path=path,
+                            what=what)
     description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
     return _Loaded((model, tokenizer), description)
+
+
+def _umt5_names(path: Path, shapes: ShapeTable, kind: str) -> dict[str, str]:
+    """transformers' umT5 tensor names -> the names stored in the file (both tied embedding names included)."""
+    if kind == "umt5-wan":
+        try:
+            names = umt5_files.wan_t5_to_transformers({name: name for name in shapes})
+        except KeyError as exc:
+            raise WeightsError(f"{path}: tensor {exc} is not part of Wan's umT5 encoder") from None
+    else:
+        names = {name: name for name in shapes if name != umt5_files.SPIECE_KEY and not is_quant_bookkeeping(name)}
+    embedding = names.get("shared.weight", names.get("encoder.embed_tokens.weight"))
+    if embedding is None:
+        raise _layout_error(path, "umT5 text encoder", ["shared.weight"], [])
+    names.setdefault("shared.weight", embedding)
+    names.setdefault("encoder.embed_tokens.weight", embedding)
+    return names
+
+
+def _file_tokenizer(path: Path, source: StateSource) -> Any:
+    """ComfyUI's embedded sentencepiece model, else a tokenizer folder next to the file."""
+    if umt5_files.SPIECE_KEY in source:
+        return umt5_files.tokenizer_from_spiece(source.as_stored(umt5_files.SPIECE_KEY))
+    found = _find_tokenizer_near(path)
+    if found is None:
+        raise WeightsError(
+            f"{path}: this text encoder file has no embedded tokenizer ('{umt5_files.SPIECE_KEY}') and no "
+            "tokenizer folder was found next to it (google/umt5-xxl/, umt5-xxl/ or tokenizer/); pass "
+            "tokenizer=FOLDER"
+        )
+    return umt5_files.load_tokenizer_dir(found)
 
 
 def load_text_encoder(
@@ -471,6 +454,11 @@ def load_text_encoder(
 
 
 # --------------------------------------------------------------------------- all three
+
+
+def _public(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config without its ``_class_name`` / ``_diffusers_version`` bookkeeping."""
+    return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -501,6 +489,7 @@ def load_vace_from_files(
     available, ``text_device`` to ``device`` (pass ``"cpu"`` to keep umT5-XXL off the GPU);
     ``dtype`` is the transformer's. ``tokenizer`` is only needed for Wan's ``.pth`` encoder when
     its ``google/umt5-xxl`` folder is not next to it. ``num_heads``: see :func:`load_transformer_file`.
+    The transformer attends with flash-attn where it is installed and fits (CUDA, bf16/fp16), else SDPA.
     """
     device = str(device) if device is not None else default_device()
     text_device = str(text_device) if text_device is not None else device
@@ -508,6 +497,7 @@ def load_vace_from_files(
     loaded_vae = _load_vae(vae, dtype=vae_dtype, device=device)
     loaded_text = _load_text_encoder(text_encoder, tokenizer=tokenizer, dtype=text_dtype, device=text_device)
     encoder, tok = loaded_text.module
+    transformer_dtype = resolve_dtype(dtype, device, role="transformer")
     return VaceModels(
         transformer=loaded_transformer.module,
         vae=loaded_vae.module,
@@ -515,8 +505,9 @@ def load_vace_from_files(
         tokenizer=tok,
         device=device,
         text_device=text_device,
-        dtype=resolve_dtype(dtype, device, role="transformer"),
+        dtype=transformer_dtype,
         scheduler_config=scheduler_config(),
+        attention=use_best_vace_attention(loaded_transformer.module, device, transformer_dtype),
         origin={
             "transformer": loaded_transformer.description,
             "vae": loaded_vae.description,

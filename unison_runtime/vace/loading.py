@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..attention import use_best_vace_attention
 from ..errors import WeightsError
 from .models import VaceModels
 
@@ -147,37 +148,80 @@ def _wrap(what: str, folder: Path, exc: Exception) -> WeightsError:
 # --------------------------------------------------------------------------- components
 
 
-def _load_model(load: Callable[..., Any], folder: str | Path, what: str, device: str, **options: Any) -> Any:
-    """``load(folder, ...)`` offline from safetensors, then on ``device`` in eval mode without gradients."""
+def _weight_files(folder: Path, filename: str) -> list[Path]:
+    """The single weights file of a folder, or its shards (checked by :func:`_require_weights`)."""
+    if (folder / filename).is_file():
+        return [folder / filename]
+    index = json.loads((folder / f"{filename}.index.json").read_text(encoding="utf-8"))
+    return [folder / shard for shard in sorted(set(index["weight_map"].values()))]
+
+
+def _load_model(
+    model_class: Any, folder: str | Path, what: str, device: str, *, dtype: Any, weights: str,
+    build: Callable[[Path], Any], dtype_argument: str = "torch_dtype",
+) -> Any:
+    """``model_class`` from a folder, offline from safetensors, on ``device`` in eval mode without gradients.
+
+    Loaded as stored, the library's ``from_pretrained`` maps the weights zero-copy. When dtypes
+    change (an fp32 release computing in bf16 on a GPU), ``from_pretrained`` would hold the whole
+    mapped source next to the converted copy, so the tensors are converted one at a time instead
+    (:mod:`converting_load`), into the same dtypes ``from_pretrained`` gives (``build`` makes the
+    empty model from the folder's config). ``dtype_argument``: transformers names it ``dtype``,
+    diffusers still ``torch_dtype``.
+    """
+    from .converting_load import (
+        SafetensorsSource,
+        assemble_module,
+        dtype_rule,
+        empty_module,
+        load_converted,
+        needs_conversion,
+    )
+
     folder = Path(folder)
     try:
-        model = load(folder, local_files_only=True, use_safetensors=True, **options)
-    except (OSError, ValueError, RuntimeError) as exc:
+        source = SafetensorsSource(_weight_files(folder, weights), what=what)
+        rule = dtype_rule(model_class, dtype)
+        # A model's own tensors only: google/umt5-xxl folders also hold the decoder, which the encoder ignores.
+        model = empty_module(lambda: build(folder))
+        names = {name: name for name in model.state_dict() if name in source}
+        if needs_conversion(source, names, rule):
+            state = load_converted(source, names, rule, device=device)
+            return assemble_module(model, state, device=device, path=folder, what=what)
+        del model
+        loaded = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                             **{dtype_argument: dtype})
+    except WeightsError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise _wrap(what, folder, exc) from exc
-    return model.to(device).eval().requires_grad_(False)
+    return loaded.to(device).eval().requires_grad_(False)
 
 
 def load_transformer(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """``WanVACETransformer3DModel`` from a diffusers folder, in ``dtype`` on ``device``, in eval mode."""
-    from diffusers import WanVACETransformer3DModel
+    from diffusers import WanVACETransformer3DModel as model_class
 
-    return _load_model(WanVACETransformer3DModel.from_pretrained, folder, "VACE transformer", device,
-                       torch_dtype=dtype)
+    return _load_model(model_class, folder, "VACE transformer", device, dtype=dtype, weights=DIFFUSERS_WEIGHTS,
+                       build=lambda f: model_class.from_config(model_class.load_config(f)))
 
 
 def load_vae(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """``AutoencoderKLWan`` from a diffusers folder."""
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan as model_class
 
-    return _load_model(AutoencoderKLWan.from_pretrained, folder, "Wan VAE", device, torch_dtype=dtype)
+    return _load_model(model_class, folder, "Wan VAE", device, dtype=dtype, weights=DIFFUSERS_WEIGHTS,
+                       build=lambda f: model_class.from_config(model_class.load_config(f)))
 
 
 def load_text_encoder(folder: str | Path, *, dtype: Any, device: str) -> Any:
     """transformers' ``UMT5EncoderModel`` (umT5-XXL for the released model)."""
-    from transformers import UMT5EncoderModel
+    from transformers import UMT5Config
+    from transformers import UMT5EncoderModel as model_class
 
-    # transformers names the argument ``dtype``; diffusers still calls it ``torch_dtype``.
-    return _load_model(UMT5EncoderModel.from_pretrained, folder, "umT5 text encoder", device, dtype=dtype)
+    return _load_model(model_class, folder, "umT5 text encoder", device, dtype=dtype, weights=TRANSFORMERS_WEIGHTS,
+                       build=lambda f: model_class(UMT5Config.from_pretrained(f, local_files_only=True)),
+                       dtype_argument="dtype")
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -221,14 +265,16 @@ def load_vace_diffusers(
 
     ``device`` holds the transformer and VAE (default: cuda if available); ``text_device`` the umT5
     encoder (default: ``device``; pass ``"cpu"`` to keep umT5-XXL off the GPU). ``dtype`` is the
-    transformer's; ``text_dtype`` / ``vae_dtype`` default as :func:`resolve_dtype` says.
+    transformer's; ``text_dtype`` / ``vae_dtype`` default as :func:`resolve_dtype` says. The
+    transformer attends with flash-attn where it is installed and fits (CUDA, bf16/fp16), else SDPA.
     """
     directory = check_diffusers_dir(directory)
     device = device or default_device()
     text_device = text_device or device
     transformer_dtype = resolve_dtype(dtype, device, role="transformer")
+    transformer = load_transformer(directory / "transformer", dtype=transformer_dtype, device=device)
     models = VaceModels(
-        transformer=load_transformer(directory / "transformer", dtype=transformer_dtype, device=device),
+        transformer=transformer,
         vae=load_vae(directory / "vae", dtype=resolve_dtype(vae_dtype, device, role="vae"), device=device),
         text_encoder=load_text_encoder(
             directory / "text_encoder", dtype=resolve_dtype(text_dtype, text_device, role="text_encoder"),
@@ -239,6 +285,7 @@ def load_vace_diffusers(
         text_device=text_device,
         dtype=transformer_dtype,
         scheduler_config=read_scheduler_config(directory / "scheduler"),
+        attention=use_best_vace_attention(transformer, device, transformer_dtype),
     )
     models.origin = {name: str(directory / name) for name in (*COMPONENTS, "scheduler")}
     return models

@@ -23,7 +23,22 @@ class VaceModels:
     dtype: Any = None  # torch.dtype of the transformer
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)
+    attention: str = "native"  # the transformer's diffusers attention backend ("flash" when flash-attn runs)
 
     def release(self) -> None:
         """Drop the references so the memory can be reclaimed (the caller empties caches)."""
         self.transformer = self.vae = self.text_encoder = self.tokenizer = None
+
+    def release_text_encoder(self) -> None:
+        """Drop umT5 once the prompts are encoded: sampling and decoding never use it.
+
+        umT5-XXL is ~11 GB in bf16, more than the 1.3B transformer; letting it go before sampling
+        is what makes 480P fit on smaller GPUs. The tokenizer stays (it is small). Encoding again
+        afterwards is a clear error; load the models again for a new prompt.
+        """
+        self.text_encoder = None
+        self.origin["text_encoder"] = "released after encoding"
+
+    @property
+    def text_encoder_released(self) -> bool:
+        return self.text_encoder is None and self.transformer is not None

@@ -13,34 +13,30 @@ load time; the scales are consumed and dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from .wan_keys import QUANT_MARKER_KEY
-
-FP8_TORCH_DTYPES = tuple(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)
+from .wan_keys import QUANT_MARKER_KEY, QUANT_SUFFIXES
 
 
-def dequantize(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Return a state dict with every fp8 tensor in ``dtype`` and the scaled-fp8 bookkeeping removed.
+def scale_name(name: str) -> str | None:
+    """The name of the scale a scaled-fp8 ``X.weight`` is stored with (``X.scale_weight``), else ``None``."""
+    return name[: -len("weight")] + "scale_weight" if name.endswith(".weight") else None
 
-    Non-fp8 tensors are passed through untouched (the model loader casts them).
+
+def is_quant_bookkeeping(name: str) -> bool:
+    """Tensors that only describe the fp8 format and are consumed by :func:`dequantize_tensor`."""
+    return name == QUANT_MARKER_KEY or name.endswith(QUANT_SUFFIXES)
+
+
+def dequantize_tensor(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` (fp8 or any float) in ``dtype``, multiplied by its scaled-fp8 ``scale`` when it has one.
+
+    The product is taken in float32 (the scale is float32 and fp8 has too few bits to round
+    twice) in one temporary that is multiplied in place, so converting the largest tensor costs
+    one float32 copy of it, not two.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if name == QUANT_MARKER_KEY or name.endswith(".scale_input"):
-            continue
-        if name.endswith(".scale_weight"):
-            continue
-        if name.endswith(".weight") and (scale := state_dict.get(name[: -len("weight")] + "scale_weight")) is not None:
-            # Multiply in float32: the scale is float32 and fp8 has too few bits to round twice.
-            out[name] = (tensor.to(torch.float32) * scale.to(torch.float32)).to(dtype)
-        elif tensor.dtype in FP8_TORCH_DTYPES:
-            out[name] = tensor.to(dtype)
-        else:
-            out[name] = tensor
-    return out
+    if scale is None:
+        return tensor.to(dtype)
+    work = tensor.to(torch.float32, copy=True)
+    work.mul_(scale.to(device=work.device, dtype=torch.float32))
+    return work.to(dtype)
