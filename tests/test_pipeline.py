@@ -131,6 +131,33 @@ def test_models_load_lazily_stay_cached_and_reload_after_release(models_dir, sta
     assert vace.calls == proj.calls == 2
 
 
+def test_text_encoder_released_before_sampling_gives_the_same_frames(models_dir):
+    keeping, _, _ = make_pipeline(models_dir, projector=False)
+    releasing, vace, _ = make_pipeline(models_dir, projector=False, release_text_encoder=True)
+    seen: list[object] = []
+    first = releasing.run(T2V)
+    models = releasing.vace
+    assert models.text_encoder is None and models.text_encoder_released  # dropped before sampling
+    assert models.transformer is not None and models.origin["text_encoder"] == "released after encoding"
+    assert torch.equal(first.frames, keeping.run(T2V).frames)
+    seen.append(models)
+    second = releasing.run(T2V)  # a new prompt to encode: the VACE models are loaded again
+    assert vace.calls == 2 and releasing.vace is not seen[0]
+    assert torch.equal(second.frames, first.frames)
+
+
+def test_released_text_encoder_of_models_passed_in_is_a_clear_error(models_dir):
+    from unison_runtime.errors import UnisonError
+
+    models = load_vace_diffusers(models_dir / VACE, device="cpu")
+    pipeline = UnisonPipeline(vace=models, options=SamplingOptions(steps=1))
+    pipeline.run(T2V)
+    pipeline.release_text_encoder()
+    assert models.text_encoder is None
+    with pytest.raises(UnisonError, match="umT5 text encoder was released"):
+        pipeline.run(T2V)
+
+
 def test_understanding_with_stage_one_and_with_rules_only(models_dir, stage_one):
     pipeline, vace, _ = make_pipeline(models_dir, stage_one)
     result = pipeline.run("What is the capital of France?")

@@ -85,6 +85,8 @@ class UnisonPipeline:
     sampling options of every job. ``files`` names, per model given as a loader, the files or
     folders it loads from: before a cached model is served they are checked, so a deleted file is
     a :class:`WeightsError` and a replaced one is loaded again instead of served stale.
+    ``release_text_encoder``: drop umT5 once each prompt is encoded, before sampling (frees its
+    memory for the sampler; the next prompt loads the VACE models again).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class UnisonPipeline:
         roots: Sequence[str | Path] = (),
         options: SamplingOptions | None = None,
         files: Mapping[str, Sequence[str | Path | None]] | None = None,
+        release_text_encoder: bool = False,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
                                          "vace": vace}
@@ -109,6 +112,7 @@ class UnisonPipeline:
         self.roots = [Path(r) for r in roots]
         self.options = options
         self._negative_cache: dict[str, Any] = {}
+        self.release_text_encoder_after_encoding = release_text_encoder
 
     # ------------------------------------------------------------------ models
 
@@ -185,6 +189,18 @@ class UnisonPipeline:
         gc.collect()
         _empty_cuda_cache()
 
+    def release_text_encoder(self) -> None:
+        """Drop umT5 from the loaded VACE models (:meth:`VaceModels.release_text_encoder`).
+
+        Sampling goes on without it; the next prompt to encode loads the VACE models again
+        (when they were given as a loader) or is a clear error (when they were passed in).
+        """
+        models = self._loaded.get("vace")
+        if models is not None and models.text_encoder is not None:
+            models.release_text_encoder()
+            gc.collect()
+            _empty_cuda_cache()
+
     # ------------------------------------------------------------------ stages
 
     def read(
@@ -242,6 +258,10 @@ class UnisonPipeline:
         from .vace.text import assemble_contexts, encode_negative, encode_text
 
         models = self.vace
+        if models.text_encoder_released and _is_loader(self._sources["vace"]):
+            log.info("umT5 was released after the last encoding; loading the VACE models again")
+            self.release("vace")
+            models = self.vace
         dim = models.transformer.config.text_dim
         if tokens is not None and tokens.shape[-1] != dim:
             source = getattr(self.projector, "source", None) or "the projector"
@@ -312,6 +332,8 @@ class UnisonPipeline:
                 notes.append(f"{why}: the text context is the umT5 embedding alone (no projector tokens)")
             stage[0] = "encoding the prompt with umT5"
             contexts = self.contexts(plan, tokens, options.negative_prompt)
+            if self.release_text_encoder_after_encoding:
+                self.release_text_encoder()
             notes.extend(inputs.notes)
             stage[0] = "sampling"
             return self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)

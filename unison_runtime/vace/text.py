@@ -50,7 +50,8 @@ def encode_text(models: VaceModels, text: str, *, max_tokens: int = MAX_TEXT_TOK
     import torch
 
     if models.text_encoder is None or models.tokenizer is None:
-        raise UnisonError("the umT5 text encoder was released (or never loaded); load the VACE models again")
+        raise UnisonError("the umT5 text encoder was released (release_text_encoder, or the models were released) "
+                          "or never loaded; load the VACE models again")
     if not isinstance(text, str):
         raise UnisonError(f"text to encode must be a string, got {type(text).__name__}")
     tokens = models.tokenizer(
