@@ -232,6 +232,38 @@ def test_cli_run_writes_png_and_mp4(generation_dir, tmp_path):
         assert float(stream.average_rate) == 24
 
 
+def test_cli_run_low_memory_options_give_the_same_image(generation_dir, tmp_path):
+    args = ("run", T2I, "--models", str(generation_dir), "--steps", "2", "--seed", "5", "--input-dir", str(tmp_path),
+            "--device", "cpu")
+    code, plain = run_cli(*args, "--out", str(tmp_path / "plain"))
+    assert code == 0 and plain["path"].endswith(".png")
+    code, low = run_cli(*args, "--out", str(tmp_path / "low"), "--low-memory", "--text-device", "cpu",
+                        "--vace-dtype", "fp32")
+    assert code == 0
+    with Image.open(plain["path"]) as a, Image.open(low["path"]) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(SystemExit):
+        run_cli(*args, "--out", str(tmp_path / "x"), "--vace-dtype", "fp4")
+
+
+def test_planner_released_before_sampling_gives_the_same_frames(models_dir):
+    from unison_runtime.planner.qwen import load_planner
+
+    def pipeline(**kwargs):
+        stage_one = CountingLoader(lambda: load_planner(models_dir / "unison/Qwen2.5-VL-3B-Instruct",
+                                                        models_dir / "unison/unison-lora", device="cpu"))
+        made, _, _ = make_pipeline(models_dir, **kwargs)
+        made._sources["stage_one"] = stage_one
+        return made, stage_one
+
+    keeping, _ = pipeline()
+    releasing, stage_one = pipeline(release_planner=True)
+    expected = keeping.run(T2I).frames
+    assert torch.equal(releasing.run(T2I).frames, expected)
+    assert "stage_one" not in releasing.loaded() and "vace" in releasing.loaded()
+    assert torch.equal(releasing.run(T2I).frames, expected) and stage_one.calls == 2  # loaded again when needed
+
+
 def test_cli_run_understanding_writes_txt_and_needs_stage_one(models_dir, generation_dir, tmp_path, capsys):
     base = models_dir / "unison/Qwen2.5-VL-3B-Instruct"  # no LoRA: the rule planner plans, the base answers
     code, report = run_cli("run", "What is the capital of France?", "--models", str(generation_dir),

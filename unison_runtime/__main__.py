@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shift", type=float, default=None)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--negative-prompt", default=None)
+    run.add_argument("--vace-dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
+                     help="stage-two transformer dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    run.add_argument("--text-device", default=None,
+                     help="device for the umT5 encoder (default: --device; 'cpu' keeps umT5-XXL off the GPU)")
+    run.add_argument("--low-memory", action="store_true",
+                     help="free the Qwen planner and umT5 before sampling (their memory goes to the sampler)")
     _input_dir_arg(run)
     _add_model_args(run)
 

@@ -85,8 +85,9 @@ class UnisonPipeline:
     sampling options of every job. ``files`` names, per model given as a loader, the files or
     folders it loads from: before a cached model is served they are checked, so a deleted file is
     a :class:`WeightsError` and a replaced one is loaded again instead of served stale.
-    ``release_text_encoder``: drop umT5 once each prompt is encoded, before sampling (frees its
-    memory for the sampler; the next prompt loads the VACE models again).
+    ``release_text_encoder`` / ``release_planner``: before sampling, drop umT5 (once the prompt is
+    encoded) / the Qwen stage one (once its hidden states are projected), giving their memory to
+    the sampler; the next job loads them again. For one-off jobs on a small GPU.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class UnisonPipeline:
         options: SamplingOptions | None = None,
         files: Mapping[str, Sequence[str | Path | None]] | None = None,
         release_text_encoder: bool = False,
+        release_planner: bool = False,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
                                          "vace": vace}
@@ -113,6 +115,7 @@ class UnisonPipeline:
         self.options = options
         self._negative_cache: dict[str, Any] = {}
         self.release_text_encoder_after_encoding = release_text_encoder
+        self.release_planner_before_sampling = release_planner
 
     # ------------------------------------------------------------------ models
 
@@ -334,6 +337,8 @@ class UnisonPipeline:
             contexts = self.contexts(plan, tokens, options.negative_prompt)
             if self.release_text_encoder_after_encoding:
                 self.release_text_encoder()
+            if self.release_planner_before_sampling:
+                self.release(*(name for name in ("stage_one", "planner") if name in self._loaded))
             notes.extend(inputs.notes)
             stage[0] = "sampling"
             return self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)
@@ -532,14 +537,18 @@ def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
         from .projector import load_projector
 
         projector = partial(load_projector, locations.projector)
-    vace = partial(locations.load_vace, device=device) if locations.load_vace is not None else None
+    vace_options = {"device": device, "dtype": getattr(args, "vace_dtype", None),
+                    "text_device": getattr(args, "text_device", None)}
+    vace = partial(locations.load_vace, **vace_options) if locations.load_vace is not None else None
     found = locations.paths
     vace_files = [found.diffusers_dir] if found.diffusers_dir is not None else \
         [found.transformer, found.vae, found.text_encoder, found.tokenizer]
     files = {"planner": [qwen, lora] if qwen is not None else [], "projector": [locations.projector],
              "vace": vace_files if vace is not None else []}
+    low_memory = bool(getattr(args, "low_memory", False))
     pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
-                              roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files)
+                              roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files,
+                              release_text_encoder=low_memory, release_planner=low_memory)
     return pipeline, locations
 
 
