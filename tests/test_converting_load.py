@@ -92,12 +92,12 @@ class _CountingSource(SafetensorsSource):
         self.calls.append(("as_stored", name))
         return super().as_stored(name)
 
-    def to_convert(self, name):
-        self.calls.append(("to_convert", name))
-        return super().to_convert(name)
+    def converted(self, name, dtype, scale, device):
+        self.calls.append(("converted", name))
+        return super().converted(name, dtype, scale, device)
 
 
-def test_tensors_that_change_dtype_are_copied_and_the_rest_mapped(tmp_path):
+def test_tensors_that_change_dtype_are_converted_and_the_rest_mapped(tmp_path):
     state = {"a.weight": torch.randn(4, 4).half(), "b.weight": torch.randn(4).float(), "ids": torch.arange(3)}
     path = save_safetensors(state, tmp_path / "m.safetensors")
     source = _CountingSource([path], what="test")
@@ -105,7 +105,7 @@ def test_tensors_that_change_dtype_are_copied_and_the_rest_mapped(tmp_path):
     out = load_converted(source, {name: name for name in state}, rule)
     assert {name: t.dtype for name, t in out.items()} == {"a.weight": torch.float32, "b.weight": torch.float32,
                                                          "ids": torch.int64}
-    assert sorted(source.calls) == [("as_stored", "b.weight"), ("as_stored", "ids"), ("to_convert", "a.weight")]
+    assert sorted(source.calls) == [("as_stored", "b.weight"), ("as_stored", "ids"), ("converted", "a.weight")]
     assert torch.equal(out["a.weight"], state["a.weight"].float())
 
 
@@ -195,3 +195,59 @@ def test_umt5_folder_with_a_decoder_loads_the_encoder_only(tmp_path):
     assert torch.equal(got.shared.weight, encoder.shared.weight.to(torch.bfloat16))
     block = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
     assert torch.equal(got.state_dict()[block], encoder.state_dict()[block].to(torch.bfloat16))
+
+
+def test_copy_rows_reads_exactly_those_rows(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    state = {"m": torch.randn(7, 3, 2, generator=generator), "v": torch.randn(9, generator=generator).half(),
+             "s": torch.tensor(2.5)}
+    file = SafetensorsFile(save_safetensors(state, tmp_path / "r.safetensors"), what="test")
+    assert torch.equal(file.copy_rows("m", 2, 5), state["m"][2:5])
+    assert torch.equal(file.copy_rows("v", 8, 9), state["v"][8:9])
+    assert file.copy_rows("m", 3, 3).shape == (0, 3, 2)
+    assert torch.equal(file.copy_rows("s", 0, 1), state["s"])  # a 0-d tensor is one row
+    with pytest.raises(WeightsError, match=r"rows 5:8 of tensor 'm' \(it has 7\)"):
+        file.copy_rows("m", 5, 8)
+
+
+@pytest.mark.parametrize("per_row_scale", [False, True])
+def test_large_tensors_are_converted_in_bounded_pieces(tmp_path, monkeypatch, per_row_scale):
+    from unison_runtime.vace import converting_load
+
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(37, 24, generator=generator)
+    scale = (weight.abs().amax(dim=1, keepdim=True) if per_row_scale else weight.abs().max()) / 448.0
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    path = save_safetensors({"w.weight": stored, "w.scale_weight": scale}, tmp_path / "p.safetensors")
+    monkeypatch.setattr(converting_load, "CONVERT_PIECE_BYTES", 5 * 24 * 4)  # 5 rows of float32 work per piece
+    pieces: list[int] = []
+    original = SafetensorsFile.copy_rows
+
+    def spy(self, name, start, stop, **options):
+        pieces.append(stop - start)
+        return original(self, name, start, stop, **options)
+
+    monkeypatch.setattr(SafetensorsFile, "copy_rows", spy)
+    out = load_converted(SafetensorsSource([path], what="t"), {"w.weight": "w.weight"},
+                         dtype_rule(torch.nn.Module, torch.bfloat16))["w.weight"]
+    assert pieces == [5, 5, 5, 5, 5, 5, 5, 2]  # never more than the bound at once
+    expected = (stored.to(torch.float64) * scale.double()).to(torch.bfloat16)  # independent, whole, float64
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_staging_buffers_are_reused_across_tensors_of_any_size(tmp_path):
+    generator = torch.Generator().manual_seed(8)
+    state, scales = {}, {}
+    for name, rows in (("big", 40), ("small", 3), ("mid", 17)):
+        weight = torch.randn(rows, 8, generator=generator)
+        scales[name] = weight.abs().max() / 448.0
+        state[f"{name}.weight"] = (weight / scales[name]).to(torch.float8_e4m3fn)
+        state[f"{name}.scale_weight"] = scales[name]
+    state["plain.weight"] = torch.randn(5, 8, generator=generator).half()
+    source = SafetensorsSource([save_safetensors(state, tmp_path / "s.safetensors")], what="t")
+    names = {name: name for name in ("big.weight", "small.weight", "mid.weight", "plain.weight")}
+    out = load_converted(source, names, dtype_rule(torch.nn.Module, torch.float32))
+    for name in ("big", "small", "mid"):
+        expected = (state[f"{name}.weight"].double() * scales[name].double()).float()
+        assert torch.equal(out[f"{name}.weight"], expected), name
+    assert torch.equal(out["plain.weight"], state["plain.weight"].float())

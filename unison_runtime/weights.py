@@ -182,25 +182,43 @@ class SafetensorsFile:
 
     def copy(self, name: str) -> torch.Tensor:
         """The tensor in private memory, read from the file directly (the file is not mapped)."""
+        shape = self.shape(name)
+        return self.copy_rows(name, 0, shape[0] if shape else 1)
+
+    def copy_rows(self, name: str, start: int, stop: int, *, into: bytearray | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor's first dimension, read into private memory.
+
+        Lets a loader convert a large tensor in bounded pieces (a 0-d tensor has one row). With
+        ``into``, the bytes land at the start of that buffer (grown by the caller, reused piece
+        after piece: no allocation per piece) and the returned tensor is a view of it.
+        """
         dtype, shape = self.dtype(name), self.shape(name)
         begin, end = self.header[name]["data_offsets"]
         size = end - begin
         expected = dtype.itemsize * _numel(shape)
         if size != expected:
             raise WeightsError(f"{self.label}: tensor {name!r} holds {size} bytes; its dtype and shape need {expected}")
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        rows = shape[0] if shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise WeightsError(f"{self.label}: rows {start}:{stop} of tensor {name!r} (it has {rows})")
+        row_bytes = size // rows if rows else 0
+        part_shape = (stop - start, *shape[1:]) if shape else ()
+        count = (stop - start) * row_bytes
+        if count == 0:
+            return torch.empty(part_shape, dtype=dtype)
+        if into is not None and len(into) < count:
+            raise WeightsError(f"{self.label}: a {len(into)}-byte buffer cannot hold {count} bytes of {name!r}")
+        buffer = into if into is not None else bytearray(count)
+        view = memoryview(buffer)[:count]
         with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self._data_start + begin)
+            handle.seek(self._data_start + begin + start * row_bytes)
             done = 0
-            while done < size:
+            while done < count:
                 got = handle.readinto(view[done:])
                 if not got:
                     raise WeightsError(f"{self.label}: truncated while reading tensor {name!r}")
                 done += got
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=count).view(dtype).reshape(part_shape)
 
     def close(self) -> None:
         """Forget the mapping handle (tensors already taken from it keep their own reference)."""

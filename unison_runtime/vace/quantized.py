@@ -28,15 +28,28 @@ def is_quant_bookkeeping(name: str) -> bool:
     return name == QUANT_MARKER_KEY or name.endswith(QUANT_SUFFIXES)
 
 
-def dequantize_tensor(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` (fp8 or any float) in ``dtype``, multiplied by its scaled-fp8 ``scale`` when it has one.
+def dequantize_into(
+    out: torch.Tensor, tensor: torch.Tensor, scale: torch.Tensor | None, *, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Write ``tensor`` (fp8 or any float), times its scaled-fp8 ``scale`` when it has one, into ``out``.
 
     The product is taken in float32 (the scale is float32 and fp8 has too few bits to round
-    twice) in one temporary that is multiplied in place, so converting the largest tensor costs
-    one float32 copy of it, not two.
+    twice) in one work tensor multiplied in place, then cast by the copy into ``out``. ``scale`` is
+    one number, or one per row of ``tensor``. ``work``: a float32 buffer of at least
+    ``out.numel()`` elements on ``out``'s device to reuse instead of allocating. Returns ``out``.
     """
+    tensor = tensor.reshape(out.shape)
     if scale is None:
-        return tensor.to(dtype)
-    work = tensor.to(torch.float32, copy=True)
+        return out.copy_(tensor)
+    if work is None:
+        work = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    else:
+        work = work.view(-1)[: out.numel()].view(out.shape)
+    work.copy_(tensor)
     work.mul_(scale.to(device=work.device, dtype=torch.float32))
-    return work.to(dtype)
+    return out.copy_(work)
+
+
+def dequantize_tensor(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (see :func:`dequantize_into`), as a new tensor on its device."""
+    return dequantize_into(torch.empty(tensor.shape, dtype=dtype, device=tensor.device), tensor, scale)
