@@ -16,7 +16,8 @@ big enough (100-400 MB) for the ratio to mean something: released widths where t
 projector at its released 2048 -> 2048 -> 4096), fewer layers.
 
 ``--child offload`` loads stage one and stage two together, then unloads the Qwen planner
-(``QwenPlanner.unload``) and drops the umT5 encoder, measuring the RSS after each step.
+(``QwenPlanner.unload``) and the umT5 encoder (``VaceModels.release_text_encoder``), measuring the
+RSS after each step.
 
     python -m bench.bench_memory            # builds ~2 GB of model files once (cached), then 5-12 min
     python -m bench.bench_memory --quick    # smoke run on tiny models
@@ -98,7 +99,9 @@ FILES = {
     "umt5_dir": "vace/text_encoder",
     "umt5_fp16": "text_encoders/umt5_xxl_fp16.safetensors",
     "umt5_fp8": "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    "umt5_pth": "text_encoders/wan/models_t5_umt5-xxl-enc-bf16.pth",
     "qwen_dir": "unison/Qwen2.5-VL",
+    "qwen_bf16_dir": "unison/Qwen2.5-VL-bf16",
     "projector_pth": "unison/projector.pth",
     "projector_safetensors": "unison/projector.safetensors",
 }
@@ -121,6 +124,7 @@ def build_memory_models(scale: MemoryScale, *, seed: int = 0) -> Path:
     stamp = root / "bench_scale.json"
     wanted = json.dumps({**asdict(scale), "seed": seed}, sort_keys=True, default=str)
     if stamp.is_file() and stamp.read_text(encoding="utf-8") == wanted:
+        write_derived_files(root)
         return root
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -156,8 +160,36 @@ def build_memory_models(scale: MemoryScale, *, seed: int = 0) -> Path:
 
     projector: UnisonProjector = load_projector(root / FILES["projector_pth"])
     save_safetensors(projector.state_dict(), root / FILES["projector_safetensors"])
+    write_derived_files(root)
     stamp.write_text(wanted, encoding="utf-8")
     return root
+
+
+def write_derived_files(root: Path) -> None:
+    """Files made from the ones above, written when missing: the releases' bf16 storage of umT5 and Qwen.
+
+    Wan ships umT5 as a bf16 ``.pth`` and Qwen2.5-VL-3B-Instruct is stored in bf16; on the CPU
+    both are computed in fp32, i.e. converted while loading.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from unison_runtime.testing import tiny_wan_files as files
+
+    pth = root / FILES["umt5_pth"]
+    if not pth.is_file():
+        umt5 = UMT5EncoderModel.from_pretrained(root / "vace" / "text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(root / "vace" / "tokenizer", local_files_only=True)
+        files.write_umt5_wan(umt5, tokenizer, pth.parent, precision="bf16")
+    qwen_bf16 = root / FILES["qwen_bf16_dir"]
+    if not (qwen_bf16 / "model.safetensors").is_file():
+        shutil.copytree(root / FILES["qwen_dir"], qwen_bf16, dirs_exist_ok=True)
+        state = load_file(qwen_bf16 / "model.safetensors")
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v.clone() for k, v in state.items()}
+        save_file(state, qwen_bf16 / "model.safetensors", metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------- what each kind loads
@@ -219,12 +251,18 @@ def _loaders(root: Path) -> dict[str, tuple[str, Callable[[], Any]]]:
         "vae-pth-file": ("Wan VAE, Wan2.1_VAE.pth -> fp32", lambda: files.load_vae_file(f["vae_pth"], device=cpu)),
         "umt5-diffusers": ("umT5 encoder, transformers folder (fp32) -> fp32",
                            lambda: loading.load_text_encoder(f["umt5_dir"], dtype=torch.float32, device=cpu)),
+        "umt5-diffusers-bf16": ("umT5 encoder, transformers folder (fp32) -> bf16 (the GPU default)",
+                                lambda: loading.load_text_encoder(f["umt5_dir"], dtype=torch.bfloat16, device=cpu)),
+        "umt5-wan-pth-cpu-default": ("umT5 encoder, Wan's bf16 .pth -> CPU default dtype",
+                                     lambda: files.load_text_encoder(f["umt5_pth"], device=cpu)[0]),
         "umt5-fp16-file": ("umT5 encoder, ComfyUI umt5_xxl_fp16.safetensors -> fp16",
                            lambda: files.load_text_encoder(f["umt5_fp16"], dtype="fp16", device=cpu)[0]),
         "umt5-fp8-scaled-file": ("umT5 encoder, ComfyUI scaled fp8 -> bf16",
                                  lambda: files.load_text_encoder(f["umt5_fp8"], dtype="bf16", device=cpu)[0]),
         "qwen-planner": ("Qwen2.5-VL planner folder (fp32) -> fp32",
                          lambda: load_planner(f["qwen_dir"], device=cpu, dtype="fp32").model),
+        "qwen-planner-bf16-cpu-default": ("Qwen2.5-VL planner folder stored bf16 (as released) -> CPU default dtype",
+                                          lambda: load_planner(f["qwen_bf16_dir"], device=cpu).model),
         "projector-pth": ("projector.pth (fp32) -> fp32", lambda: load_projector(f["projector_pth"])),
         "projector-safetensors": ("projector.safetensors (fp32) -> fp32",
                                   lambda: load_projector(f["projector_safetensors"])),
@@ -234,8 +272,8 @@ def _loaders(root: Path) -> dict[str, tuple[str, Callable[[], Any]]]:
 KINDS = (
     "transformer-diffusers-fp32", "transformer-diffusers-bf16", "transformer-fp16-file",
     "transformer-fp16-file-cpu-default", "transformer-fp8-scaled-file", "vae-diffusers", "vae-safetensors-file",
-    "vae-pth-file", "umt5-diffusers", "umt5-fp16-file", "umt5-fp8-scaled-file", "qwen-planner", "projector-pth",
-    "projector-safetensors",
+    "vae-pth-file", "umt5-diffusers", "umt5-diffusers-bf16", "umt5-wan-pth-cpu-default", "umt5-fp16-file",
+    "umt5-fp8-scaled-file", "qwen-planner", "qwen-planner-bf16-cpu-default", "projector-pth", "projector-safetensors",
 )
 
 
@@ -298,7 +336,7 @@ def child_offload(scale: MemoryScale) -> dict[str, Any]:
     planner.unload()
     gc.collect()
     after_planner = rss_bytes()
-    models.text_encoder = None  # what a "release the text encoder after encoding" step does
+    models.release_text_encoder()  # what UnisonPipeline(release_text_encoder=True) does before sampling
     gc.collect()
     after_umt5 = rss_bytes()
     return {"base": base, "loaded": loaded, "after_planner": after_planner, "after_umt5": after_umt5, **sizes}
