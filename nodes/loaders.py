@@ -132,9 +132,10 @@ class UnisonPlannerLoader:
                                    "tooltip": "Weight dtype; auto = bf16 on a GPU that supports it, else fp32."}),
                 "device": ([AUTO, CPU], {"default": AUTO,
                                          "tooltip": "auto = ComfyUI's device (the GPU unless started with --cpu)."}),
-                "attention": (["sdpa", "eager", "flash_attention_2"], {
-                    "default": "sdpa",
-                    "tooltip": "Attention backend; flash_attention_2 needs the flash-attn package and a GPU."}),
+                "attention": ([AUTO, "sdpa", "eager", "flash_attention_2"], {
+                    "default": AUTO,
+                    "tooltip": "Attention backend; auto = flash_attention_2 when the flash-attn package is installed "
+                               "and the model runs bf16/fp16 on a GPU, else sdpa."}),
             }
         }
 
