@@ -7,9 +7,10 @@ Prints two tables:
 * **Measured here** (only when ``torch.cuda.is_available()``): a random transformer with the
   released 1.3B config in bf16, timed per denoising step at 21 x 30 x 52 = 32,760 video tokens
   with a 2048-position context, batched guidance vs two passes, with the attention backend the
-  runtime uses (diffusers' native SDPA unless a backend is set) and, when flash-attn is installed,
-  with diffusers' ``flash`` backend; the Wan VAE decode of 81 frames in fp32; peak VRAM; and the
-  projected 50-step total. On a machine without a GPU this table says so and measures nothing.
+  runtime's VACE loaders pick (``unison_runtime.attention``: diffusers' ``flash`` when flash-attn is
+  installed, else native SDPA) and, when that is flash, with SDPA for comparison; the Wan VAE
+  decode of 81 frames in fp32; peak VRAM; and the projected 50-step total. On a machine without a
+  GPU this table says so and measures nothing.
 
 ``--quick`` runs the same measuring code on the CPU with a tiny config, only to check it works.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, base_parser, command_line, machine_summary, print_table
-from bench.scaled_models import QUICK_MODEL, RELEASED_GEOMETRY, Geometry, flash_attn_installed, synchronize
+from bench.scaled_models import QUICK_MODEL, RELEASED_GEOMETRY, Geometry, synchronize
 from bench.scaled_models import transformer_config as scaled_transformer_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "unison_runtime" / "configs"
@@ -166,9 +167,13 @@ def measured_rows(device: str, quick: bool, repeats: int) -> list[Row]:
         dtype, geometry = torch.bfloat16, RELEASED_GEOMETRY
         config, vae_config = released_transformer_config(), released_vae_config()
     shape = geometry.describe()
-    backends: list[tuple[str, str | None]] = [("runtime default (native SDPA)", None)]
-    if flash_attn_installed() and device.startswith("cuda"):
-        backends.append(("flash-attn", "flash"))
+    from unison_runtime.attention import vace_attention_backend
+
+    chosen = vace_attention_backend(device, dtype)  # what load_vace_* set on the transformer
+    names = {"flash": "flash-attn", "native": "native SDPA"}
+    backends: list[tuple[str, str | None]] = [(f"runtime choice: {names[chosen]}", chosen)]
+    if chosen != "native":
+        backends.append(("native SDPA, for comparison", "native"))
     rows = []
     for label, backend in backends:
         try:
@@ -216,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         print_table("GPU: measured here", rows, machine=machine_summary(), command=command)
         return rows
     label = torch.cuda.get_device_name(device) if device == "cuda" else "cpu (quick check of the code only)"
-    backend = f"flash-attn {'installed' if flash_attn_installed() else 'not installed'}"
+    from unison_runtime.attention import flash_attention_available
+
+    backend = f"flash-attn {'installed' if flash_attention_available() else 'not installed'}"
     rows = measured_rows(device, args.quick, repeats)
     print_table("GPU: measured here", rows, machine=machine_summary(f"{label}; {backend}"), command=command)
     return rows

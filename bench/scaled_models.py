@@ -163,15 +163,11 @@ def device_label(device: str, transformer=None) -> str:
 
     if not device.startswith("cuda"):
         return f"cpu ({torch.get_num_threads()} torch threads)"
+    from unison_runtime.attention import flash_attention_available
+
     backend = attention_backend(transformer) if transformer is not None else "?"
-    flash = "installed" if flash_attn_installed() else "not installed"
+    flash = "installed" if flash_attention_available() else "not installed"
     return f"{torch.cuda.get_device_name(device)} (attention: {backend}; flash-attn {flash})"
-
-
-def flash_attn_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def attention_backend(transformer) -> str:
