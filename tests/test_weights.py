@@ -307,3 +307,13 @@ def test_strip_prefix():
     assert strip_prefix(sd, "") == sd
     with pytest.raises(WeightsError, match="two entries named 'a'"):
         strip_prefix({"module.a": torch.zeros(1), "a": torch.zeros(1)}, "module.")
+
+
+def test_first_line_quotes_the_message_without_the_libraries_advice():
+    from unison_runtime.errors import first_line
+
+    text = "Weights only load failed. Please use weights_only=False if you trust it\nTraceback (most recent call last)"
+    assert first_line(text) == "Weights only load failed"
+    assert first_line(RuntimeError("size mismatch for a.weight\n\tmore")) == "size mismatch for a.weight"
+    assert first_line(RuntimeError()) == "RuntimeError"
+    assert first_line("x" * 1000) == "x" * 300

@@ -66,3 +66,19 @@ class OutOfMemory(UnisonError, MemoryError):
     def __init__(self, message: str, stage: str = "") -> None:
         self.stage = stage
         super().__init__(message)
+
+
+def first_line(message: str | BaseException, *, limit: int = 300) -> str:
+    """The first line of a library's message, to quote inside one of ours.
+
+    Drops the rest (tracebacks, dumps of shapes) and the library's advice on how to bypass its
+    checks ("Please ...", "If you ..."), which would be wrong advice from this pack. An exception
+    without text is named by its type.
+    """
+    text = str(message).strip()
+    if not text:
+        return type(message).__name__ if isinstance(message, BaseException) else ""
+    first = text.splitlines()[0]
+    for advice in (". Please", ". This is", ". If you"):
+        first = first.split(advice)[0]
+    return first[:limit]

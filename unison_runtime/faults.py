@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import OutOfMemory, WeightsError
+from .errors import OutOfMemory, WeightsError, first_line
 
 T = TypeVar("T")
 PathLike = str | os.PathLike
@@ -125,9 +125,6 @@ def call_freeing_memory(
     raise pending
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _smaller_side(value: int) -> int:
@@ -160,7 +157,7 @@ def memory_advice(
     """
     frames = f"{num_frames} frame" + ("s" if num_frames != 1 else "")
     lines = [f"out of memory on {device} while {stage} ({width}x{height}, {frames})"
-             + (f": {_first_line(exc)}" if exc is not None else "") + ". To fit, lower:"]
+             + (f": {first_line(exc)}" if exc is not None else "") + ". To fit, lower:"]
     lines.append(f"- the resolution: width x height is {width}x{height}; try {_smaller_side(width)}x"
                  f"{_smaller_side(height)} (multiples of 16)")
     if num_frames > 1:
@@ -182,7 +179,7 @@ def memory_advice(
 
 def stage_one_advice(exc: BaseException | None, *, stage: str, device: Any, max_video_frames: int | None = None) -> str:
     """The message of an :class:`OutOfMemory` raised while stage one (Qwen2.5-VL) plans or answers."""
-    lines = [f"out of memory on {device} while {stage}" + (f": {_first_line(exc)}" if exc is not None else "")
+    lines = [f"out of memory on {device} while {stage}" + (f": {first_line(exc)}" if exc is not None else "")
              + ". To fit, lower:", "- the media stage one sees: fewer or smaller images and videos"]
     if max_video_frames is not None:
         lines.append(f"- the video frames stage one samples: max_video_frames is {max_video_frames}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -305,7 +305,7 @@ def _load_pickle(path: Path, label: str, device: str | torch.device, mmap: bool)
         except Exception as exc:  # corrupt archives raise RuntimeError, EOFError, ValueError, ...
             raise WeightsError(
                 f"{label}: cannot read it as a torch checkpoint, it may be truncated or corrupt "
-                f"({type(exc).__name__}: {_first_line(str(exc))})"
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from None
 
 
@@ -314,17 +314,10 @@ def _unpickling_detail(message: str) -> str:
     for line in message.splitlines():
         line = line.strip()
         if "GLOBAL" in line or line.startswith("Unsupported"):
-            return f" ({_first_line(line.removeprefix('WeightsUnpickler error: '))})"
+            return f" ({first_line(line.removeprefix('WeightsUnpickler error: '))})"
     return ""
 
 
-def _first_line(text: str) -> str:
-    """The first sentence of a library message, without its advice on how to bypass checks."""
-    lines = text.strip().splitlines()
-    first = lines[0] if lines else ""
-    for end in (". Please", ". This is", ". If you"):
-        first = first.split(end)[0]
-    return first
 
 
 def _flat_tensor_mapping(obj: Any, label: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 from ..weights import SafetensorsFile, load_state_dict
 from .quantized import dequantize_into, dequantize_tensor, scale_name
 
@@ -227,7 +227,7 @@ def assemble_module(
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{path}: could not build the {what} from it ({_first_line(str(exc))})") from None
+        raise WeightsError(f"{path}: could not build the {what} from it ({first_line(exc)})") from None
     if hasattr(model, "tie_weights"):  # transformers: tied names become one parameter again, as from_pretrained does
         model.tie_weights()
     # A name the file leaves out because it is tied to another (transformers' embed_tokens) is not missing.
@@ -243,6 +243,3 @@ def assemble_module(
         raise WeightsError(f"{path}: the {what} has no weights for {', '.join(empty[:5])}")
     return model.to(device).eval().requires_grad_(False)
 
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
