@@ -300,3 +300,170 @@ def test_missing_shard_is_named(tiny_qwen, tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(WeightsError, match=r"model-00002-of-00002\.safetensors"):
         load_planner(sharded)
+
+
+# --------------------------------------------------------------------------- checkpoints stored in bf16
+
+
+def _store_as(src: Path, dst: Path, dtype: torch.dtype, *, shards: int = 1) -> Path:
+    """A copy of ``src`` whose floating tensors are stored in ``dtype`` (as the 3B is released), maybe sharded."""
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    if shards == 1:
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: state[k] for k in part}, dst / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    """Records each from_pretrained call's kwargs and every file transformers memory-maps with safe_open."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    calls: list[dict] = []
+    mapped: list[Path] = []
+    original = Qwen2_5_VLForConditionalGeneration.from_pretrained.__func__
+    real_safe_open = modeling_utils.safe_open
+
+    def from_pretrained(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    def safe_open(path, *args, **kwargs):
+        mapped.append(Path(path))
+        return real_safe_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(modeling_utils, "safe_open", safe_open)
+    return calls, mapped
+
+
+def _direct_load(model_dir: Path, *, untie: bool = False):
+    """Today's path, independent of the stored dtype: transformers maps the file and converts to fp32."""
+    return qwen_loading._load_model(
+        model_dir, untie=untie, device=torch.device("cpu"), dtype=torch.float32, attention="sdpa", stored=None
+    )
+
+
+def _assert_identical(model, reference) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = dict(reference.named_parameters(remove_duplicate=False))
+    assert params.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert params[name].dtype == tensor.dtype, name
+        assert torch.equal(params[name], tensor), name
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    expected_buffers = dict(reference.named_buffers(remove_duplicate=False))
+    assert buffers.keys() == expected_buffers.keys()
+    assert any(name.endswith("inv_freq") for name in buffers)
+    for name, tensor in expected_buffers.items():
+        assert buffers[name].dtype == tensor.dtype, name
+        assert torch.equal(buffers[name], tensor), name
+    assert qwen_loading.embeddings_tied(model) == qwen_loading.embeddings_tied(reference)
+    assert model.config.to_dict() == reference.config.to_dict()
+    assert model.training is reference.training is False
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_bf16_stored_base_on_cpu_loads_unmapped_and_equals_a_direct_fp32_load(tiny_qwen, tmp_path, load_spy, shards):
+    calls, mapped = load_spy
+    folder = _store_as(tiny_qwen.base, tmp_path / "bf16", torch.bfloat16, shards=shards)
+    planner = load_planner(folder, device="cpu")
+    assert planner.dtype is torch.float32
+    assert [(c["dtype"], c.get("disable_mmap")) for c in calls] == [(torch.bfloat16, True)]
+    assert not [p for p in mapped if p.parent == folder]  # read into memory, no mapping kept
+    assert {p.dtype for p in planner.model.parameters()} == {torch.float32}
+
+    reference = _direct_load(folder)
+    assert calls[-1]["dtype"] is torch.float32 and "disable_mmap" not in calls[-1]
+    assert any(p.parent == folder for p in mapped)  # the spy does see transformers' mapped load
+    _assert_identical(planner.model, reference)
+    assert qwen_loading.embeddings_tied(planner.model)  # the 3B ties them, and still does after the upcast
+
+    ids = planner.processor.tokenizer("Make a video of a lion walking", return_tensors="pt").input_ids
+    assert torch.equal(_logits(planner.model, ids), _logits(reference, ids))
+    with torch.no_grad():
+        generated = planner.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        expected = reference.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, expected)
+
+
+def test_bf16_stored_merged_planner_with_the_tie_bug_loads_untied_and_identical(tiny_qwen, tmp_path, load_spy):
+    calls, _ = load_spy
+    folder = _store_as(tiny_qwen.merged_tied, tmp_path / "merged-bf16", torch.bfloat16)
+    planner = load_planner(folder, device="cpu")
+    assert calls[0]["disable_mmap"] is True
+    assert any("loaded untied" in note for note in planner.notes)
+    assert not qwen_loading.embeddings_tied(planner.model)
+    reference = _direct_load(folder, untie=True)
+    _assert_identical(planner.model, reference)
+    head = load_file(folder / "model.safetensors")["lm_head.weight"]
+    assert torch.equal(planner.model.lm_head.weight, head.float())
+
+
+def test_fp32_stored_folder_keeps_the_direct_load(tiny_qwen, load_spy):
+    calls, mapped = load_spy
+    planner = load_planner(tiny_qwen.base, device="cpu")
+    assert [(c["dtype"], c.get("disable_mmap")) for c in calls] == [(torch.float32, None)]
+    assert tiny_qwen.base / "model.safetensors" in mapped
+    assert planner.model.lm_head.weight.dtype is torch.float32
+
+
+def test_bf16_stored_folder_asked_for_bf16_keeps_the_direct_load(tiny_qwen, tmp_path, load_spy):
+    calls, _ = load_spy
+    folder = _store_as(tiny_qwen.base, tmp_path / "bf16", torch.bfloat16)
+    planner = load_planner(folder, device="cpu", dtype="bf16")
+    assert [(c["dtype"], c.get("disable_mmap")) for c in calls] == [(torch.bfloat16, None)]
+    assert {p.dtype for p in planner.model.parameters()} == {torch.bfloat16}
+
+
+def test_lora_on_a_bf16_stored_base_equals_the_direct_load(tiny_qwen, tmp_path, load_spy, monkeypatch):
+    calls, _ = load_spy
+    folder = _store_as(tiny_qwen.base, tmp_path / "bf16", torch.bfloat16)
+    planner = load_planner(folder, lora=tiny_qwen.lora, device="cpu")
+    assert calls[0]["disable_mmap"] is True
+    assert planner.has_planning_lora
+    assert planner.model.lm_head.weight is not planner.model.get_input_embeddings().weight
+    adapter = load_file(tiny_qwen.lora / "adapter_model.safetensors")
+    assert torch.equal(planner.model.lm_head.weight, adapter["base_model.model.lm_head.weight"])
+
+    monkeypatch.setattr(qwen_loading, "stored_float_dtype", lambda headers: None)  # today's direct path
+    direct = load_planner(folder, lora=tiny_qwen.lora, device="cpu")
+    assert "disable_mmap" not in calls[-1]
+    _assert_identical(planner.model, direct.model)
+    assert planner.notes == direct.notes
+    ids = _probe_ids(planner.processor.tokenizer)
+    assert torch.equal(_logits(planner.model, ids), _logits(direct.model, ids))
+
+
+def test_stored_float_dtype_reads_the_headers(tiny_qwen, tmp_path):
+    folder = _store_as(tiny_qwen.base, tmp_path / "fp16", torch.float16, shards=2)
+    assert qwen_loading.stored_float_dtype(qwen_loading.checkpoint_headers(folder)) is torch.float16
+    assert qwen_loading.stored_float_dtype(qwen_loading.checkpoint_headers(tiny_qwen.base)) is torch.float32
+    mixed = {"a": {"dtype": "BF16"}, "b": {"dtype": "F32"}, "ids": {"dtype": "I64"}}
+    assert qwen_loading.stored_float_dtype(mixed) is None  # an fp32 norm in a bf16 file: no single stored dtype
+    assert qwen_loading.stored_float_dtype({"a": {"dtype": "BF16"}, "ids": {"dtype": "I64"}}) is torch.bfloat16
+
+
+def test_stored_then_convert_only_for_a_cpu_upcast():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    choose = qwen_loading.load_stored_then_convert
+    assert choose(torch.bfloat16, cpu, torch.float32)
+    assert choose(torch.float16, cpu, torch.float32)
+    assert not choose(torch.bfloat16, cuda, torch.float32)  # the device copy releases the mapping
+    assert not choose(torch.float32, cpu, torch.bfloat16)  # reading a wider file into memory costs more
+    assert not choose(torch.bfloat16, cpu, torch.float16)
+    assert not choose(torch.bfloat16, cpu, torch.bfloat16)
+    assert not choose(None, cpu, torch.float32)
+    assert not choose(torch.float8_e4m3fn, cpu, torch.float32)

@@ -15,7 +15,9 @@ they downloaded:
   LM head is used instead of being silently replaced by the embeddings.
 
 Nothing reaches for a hub (``local_files_only=True``); only safetensors weights are read, and
-every file is checked (header, byte ranges) before transformers touches it.
+every file is checked (header, byte ranges) before transformers touches it. A checkpoint stored
+in bf16/fp16 (as released) and computed in fp32 on the CPU is read in its stored dtype without
+a file mapping and upcast tensor by tensor, so loading peaks near the fp32 size, not 1.5x it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from ..attention import HALF_DTYPES, flash_attention_available
 from ..errors import UnisonError, WeightsError
 from ..plan import PLANNER_TOKENS
-from ..weights import DTYPE_NAMES, load_state_dict, read_safetensors_header
+from ..weights import DTYPE_NAMES, SAFETENSORS_DTYPES, load_state_dict, read_safetensors_header
 
 MODEL_TYPE = "qwen2_5_vl"
 ATTENTION_CHOICES = ("sdpa", "flash_attention_2", "eager")
@@ -162,13 +164,39 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def checkpoint_tensor_names(model_dir: Path) -> set[str]:
-    """Every tensor name in the checkpoint; each file's header is validated on the way (truncation, offsets)."""
-    names: set[str] = set()
+def checkpoint_headers(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every tensor's header entry (dtype, shape, offsets) by name; each file is validated on the way."""
+    entries: dict[str, dict[str, Any]] = {}
     for path in checkpoint_files(model_dir):
         header = read_safetensors_header(path, what="Qwen2.5-VL")
-        names.update(k for k in header if k != "__metadata__")
-    return names
+        entries.update((k, v) for k, v in header.items() if k != "__metadata__")
+    return entries
+
+
+def checkpoint_tensor_names(model_dir: Path) -> set[str]:
+    """Every tensor name in the checkpoint; each file's header is validated on the way (truncation, offsets)."""
+    return set(checkpoint_headers(model_dir))
+
+
+def stored_float_dtype(headers: dict[str, dict[str, Any]]) -> torch.dtype | None:
+    """The one floating dtype every floating tensor of the checkpoint is stored in; None if mixed or none."""
+    dtypes = {SAFETENSORS_DTYPES.get(entry.get("dtype")) for entry in headers.values()}
+    floats = {d for d in dtypes if d is not None and d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
+
+
+def load_stored_then_convert(stored: torch.dtype | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """True when loading in the stored dtype from private memory, then upcasting, uses less memory.
+
+    A direct load maps the checkpoint and converts: on the CPU the mapped pages stay resident
+    next to the converted copy (a bf16 Qwen2.5-VL loaded as fp32 peaks at 1.5x the fp32 size).
+    Read without a mapping in the narrower stored dtype and upcast one tensor at a time, the peak
+    is about the fp32 size. Only for an upcast: reading a wider file into memory would cost more
+    than mapping it, and on CUDA the copy to the device releases the mapping anyway.
+    """
+    if device.type != "cpu" or stored not in HALF_DTYPES or not dtype.is_floating_point:
+        return False
+    return stored.itemsize < dtype.itemsize
 
 
 def _config_ties(config: dict[str, Any]) -> bool:
@@ -176,7 +204,7 @@ def _config_ties(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
 
 
-def _check_model_dir(model_dir: Path) -> tuple[dict[str, Any], set[str]]:
+def _check_model_dir(model_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     config = _read_json(model_dir / "config.json", "Qwen2.5-VL directory")
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
@@ -187,7 +215,7 @@ def _check_model_dir(model_dir: Path) -> tuple[dict[str, Any], set[str]]:
         raise WeightsError(f"Qwen2.5-VL directory {model_dir} has no tokenizer (tokenizer.json or vocab.json)")
     if not any((model_dir / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         raise WeightsError(f"Qwen2.5-VL directory {model_dir} has no preprocessor_config.json (image processor)")
-    return config, checkpoint_tensor_names(model_dir)
+    return config, checkpoint_headers(model_dir)
 
 
 # --------------------------------------------------------------------------- processor / tokens
@@ -234,18 +262,30 @@ def _load_processor(model_dir: Path, lora_dir: Path | None) -> Any:
 # --------------------------------------------------------------------------- model
 
 
-def _load_model(model_dir: Path, *, untie: bool, device: torch.device, dtype: torch.dtype, attention: str) -> Any:
+def _load_model(
+    model_dir: Path,
+    *,
+    untie: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    stored: torch.dtype | None = None,
+) -> Any:
+    """The model in ``dtype`` on ``device``; see :func:`load_stored_then_convert` for the CPU upcast path."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if untie:
         _untie_config(config)
+    upcast = load_stored_then_convert(stored, device, dtype)
     kwargs: dict[str, Any] = {
         "config": config,
-        "dtype": dtype,
+        "dtype": stored if upcast else dtype,
         "attn_implementation": attention,
         "local_files_only": True,
     }
+    if upcast:
+        kwargs["disable_mmap"] = True  # read into private memory: no mapped file pages left resident
     if device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}
     try:
@@ -254,7 +294,30 @@ def _load_model(model_dir: Path, *, untie: bool, device: torch.device, dtype: to
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise WeightsError(f"cannot load Qwen2.5-VL weights from {model_dir}: {_first_line(exc)}") from None
+    if upcast:
+        _upcast_in_place(model, dtype)
     return model.eval()
+
+
+def _upcast_in_place(model: Any, dtype: torch.dtype) -> None:
+    """Convert every floating parameter and buffer to ``dtype``, one tensor at a time.
+
+    Each tensor's data is swapped in place (the Parameter objects stay, so tied embeddings stay
+    tied), and its narrow source is freed as soon as its wide copy exists: the peak is the
+    converted model plus one tensor. The rotary ``inv_freq`` buffers are computed in fp32 at init
+    whatever the load dtype, so they come out as a direct fp32 load makes them. The config then
+    says ``dtype`` like a direct load's does.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                        tensor.data = tensor.data.to(dtype)
+    model.config.dtype = dtype
+    for key in model.config.sub_configs:
+        if (sub_config := getattr(model.config, key, None)) is not None:
+            sub_config.dtype = dtype
 
 
 def _untie_config(config: Any) -> None:
@@ -452,17 +515,22 @@ def load_qwen(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     resolved_attention = resolve_attention(attention, resolved_device, resolved_dtype)
-    config, names = _check_model_dir(model_dir)
+    config, headers = _check_model_dir(model_dir)
     notes: list[str] = []
 
     # A checkpoint with its own lm_head.weight under a tying config is the reference's merged
     # planner: tying would throw the trained head away.
-    untie = _config_ties(config) and "lm_head.weight" in names
+    untie = _config_ties(config) and "lm_head.weight" in headers
     if untie:
         notes.append(f"{model_dir.name}: config ties embeddings but the checkpoint has its own lm_head; loaded untied")
     processor = _load_processor(model_dir, lora_dir)
     model = _load_model(
-        model_dir, untie=untie, device=resolved_device, dtype=resolved_dtype, attention=resolved_attention
+        model_dir,
+        untie=untie,
+        device=resolved_device,
+        dtype=resolved_dtype,
+        attention=resolved_attention,
+        stored=stored_float_dtype(headers),
     )
     if lora_dir is not None:
         model = merge_lora(model, processor, model_dir=model_dir, lora_dir=lora_dir, notes=notes)
