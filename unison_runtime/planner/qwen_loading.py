@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..attention import HALF_DTYPES, flash_attention_available
-from ..errors import UnisonError, WeightsError
+from ..errors import UnisonError, WeightsError, first_line
 from ..plan import PLANNER_TOKENS
 from ..weights import DTYPE_NAMES, SAFETENSORS_DTYPES, load_state_dict, read_safetensors_header
 
@@ -293,7 +293,7 @@ def _load_model(
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise WeightsError(f"cannot load Qwen2.5-VL weights from {model_dir}: {_first_line(exc)}") from None
+        raise WeightsError(f"cannot load Qwen2.5-VL weights from {model_dir}: {first_line(exc)}") from None
     if upcast:
         _upcast_in_place(model, dtype)
     return model.eval()
@@ -484,7 +484,7 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
             peft_model = PeftModel(model, config)
             result = set_peft_model_state_dict(peft_model, {_PEFT_PREFIX + k: v for k, v in state.items()})
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise WeightsError(f"cannot apply LoRA adapter {lora_file} to {model_dir}: {_first_line(exc)}") from None
+            raise WeightsError(f"cannot apply LoRA adapter {lora_file} to {model_dir}: {first_line(exc)}") from None
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
             raise WeightsError(f"LoRA adapter {lora_file} has weights peft could not place: {unexpected[:5]}")
@@ -546,7 +546,3 @@ def load_qwen(
         notes=notes,
     )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
