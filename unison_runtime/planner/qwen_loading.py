@@ -545,4 +545,3 @@ def load_qwen(
         has_planner_tokens=has_planner_tokens(processor.tokenizer),
         notes=notes,
     )
-
