@@ -279,7 +279,7 @@ def test_load_projector_dtype_and_device(tiny_pth):
     assert out.dtype == torch.bfloat16
     full = project(load_projector(tiny_pth), _hidden(1, 8))
     torch.testing.assert_close(out.float(), full, rtol=0.05, atol=0.05)
-    with pytest.raises(ValueError, match="projector dtype 'fp8'"):
+    with pytest.raises(WeightsError, match="projector dtype 'fp8'"):
         load_projector(tiny_pth, dtype="fp8")
 
 

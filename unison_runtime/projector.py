@@ -207,7 +207,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     if dtype in DTYPE_NAMES:
         return DTYPE_NAMES[dtype]
-    raise ValueError(f"projector dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES)} or a torch.dtype")
+    raise WeightsError(f"projector dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES)} or a torch.dtype")
 
 
 def load_projector(
