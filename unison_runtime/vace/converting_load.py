@@ -1,4 +1,4 @@
-"""Gather a model's state dict in the dtypes it computes in, holding at most one source tensor beside it.
+"""Gather a model's state dict in the dtypes it computes in, converting in bounded pieces beside it.
 
 Why: mapping a whole fp16 / fp8 file and then casting it keeps the file's pages resident next to the
 converted copy (1.5-2.9x the model in RSS, measured by ``bench/bench_memory.py``). Here a tensor used
