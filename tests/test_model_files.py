@@ -497,3 +497,15 @@ def test_umt5_wan_bf16_pth_converts_to_fp32_on_the_cpu(tiny_umt5, tmp_path):
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
     assert all(torch.equal(got_state[k], ref_state[k]) for k in ref_state)
     torch.testing.assert_close(_encode(loaded, tok), _encode(reference, tokenizer))
+
+
+def test_umt5_folder_with_only_a_pickle_is_refused_unread(tiny_umt5, tmp_path):
+    model, tokenizer, _ = tiny_umt5
+    folder = tmp_path / "umt5-xxl"
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"model\.safetensors .* is missing \(found pytorch_model\.bin: only "
+                                           r"safetensors are loaded\)"):
+        files.load_text_encoder(folder)

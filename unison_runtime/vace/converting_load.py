@@ -64,6 +64,9 @@ class SafetensorsSource:
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
     def dtype(self, name: str) -> torch.dtype:
         return self._by_name[name].dtype(name)
 

@@ -44,8 +44,7 @@ from .converting_load import (
     needs_conversion,
     pickle_source,
 )
-from .loading import TRANSFORMERS_WEIGHTS, default_device, resolve_dtype
-from .loading import _require_weights as require_safetensors_weights
+from .loading import default_device, resolve_dtype
 from .loading import load_text_encoder as load_text_encoder_dir
 from .models import VaceModels
 from .quantized import is_quant_bookkeeping
@@ -349,8 +348,7 @@ def _load_hf_text_encoder_dir(
         raise WeightsError(f"{config_path}: not readable JSON ({exc})") from None
     if model_type != "umt5":
         raise WeightsError(f"{folder}: config.json says model_type {model_type!r}; expected 'umt5' (umT5-XXL)")
-    require_safetensors_weights(folder, TRANSFORMERS_WEIGHTS, "umT5 text encoder")  # never a pickle
-    model = load_text_encoder_dir(folder, dtype=dtype, device=str(device))
+    model = load_text_encoder_dir(folder, dtype=dtype, device=str(device))  # safetensors only, headers checked
     if tokenizer is None:
         found = _find_tokenizer_near(folder)
         if found is None:

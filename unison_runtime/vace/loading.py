@@ -73,8 +73,8 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _require_weights(folder: Path, filename: str, what: str) -> None:
-    """A config.json plus single or sharded safetensors weights must be present and whole.
+def _require_weights(folder: Path, filename: str, what: str) -> list[Path]:
+    """A config.json plus single or sharded safetensors weights must be present and whole; returns the files.
 
     Each file's header is read (bounded, byte ranges checked against the file size), so a
     truncated download is named here rather than failing half-way through ``from_pretrained``.
@@ -86,7 +86,7 @@ def _require_weights(folder: Path, filename: str, what: str) -> None:
     index = folder / f"{filename}.index.json"
     if (folder / filename).is_file():
         read_safetensors_header(folder / filename, what=what)
-        return
+        return [folder / filename]
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
@@ -97,7 +97,7 @@ def _require_weights(folder: Path, filename: str, what: str) -> None:
             raise WeightsError(f"{what}: shard(s) {', '.join(missing)} listed in {index.name} are missing in {folder}")
         for shard in sorted(shards):
             read_safetensors_header(folder / shard, what=what)
-        return
+        return [folder / shard for shard in sorted(shards)]
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {', '.join(others)}: only safetensors are loaded)" if others else ""
     raise WeightsError(f"{what}: {folder / filename} (or a sharded {index.name}) is missing{hint}")
@@ -148,14 +148,6 @@ def _wrap(what: str, folder: Path, exc: Exception) -> WeightsError:
 # --------------------------------------------------------------------------- components
 
 
-def _weight_files(folder: Path, filename: str) -> list[Path]:
-    """The single weights file of a folder, or its shards (checked by :func:`_require_weights`)."""
-    if (folder / filename).is_file():
-        return [folder / filename]
-    index = json.loads((folder / f"{filename}.index.json").read_text(encoding="utf-8"))
-    return [folder / shard for shard in sorted(set(index["weight_map"].values()))]
-
-
 def _load_model(
     model_class: Any, folder: str | Path, what: str, device: str, *, dtype: Any, weights: str,
     build: Callable[[Path], Any], dtype_argument: str = "torch_dtype",
@@ -179,16 +171,15 @@ def _load_model(
     )
 
     folder = Path(folder)
+    source = SafetensorsSource(_require_weights(folder, weights, what), what=what)
+    rule = dtype_rule(model_class, dtype)
     try:
-        source = SafetensorsSource(_weight_files(folder, weights), what=what)
-        rule = dtype_rule(model_class, dtype)
-        # A model's own tensors only: google/umt5-xxl folders also hold the decoder, which the encoder ignores.
-        model = empty_module(lambda: build(folder))
-        names = {name: name for name in model.state_dict() if name in source}
-        if needs_conversion(source, names, rule):
+        if needs_conversion(source, {name: name for name in source.names()}, rule):
+            model = empty_module(lambda: build(folder))
+            # A model's own tensors only: google/umt5-xxl folders also hold the decoder, which the encoder ignores.
+            names = {name: name for name in model.state_dict() if name in source}
             state = load_converted(source, names, rule, device=device)
             return assemble_module(model, state, device=device, path=folder, what=what)
-        del model
         loaded = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                              **{dtype_argument: dtype})
     except WeightsError:
