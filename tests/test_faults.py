@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.harness.counting import CountingLoader
 from unison_runtime import faults
 from unison_runtime.errors import (
     MediaError,
@@ -47,15 +48,6 @@ T2V = "Create a video of a lion walking around in its habitat, 32x32, 4 frames" 
 T2I_SMALL = "Create an image of a red car parked on a street at night, 16x16"
 STEPS = 3
 OPTIONS = SamplingOptions(steps=STEPS, seed=7)
-
-
-class CountingLoader:
-    def __init__(self, load):
-        self.load, self.calls = load, 0
-
-    def __call__(self):
-        self.calls += 1
-        return self.load()
 
 
 @pytest.fixture(scope="module")

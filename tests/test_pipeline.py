@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.harness.counting import CountingLoader
 from unison_runtime.__main__ import main
 from unison_runtime.errors import PathError, WeightsError
 from unison_runtime.media import Medium
@@ -48,15 +49,6 @@ def stage_one(models_dir):
 
     return load_planner(models_dir / "unison/Qwen2.5-VL-3B-Instruct", models_dir / "unison/unison-lora",
                         device="cpu")
-
-
-class CountingLoader:
-    def __init__(self, load):
-        self.load, self.calls = load, 0
-
-    def __call__(self):
-        self.calls += 1
-        return self.load()
 
 
 def make_pipeline(models_dir, stage_one=None, projector=True, **kwargs):
