@@ -10,7 +10,9 @@ from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The editor holds numbers as JS doubles: above 2**53 a typed seed is not what is sent (ComfyUI's
+# own 0xFFFFFFFFFFFFFFFF maximum even rounds up to 2**64, past the maximum), so the range stops there.
+MAX_SEED = 2**53 - 1
 _GENERATE_INSTEAD = "there is nothing to generate (wire the Task Router's image or video output here)"
 
 
