@@ -35,7 +35,9 @@ from .rules_checks import check_instruction_text, check_plan_media, media_info, 
 from .rules_meta import (
     asks_for_length,
     edit_indices,
+    frame_cue_gaps,
     has_first_and_last_cues,
+    mask_named,
     mentions_frame_position,
     mentions_mask,
     parse_fps,
@@ -44,6 +46,7 @@ from .rules_meta import (
     parse_size,
 )
 from .rules_text import REF_MARK, RuleText, as_rule_text, read_rule_text
+from .rules_zh import QUESTION_MARK
 
 if TYPE_CHECKING:
     from ..instruction import Instruction
@@ -162,6 +165,7 @@ _PLACE_GIVEN = re.compile(
     rf"\b(?:place|put|set|insert|position|drop|bring|take|transport|move)\s+(?:{REF_MARK}|(?:this|that|these|the"
     rf"|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?\b|it|him|her|them)\s*(?:{REF_MARK}\s*)?"
     r"(?:in|into|on|onto|inside|at|against|to|under|next\s+to|in\s+front\s+of)\b"
+    rf"|(?:{REF_MARK}|\b(?:this|that|the|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?)\s*(?:{REF_MARK}\s*)?place\s+into\b"
 )
 # Edit verbs that change the given medium itself (a second image is then not a reference).
 _STRONG_EDIT = re.compile(
@@ -212,8 +216,11 @@ def _asks_for_text(sentence: str, verb: re.Match[str]) -> bool:
 
 
 def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit", "understand"] | None:
-    """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks."""
-    if _WH_START.match(sentence):
+    """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks.
+
+    A Chinese question word (什么, 为什么, 怎么, 多少, 哪, 谁, 是否) asks wherever it stands.
+    """
+    if _WH_START.match(sentence) or QUESTION_MARK in sentence:
         return "understand"
     found: list[tuple[int, Literal["generate", "edit", "understand"]]] = []
     generation = _first_generation_verb(sentence)
@@ -307,11 +314,15 @@ def _frame_placement(rule_text: RuleText, media: Sequence[MediaRef]) -> tuple[st
     a, b = images[0], images[1]
     if _FROM_TO.search(rule_text.text):
         return "first_last", 2
-    first_a = parse_frame_index(rule_text, near=offsets[a])
-    first_b = parse_frame_index(rule_text, near=offsets[b])
-    if has_first_and_last_cues(rule_text) and first_a != first_b:
-        return ("first_last" if first_a == "first" else "last_first"), 2
-    return first_a, 1
+    if has_first_and_last_cues(rule_text):
+        # The cheaper way to pair the two images with the two cues wins (nearest words, both ends set).
+        first_a, last_a = frame_cue_gaps(rule_text, offsets[a])
+        first_b, last_b = frame_cue_gaps(rule_text, offsets[b])
+        assert None not in (first_a, last_a, first_b, last_b)
+        forward = first_a + last_b  # type: ignore[operator]
+        backward = last_a + first_b  # type: ignore[operator]
+        return ("first_last" if forward <= backward else "last_first"), 2
+    return parse_frame_index(rule_text, near=offsets[a]), 1
 
 
 def decide(
@@ -332,7 +343,7 @@ def decide(
         _REFERENCE.search(t) is not None or _SUBJECT_FROM_MEDIUM.search(t) is not None
     )
     placed = "image" in kinds and _PLACE_GIVEN.search(t) is not None
-    worded_mask = len(media) >= 2 and mentions_mask(rule_text)
+    worded_mask = len(media) >= 2 and (mentions_mask(rule_text) or mask_named(media))
     mask = worded_mask or (len(media) >= 2 and bool(candidates) and len(candidates) < len(media))
     edit_lead = intent.kind == "edit"
     strong_edit = _STRONG_EDIT.search(t) is not None

@@ -101,6 +101,8 @@ _NAMED_RESOLUTION = re.compile(r"(?<![\w.])(full[\s-]?hd|fhd|uhd|qhd|hd|2k|4k|8k
 _NAMED_CLASS = {"hd": "720", "full hd": "1080", "full-hd": "1080", "fullhd": "1080", "fhd": "1080",
                 "qhd": "1440", "4k": "2160", "uhd": "2160", "8k": "4320"}  # fmt: skip
 _TWO_K = (2048, 1152, 1152)
+# Names whose frame the model can make count wherever they appear ("..., HD" asks for 1280x720).
+_IN_RANGE_NAMES = frozenset({"hd", "full hd", "full-hd", "fullhd", "fhd", "2k"})
 _AS_SIZE_BEFORE = re.compile(r"\b(?:in|at|as|to|into|with|native|true|full)\s+$")
 _AS_SIZE_AFTER = re.compile(
     r"^\s*(?:resolution|res|video|image|picture|photo|wallpaper|footage|clip|format|size|output|render|frames?"
@@ -195,7 +197,7 @@ def _resolution(t: str) -> tuple[int, int, int] | None:
     name = None if match else named_resolution(t)
     if match:
         key = match.group(1)
-    elif name and name[1]:
+    elif name and (name[1] or name[0] in _IN_RANGE_NAMES):
         if name[0] == "2k":
             return _TWO_K
         key = _NAMED_CLASS[re.sub(r"[\s-]", " ", name[0]) if "full" in name[0] else name[0]]
@@ -258,7 +260,7 @@ def says_size(text: str | RuleText) -> bool:
     patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _VERTICAL, _LANDSCAPE, _SQUARE, _WIDESCREEN,
                 _CINEMA_WIDE)
     return (_explicit_size(t) is not None or any(p.search(t) for p in patterns) or _aspect_ratio(t) is not None
-            or bool((n := named_resolution(t)) and n[1]))
+            or bool((n := named_resolution(t)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
 
 
 def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> int:
@@ -286,7 +288,7 @@ _UNIT_SECONDS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 
 _FRAMES = re.compile(rf"(?<![\w.]){_SIGNED}\s*-?\s*frames?\b(?!\s*(?:per|/|a|each)\s*(?:second|sec|s)\b)")
 _FPS = re.compile(
     rf"(?<![\w.]){_SIGNED}\s*-?\s*(?:fps|frames?\s*(?:per|/|a|each)\s*(?:second|sec|s)\b|hz\b)"
-    rf"|\b(?:frame\s*-?\s*rate|framerate|fps)\s*(?:of|is|=|:|at|to|should\s+be)?\s*{_SIGNED}(?![\w.])"
+    rf"|\b(?:frame\s*-?\s*rate|framerate|fps)\s*(?:of|is|=|:|at|to|should\s+be)?\s*{_SIGNED}(?!\w|\.\d)"
 )
 # Words before "80s" that make it a decade ("the 80s", "an 80s look"), not eighty seconds.
 _DECADE_BEFORE = re.compile(r"(?:\b(?:the|an|early|late|mid)\s*-?|['’])$")
@@ -416,6 +418,23 @@ def has_first_and_last_cues(text: str | RuleText) -> bool:
     """Whether the instruction names both a first and a last frame."""
     t = as_rule_text(text).text
     return _FIRST_FRAME.search(t) is not None and _LAST_FRAME.search(t) is not None
+
+
+def _gap(near: int, span: tuple[int, int]) -> int:
+    return near - span[1] if span[1] <= near else span[0] - near
+
+
+def frame_cue_gaps(text: str | RuleText, near: int) -> tuple[int | None, int | None]:
+    """How far the nearest first-frame and last-frame cues are from offset ``near`` (None: no such cue)."""
+    t = as_rule_text(text).text
+    first = [_gap(near, m.span()) for m in _FIRST_FRAME.finditer(t)]
+    last = [_gap(near, m.span()) for m in _LAST_FRAME.finditer(t)]
+    return (min(first) if first else None), (min(last) if last else None)
+
+
+def mask_named(media: Sequence[MediaRef]) -> bool:
+    """Whether exactly one of two or more media has a file name that says mask."""
+    return len(media) >= 2 and sum(1 for m in media if _MASK_NAME.search(PurePath(m.path).stem.lower())) == 1
 
 
 def parse_frame_index(text: str | RuleText, near: int | None = None) -> str:

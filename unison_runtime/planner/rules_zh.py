@@ -15,6 +15,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+#: Stands for a Chinese question word: it makes its sentence a question wherever it stands (Chinese
+#: questions rarely start with the question word, and often end without a question mark).
+QUESTION_MARK = "\ue001"
+
 # --------------------------------------------------------------------------- numerals
 
 _DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
@@ -78,9 +82,11 @@ _NUMBER_RULES: tuple[tuple[re.Pattern[str], object], ...] = (
     (re.compile(rf"{_NUM}\s*(?:个)?\s*(?:小时|钟头)"), lambda m: f" {_fmt(parse_number_zh(m[1]))} hours "),
     (re.compile(rf"{_NUM}\s*分钟"), lambda m: f" {_fmt(parse_number_zh(m[1]))} minutes "),
     (re.compile(rf"{_NUM}\s*毫秒"), lambda m: f" {_fmt(parse_number_zh(m[1]))} ms "),
+    (re.compile(rf"{_NUM}\s*秒半"), lambda m: f" {_fmt(parse_number_zh(m[1]) + Fraction(1, 2))} seconds "),
+    (re.compile(rf"{_NUM}\s*分半(?:钟)?"), lambda m: f" {_fmt(parse_number_zh(m[1]) * 60 + 30)} seconds "),
     (re.compile(rf"{_NUM}\s*秒(?:钟)?"), lambda m: f" {_fmt(parse_number_zh(m[1]))} seconds "),
     (re.compile(rf"{_NUM}\s*帧"), lambda m: f" {_fmt(parse_number_zh(m[1]))} frames "),
-    (re.compile(r"(\d+)\s*比\s*(\d+)"), lambda m: f" {m[1]}:{m[2]} "),
+    (re.compile(r"(\d+)\s*(?:比|:|：)\s*(\d+)"), lambda m: f" {m[1]}:{m[2]} "),
     (re.compile(r"(\d+)\s*[乘×xX*]\s*(\d+)"), lambda m: f" {m[1]}x{m[2]} "),
     (re.compile(r"(?:宽度|宽)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)"), lambda m: f" width {m[1]} "),
     (re.compile(r"(?:高度|高)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)"), lambda m: f" height {m[1]} "),
@@ -104,10 +110,13 @@ PHRASES: dict[str, str] = {
     "。": ". ", "！": "! ", "？": "? ", "；": "; ", "，": ", ", "、": ", ", "：": ": ", "（": " (", "）": ") ",
     "“": ' "', "”": '" ', "　": " ",
     # questions and requests for text
-    "为什么": " why ", "为何": " why ", "什么": " what ", "怎么样": " how ", "怎么": " how ", "怎样": " how ",
-    "如何": " how ", "哪个": " which ", "哪些": " which ", "哪里": " where ", "哪儿": " where ", "哪": " which ",
-    "谁": " who ", "多少": " how many ", "几个": " how many ", "几只": " how many ", "几辆": " how many ",
-    "几人": " how many ", "是否": " whether ", "吗": " ? ", "呢": " ? ", "请问": " ? ", "描述": " describe ",
+    "为什么": " why \ue001 ", "为何": " why \ue001 ", "什么": " what \ue001 ", "怎么样": " how \ue001 ",
+    "怎么": " how \ue001 ", "怎样": " how \ue001 ", "如何": " how \ue001 ", "哪个": " which \ue001 ",
+    "哪些": " which \ue001 ", "哪里": " where \ue001 ", "哪儿": " where \ue001 ", "哪": " which \ue001 ",
+    "谁": " who \ue001 ", "多少": " how many \ue001 ", "几个": " how many \ue001 ", "几只": " how many \ue001 ",
+    "几辆": " how many \ue001 ", "几人": " how many \ue001 ", "是否": " whether \ue001 ", "哪吒": " nezha ",
+    "为什么不": " why \ue001 ", "干什么": " what \ue001 ", "有没有": " is there \ue001 ",
+    "吗": " ? ", "呢": " ? ", "请问": " ? ", "描述": " describe ",
     "描写": " describe ", "解释": " explain ", "说明": " explain ", "讲解": " explain ", "总结": " summarize ",
     "概括": " summarize ", "归纳": " summarize ", "翻译": " translate ", "识别": " identify ", "辨认": " identify ",
     "分析": " analyze ", "数一数": " count ", "数数": " count ", "统计": " count ", "计算": " calculate ",
@@ -116,6 +125,7 @@ PHRASES: dict[str, str] = {
     "写出": " write ", "写个": " write a ", "提取": " read ", "讲讲": " tell me ", "看看": " describe ",
     "文案": " text ", "标题": " title ", "诗": " poem ", "故事": " story ",
     # generation verbs
+    "生成的": " generated ", "制作的": " made ", "创作的": " created ", "绘制的": " drawn ", "拍摄的": " filmed ",
     "生成": " generate ", "创建": " create ", "创作": " create ", "制作": " make ", "做一": " make a ",
     "做个": " make a ", "做成": " turn into ", "画一": " draw a ", "画个": " draw a ", "画出": " draw ",
     "绘制": " draw ", "绘画": " draw ", "画张": " draw a ", "画": " draw ", "画面": " scene ", "画风": " style ",
@@ -193,6 +203,10 @@ _FULL_WIDTH_DIGITS = str.maketrans("０１２３４５６７８９．：／", "0
 _NEEDS_REWRITE = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef“”]")
 
 
+# Between Chinese and ASCII letters/digits ("720p的", "16:9的"): a space, so word boundaries hold.
+_CJK_ASCII_SEAM = re.compile(r"(?<=[\u4e00-\u9fff])(?=[A-Za-z0-9])|(?<=[A-Za-z0-9%])(?=[\u4e00-\u9fff])")
+
+
 def rewrite_chinese(text: str) -> str:
     """``text`` with its Chinese cues replaced by the English ones; unchanged when it has none."""
     if not _NEEDS_REWRITE.search(text):
@@ -200,4 +214,5 @@ def rewrite_chinese(text: str) -> str:
     text = text.translate(_FULL_WIDTH_DIGITS)
     for pattern, replace in _NUMBER_RULES:
         text = pattern.sub(replace, text)  # type: ignore[arg-type]
-    return _PHRASE.sub(lambda m: PHRASES[m.group(0)], text)
+    text = _PHRASE.sub(lambda m: PHRASES[m.group(0)], text)
+    return _CJK_ASCII_SEAM.sub(" ", text)
