@@ -328,7 +328,7 @@ def stage_one(g: Graph, instruction: str, *, x: int, y: int = 0, projector_here:
     """Loaders + Planner + Router (+ Projector): the part every Unison workflow shares."""
     planner_loader = g.add("UnisonPlannerLoader", (0, 0), model=QWEN, lora=LORA)
     projector_loader = g.add("UnisonProjectorLoader", (0, 0), projector=PROJECTOR)
-    planner = g.add("UnisonPlanner", (0, 0), size=(420, 660), instruction=instruction)
+    planner = g.add("UnisonPlanner", (0, 0), size=(420, 740), instruction=instruction)
     router = g.add("UnisonTaskRouter", (0, 0), size=(360, 600))
     projector = g.add("UnisonProjector", (0, 0))
     stack(g, [planner_loader, projector_loader], x, y)

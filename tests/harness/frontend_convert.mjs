@@ -50,7 +50,7 @@ const display = await page.evaluate(async (wf) => {
   const before = node.widgets.length;
   node.onExecuted({ text: ["task: text_to_video → video\ndecided by: rules"] });
   const widget = node.widgets.find((w) => w.name === "unison_display");
-  const saved = window.app.graph.serialize().nodes.find((n) => n.id === node.id).widgets_values;
+  const saved = window.app.graph.serialize().nodes.find((n) => String(n.id) === String(node.id))?.widgets_values;
   const prompt = await window.app.graphToPrompt();
   const element = widget?.element;
   return { before, after: node.widgets.length, value: widget?.value, saved, label: widget?.label,

@@ -440,6 +440,7 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
         raise Check(f"the editor's run wrote {medium.frames.shape}, expected 9 frames of 32x32")
     say(f"    the run: success; {videos[0]['filename']} has {medium.frames.shape[0]} frames of 32x32")
     views = {"classic": report["classic"], "Nodes 2.0": report.get("vue")}
+    problems = []
     for view, displays in views.items():
         if displays is None:
             say(f"    {view} view: not in this frontend")
@@ -447,19 +448,21 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
         shown = [d for d in displays if d["visible"]]
         bad = [d for d in shown if not (d["inside"] and d["readOnly"] and d["shownLabel"]) or d["clipped"]]
         if bad:
-            raise Check(f"{view} view: plan display boxes misplaced, editable or unlabelled: {bad}")
+            problems.append(f"{view} view: plan display boxes misplaced, editable or unlabelled: {bad}")
         say(f"    {view} view: {len(shown)} of {len(displays)} plan display boxes on screen, all read-only, "
             f"labelled '{LABEL}' and inside their nodes" + ("" if shown else " (this view does not draw DOM widgets)"))
     overlaps = [(a["id"], b["id"]) for i, a in enumerate(report.get("vueNodes") or [])
                 for b in (report.get("vueNodes") or [])[i + 1:] if boxes_overlap(a["box"], b["box"])]
     if overlaps:
-        raise Check(f"Nodes 2.0 view: nodes overlap: {overlaps}")
+        problems.append(f"Nodes 2.0 view: nodes overlap: {overlaps}")
     ours = [line for line in report["console"]["errors"] + report["console"]["warnings"] if from_the_pack(line)]
     if ours:
         raise Check(f"console errors/warnings from the pack while editing: {ours}")
     say(f"    console: {len(report['console']['errors'])} errors, {len(report['console']['warnings'])} warnings, "
         "none from the pack")
     say("    screenshots: " + ", ".join(report["screenshots"]))
+    if problems:
+        raise Check("; ".join(problems))
 
 
 LABEL = "Unison decided"
