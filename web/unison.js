@@ -2,8 +2,9 @@
 //
 // The Python nodes return {"ui": {"text": [...]}}; ComfyUI hands that to onExecuted. The text goes
 // into a read-only box the pack owns (a DOM widget: node.addDOMWidget, the frontend's public API),
-// with a fixed height that the shipped workflows reserve (tests/harness/build_workflows.py
-// DISPLAY_HEIGHT), so the node never grows over its neighbours; long text scrolls. The widget is
+// with a fixed height (the frontend sizes the element from getHeight/getMinHeight/getMaxHeight) that
+// the shipped workflows reserve (tests/harness/build_workflows.py DISPLAY_HEIGHT), so the node never
+// grows over its neighbours; long text scrolls. The widget is
 // never serialized: not into the saved workflow's widgets_values (it is the last widget, so the
 // node definition's widget order is kept) and not into the API prompt.
 
@@ -35,7 +36,6 @@ function addDisplay(node) {
     padding: "4px 6px",
     boxSizing: "border-box",
     width: "100%",
-    height: `${DISPLAY_HEIGHT}px`,
     overflow: "auto",
     whiteSpace: "pre-wrap",
     wordBreak: "break-word",
@@ -64,6 +64,12 @@ function addDisplay(node) {
   return widget;
 }
 
+function show(node, text) {
+  if (text == null || !SHOWS_TEXT.has(node?.comfyClass)) return;
+  addDisplay(node).value = Array.isArray(text) ? text.join("\n") : String(text);
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "unison.planDisplay",
   async nodeCreated(node) {
@@ -74,10 +80,7 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      const text = message?.text;
-      if (text == null) return;
-      addDisplay(this).value = Array.isArray(text) ? text.join("\n") : String(text);
-      this.setDirtyCanvas?.(true, true);
+      show(this, message?.text);
     };
   },
 });

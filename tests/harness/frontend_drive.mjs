@@ -111,9 +111,12 @@ const values = async () => await page.evaluate(() => {
 
 try {
   const [tx, ty] = await point("Unison Planner Loader");
+  await sleep(500); // let the canvas draw the new view before clicking into it
   await page.mouse.click(tx + 60, ty);
   await page.keyboard.press("Control+b");
-  report.steps.push("bypassed the Unison Planner Loader with Ctrl+B");
+  await sleep(300);
+  const bypassed = await page.evaluate(() => window.app.graph._nodes.filter((n) => n.mode === 4).map((n) => n.title));
+  report.steps.push(`Ctrl+B on the Unison Planner Loader's title; bypassed now: ${bypassed.join(", ")}`);
   await typeNumber("Unison Task Router", "width", 32);
   await typeNumber("Unison Task Router", "height", 32);
   await pickFromList("Unison Task Router", "frames", 9);
