@@ -37,7 +37,6 @@ from ..errors import MediaError, SamplingCancelled, UnisonError
 from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset_model_caches
 from ..plan import Plan
 from .models import VaceModels
-from .scheduler import WanGridUniPCScheduler, wan_unipc_scheduler
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -226,8 +225,10 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int,
     return PreparedLatents(control=control, noise=noise, num_references=num_refs)
 
 
-def make_scheduler(models: VaceModels, shift: float) -> WanGridUniPCScheduler:
+def make_scheduler(models: VaceModels, shift: float) -> Any:
     """A fresh UniPC flow scheduler on Wan's sigma grid with ``flow_shift = shift`` (see :mod:`.scheduler`)."""
+    from .scheduler import wan_unipc_scheduler  # imports diffusers: only when sampling
+
     return wan_unipc_scheduler(models.scheduler_config, shift)
 
 
