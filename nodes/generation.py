@@ -10,6 +10,7 @@ from . import previews
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
+NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
 # The editor holds numbers as JS doubles: above 2**53 a typed seed is not what is sent (ComfyUI's
 # own 0xFFFFFFFFFFFFFFFF maximum even rounds up to 2**64, past the maximum), so the range stops there.
@@ -149,6 +150,11 @@ class UnisonVaceSampler:
                 "tokens": (TOKENS, {"lazy": True,
                                     "tooltip": "Projector tokens from the Unison Projector; appended to the "
                                                "instruction's embedding. Not connected: umT5 alone."}),
+                "noise_device": (list(NOISE_DEVICES), {
+                    "default": "cpu",
+                    "tooltip": "Where the starting noise is drawn. cpu: the same noise for a seed on every machine "
+                               "(as ComfyUI's own samplers). device: a generator on the sampling device, as the "
+                               "Unison reference does (its exact noise on that GPU, different on another GPU)."}),
             },
         }
 
@@ -164,14 +170,14 @@ class UnisonVaceSampler:
         return [name for name in ("vace", "tokens") if name in inputs and inputs[name] is None]
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
-               negative_prompt: str, tokens: Any = None) -> dict[str, Any]:
+               negative_prompt: str, tokens: Any = None, noise_device: str = "cpu") -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Sampler", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                          negative_prompt=negative_prompt)
+                                          negative_prompt=negative_prompt, noise_device=noise_device)
         comfy.load_for_use(vace.patchers)
         bar = comfy.progress_bar(steps)
         to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
