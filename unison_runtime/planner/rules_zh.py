@@ -116,6 +116,8 @@ PHRASES: dict[str, str] = {
     "谁": " who \ue001 ", "多少": " how many \ue001 ", "几个": " how many \ue001 ", "几只": " how many \ue001 ",
     "几辆": " how many \ue001 ", "几人": " how many \ue001 ", "是否": " whether \ue001 ", "哪吒": " nezha ",
     "为什么不": " why \ue001 ", "干什么": " what \ue001 ", "有没有": " is there \ue001 ",
+    "等于几": " equals what \ue001 ", "等于多少": " equals what \ue001 ", "几点": " what time \ue001 ",
+    "几岁": " how old \ue001 ", "画家": " painter ", "画廊": " gallery ", "漫画": " comic ",
     "吗": " ? ", "呢": " ? ", "请问": " ? ", "描述": " describe ",
     "描写": " describe ", "解释": " explain ", "说明": " explain ", "讲解": " explain ", "总结": " summarize ",
     "概括": " summarize ", "归纳": " summarize ", "翻译": " translate ", "识别": " identify ", "辨认": " identify ",
