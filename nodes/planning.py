@@ -41,6 +41,20 @@ EXAMPLE_INSTRUCTION = "A red fox trotting through fresh snow at dawn, cinematic,
 # --------------------------------------------------------------------------- media from the graph
 
 
+INPUT_FOLDER_ROLE = "ComfyUI's input folder"
+
+
+def _input_folder() -> Any:
+    """ComfyUI's input folder (``None`` outside ComfyUI), named by its role in error messages.
+
+    Messages reach a possibly remote user: "ComfyUI's input folder/cat.png", not the server's path.
+    """
+    folder = comfy.input_directory()
+    if folder is not None:
+        runtime_module("paths").name_folder(folder, INPUT_FOLDER_ROLE)
+    return folder
+
+
 def _graph_media(inputs: dict[str, Any]) -> dict[str, Any]:
     """Decode the connected image/video/mask inputs into runtime media, named after their slot."""
     sources = runtime_module("vace.sources")
@@ -89,7 +103,7 @@ def validate_instruction_text(text: Any) -> str | bool:
         return "instruction is empty; write what you want (reference media as ###image1### or ###file.png###)"
     try:
         parsed = instruction_mod.parse_instruction(text, kinds=dict.fromkeys(_named_references(text)[0], "image"))
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         if input_dir is not None:
             for ref in parsed.media:
                 if not SLOT_PATTERN.match(ref.path):
@@ -160,7 +174,7 @@ class UnisonPlanner:
 
         (ComfyUI caches a node by its inputs; without this a new ``cat.png`` would keep the old plan.)
         """
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         if not isinstance(instruction, str) or input_dir is None:
             return ""
         paths = []
@@ -175,7 +189,7 @@ class UnisonPlanner:
             **media_inputs: Any) -> dict[str, Any]:
         graph_media = _graph_media(media_inputs)
         notes = _check_graph_references(instruction, set(graph_media))
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         roots = [input_dir] if input_dir is not None else []  # outside ComfyUI no file may be named
         kinds = {name: medium.kind for name, medium in graph_media.items()}
         parsed = instruction_mod.parse_instruction(instruction, roots, must_exist=True, kinds=kinds)
