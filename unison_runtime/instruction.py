@@ -10,10 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
-from .errors import PathError
+from .errors import InstructionError, PathError
 from .paths import check_reference_text, resolve_reference
 from .plan import IMAGE_PAD, VIDEO_PAD, MediaKind, MediaRef
+
+if TYPE_CHECKING:
+    from .media_probe import MediaInfo
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".webm", ".mkv"})
@@ -28,7 +32,9 @@ class Instruction:
     """An instruction split into what each stage reads.
 
     ``media`` keeps the references as written (role ``context`` until a planner assigns one);
-    ``resolved`` holds their real paths when allowed roots were given, else is empty.
+    ``resolved`` holds their real paths when allowed roots were given, else is empty;
+    ``media_info`` what is known of each medium's shape (one entry per medium, or empty), for
+    planners that look at the media where the words are silent.
     """
 
     text: str
@@ -36,6 +42,7 @@ class Instruction:
     planning_text: str
     media: tuple[MediaRef, ...]
     resolved: tuple[Path, ...] = ()
+    media_info: tuple[MediaInfo | None, ...] = ()
 
 
 def media_kind(reference: str) -> MediaKind:
@@ -58,6 +65,17 @@ def close_reference_gaps(text: str) -> str:
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +([,.;:!?])", r"\1", text)
     return re.sub(r" *\n *", "\n", text).strip()
+
+
+def check_references_closed(text: str) -> None:
+    """A ``###`` left over once every ``###reference###`` pair is read opens a reference that never closes."""
+    rest = REFERENCE_PATTERN.sub(" ", text)
+    at = rest.find("###")
+    if at >= 0:
+        shown = rest[at : at + 40].strip()
+        raise InstructionError(
+            f"the instruction has a '###' that is never closed (near {shown!r}); write each medium as ###file.png###"
+        )
 
 
 def parse_instruction(
@@ -91,6 +109,7 @@ def parse_instruction(
         return IMAGE_PAD if kind == "image" else VIDEO_PAD
 
     planning_text = REFERENCE_PATTERN.sub(to_pad, text)
+    check_references_closed(text)
     prompt = close_reference_gaps(REFERENCE_PATTERN.sub(" ", text))
     return Instruction(
         text=text, prompt=prompt, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)

@@ -242,7 +242,7 @@ def run_checks(server: str, base: Path, log: Path) -> None:
     classes = classes_from_object_info(info)
     workflow = json.loads((REPO / "workflows" / "unison_auto.json").read_text(encoding="utf-8"))
     say("3. unison_auto.json converted from /object_info and queued:")
-    small = {"width": 32, "height": 32, "frames": 5}
+    small = {"width": 32, "height": 32, "frames": "5"}
     branch = {"SaveImage", "SaveVideo", "PreviewAny"}
 
     prompt = prompt_for(workflow, classes, rule_planner=True, instruction="What is the capital of France?")
