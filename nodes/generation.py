@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_bridge as comfy
+from . import previews
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
 NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The editor holds numbers as JS doubles: above 2**53 a typed seed is not what is sent (ComfyUI's
+# own 0xFFFFFFFFFFFFFFFF maximum even rounds up to 2**64, past the maximum), so the range stops there.
+MAX_SEED = 2**53 - 1
 _GENERATE_INSTEAD = "there is nothing to generate (wire the Task Router's image or video output here)"
 
 
@@ -177,10 +180,16 @@ class UnisonVaceSampler:
                                           negative_prompt=negative_prompt, noise_device=noise_device)
         comfy.load_for_use(vace.patchers)
         bar = comfy.progress_bar(steps)
+        to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
+        latest: list[Any] = [None]  # the preview of the step just computed, sent with its progress
+
+        def on_step(step: int, total: int, x0: Any) -> None:
+            latest[0] = to_preview(x0)
 
         def progress(step: int, total: int) -> None:
             if bar is not None:
-                bar.update_absolute(step, total)
+                bar.update_absolute(step, total, latest[0])
+                latest[0] = None
 
         def cancel() -> bool:
             comfy.throw_if_interrupted()  # raises ComfyUI's InterruptProcessingException
@@ -193,7 +202,7 @@ class UnisonVaceSampler:
             # The contexts live in this frame: an out-of-memory error clears it before travelling on.
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
-                                  cancel=cancel)
+                                  cancel=cancel, on_step=on_step if to_preview is not None else None)
 
         def advice(exc: BaseException) -> str:
             return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,

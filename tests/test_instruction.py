@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unison_runtime.errors import PathError
+from unison_runtime.errors import InstructionError, PathError
 from unison_runtime.instruction import (
     IMAGE_EXTENSIONS,
     MAX_INSTRUCTION_CHARS,
@@ -116,9 +116,10 @@ def test_instruction_must_be_text() -> None:
         parse_instruction(b"###a.png###")  # type: ignore[arg-type]
 
 
-def test_unclosed_marker_is_left_as_text() -> None:
-    instruction = parse_instruction("a ###b.png and nothing else")
-    assert instruction.media == () and instruction.planning_text == "a ###b.png and nothing else"
+@pytest.mark.parametrize("text", ["a ###b.png and nothing else", "###a.png### and ###b.png", "###"])
+def test_an_unclosed_marker_is_an_instruction_error(text: str) -> None:
+    with pytest.raises(InstructionError, match="never closed"):
+        parse_instruction(text)
 
 
 # --------------------------------------------------------------------------- confinement to allowed roots

@@ -12,10 +12,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
-from .errors import PathError
+from .errors import InstructionError, PathError
 from .paths import check_reference_text, resolve_reference
 from .plan import IMAGE_PAD, VIDEO_PAD, MediaKind, MediaRef
+
+if TYPE_CHECKING:
+    from .media_probe import MediaInfo
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".webm", ".mkv"})
@@ -32,7 +36,9 @@ class Instruction:
     ``prompt`` is what stage two's umT5 encodes: the reference's text, identical to ``planning_text``
     (a separate name so plans and overrides say which use they mean).
     ``media`` keeps the references as written (role ``context`` until a planner assigns one);
-    ``resolved`` holds their real paths when allowed roots were given, else is empty.
+    ``resolved`` holds their real paths when allowed roots were given, else is empty;
+    ``media_info`` what is known of each medium's shape (one entry per medium, or empty), for
+    planners that look at the media where the words are silent.
     """
 
     text: str
@@ -40,6 +46,7 @@ class Instruction:
     planning_text: str
     media: tuple[MediaRef, ...]
     resolved: tuple[Path, ...] = ()
+    media_info: tuple[MediaInfo | None, ...] = ()
 
 
 def media_kind(reference: str) -> MediaKind:
@@ -51,6 +58,17 @@ def media_kind(reference: str) -> MediaKind:
         return "video"
     accepted = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
     raise PathError(f"media reference {reference!r} has an unsupported extension; expected one of {accepted}")
+
+
+def check_references_closed(text: str) -> None:
+    """A ``###`` left over once every ``###reference###`` pair is read opens a reference that never closes."""
+    rest = REFERENCE_PATTERN.sub(" ", text)
+    at = rest.find("###")
+    if at >= 0:
+        shown = rest[at : at + 40].strip()
+        raise InstructionError(
+            f"the instruction has a '###' that is never closed (near {shown!r}); write each medium as ###file.png###"
+        )
 
 
 def parse_instruction(
@@ -85,6 +103,7 @@ def parse_instruction(
 
     # Unison inference.py: prompt.replace(f"###{path}###", "<IMGPAD>" / "<VIDPAD>"), then used by both stages.
     planning_text = REFERENCE_PATTERN.sub(to_pad, text)
+    check_references_closed(text)
     return Instruction(
         text=text, prompt=planning_text, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)
     )

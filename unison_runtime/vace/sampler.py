@@ -42,6 +42,7 @@ from .models import VaceModels
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
+StepFn = Callable[[int, int, torch.Tensor], None]  # (step, total, predicted clean latents [1, C, T, h, w])
 
 #: Where the starting noise is drawn: a CPU generator (default) or one on the sampling device (the reference's).
 NOISE_DEVICES = ("cpu", "device")
@@ -291,8 +292,13 @@ def denoise(
     cancel: CancelFn | None = None,
     notes: list[str] | None = None,
     state: dict[str, Any] | None = None,
+    on_step: StepFn | None = None,
 ) -> torch.Tensor:
     """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents.
+
+    ``on_step(step, total, x0)``, when given, receives after each step the current estimate of the
+    clean latents (``x0 = x_t - sigma_t * v``, reference frames included), e.g. for live previews;
+    without it nothing extra is computed.
 
     ``state``, when given, is kept up to date with the step being computed (``"step"``) and whether
     guidance still runs batched (``"batched"``), for error messages.
@@ -344,6 +350,8 @@ def denoise(
                 else:
                     noise_pred = predictions[0].float()
                 predictions.clear()
+                if on_step is not None:
+                    on_step(i + 1, total, latents - scheduler.sigmas[i].to(latents.device) * noise_pred)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if progress is not None:
                     progress(i + 1, total)
@@ -391,12 +399,14 @@ def sample(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    on_step: StepFn | None = None,
 ) -> Generation:
     """Generate the plan's image or video from VACE inputs and the two text contexts.
 
     ``cond_context`` / ``neg_context`` are ``[1, L, text_dim]`` (see :mod:`.text`); ``neg_context``
     may be ``None`` when ``options.guidance <= 1``. ``progress(step, total)`` is called after each
-    step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`). Deterministic
+    step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`), ``on_step`` as in
+    :func:`denoise`. Deterministic
     for a given seed on a given device.
 
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
@@ -417,7 +427,7 @@ def sample(
         prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
         stage[0] = "sampling"
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
-                          notes=notes, state=state)
+                          notes=notes, state=state, on_step=on_step)
         stage[0] = "decoding with the VAE"
         return decode(models, latents, prepared.num_references)
 
