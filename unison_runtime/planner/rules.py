@@ -44,6 +44,7 @@ from .rules_meta import (
     parse_frame_index,
     parse_length,
     parse_size,
+    quality_tag,
 )
 from .rules_text import REF_MARK, RuleText, as_rule_text, read_rule_text
 from .rules_zh import QUESTION_MARK
@@ -442,6 +443,8 @@ class RulePlanner:
         frame_count = 1
         if task.is_generation:
             values["width"], values["height"] = parse_size(rule_text)
+            if tag := quality_tag(rule_text):
+                notes.append(f"{tag!r} was read as a quality word, not a size: the model makes at most 2048 px a side")
         if task.output == "video":
             fps = parse_fps(rule_text)
             if fps is not None:
