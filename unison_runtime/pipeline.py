@@ -507,7 +507,7 @@ def sampling_options_from_args(args: Any) -> SamplingOptions:
 
     values = {name: getattr(args, attr, None) for name, attr in
               (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
-               ("negative_prompt", "negative_prompt"))}
+               ("negative_prompt", "negative_prompt"), ("noise_device", "noise_device"))}
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 
