@@ -113,7 +113,7 @@ _IMAGE_NOUN = (
     r"image|picture|pic|photo|photograph|illustration|painting|drawing|portrait|artwork|poster|wallpaper"
     r"|selfie|headshot|snapshot|logo|icon|banner|sticker"
 )
-_VIDEO_NOUN = r"video(?!\s*games?\b)|clip|animation|time-?lapse|footage"
+_VIDEO_NOUN = r"video(?!\s*games?\b)|clip|animation|time-?lapse|footage|gif|vlog"
 _OUTPUT_NOUN = re.compile(rf"\b(?:({_IMAGE_NOUN})|({_VIDEO_NOUN}))s?\b")
 # A noun after one of these names a medium the user gave ("turn this image into a video").
 _INPUT_DETERMINER = re.compile(
