@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_bridge as comfy
+from . import vram_estimate as estimate
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
@@ -169,7 +170,6 @@ class UnisonVaceSampler:
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt)
-        comfy.load_for_use(vace.patchers)
         bar = comfy.progress_bar(steps)
 
         def progress(step: int, total: int) -> None:
@@ -185,9 +185,15 @@ class UnisonVaceSampler:
 
         def work() -> Any:
             # The contexts live in this frame: an out-of-memory error clears it before travelling on.
+            # Staged through ComfyUI's model management: umT5 is asked for only to encode, the transformer
+            # and VAE only to sample, so ComfyUI may offload umT5 to make room for them.
+            comfy.load_for_use([vace.text_patcher], memory_required=estimate.text_encoding_bytes(m))
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
+            comfy.load_for_use(vace.sampling_patchers, memory_required=estimate.sampling_bytes(
+                m, width=p.width, height=p.height, frames=p.num_frames, references=int(inputs.references.shape[0]),
+                batched_guidance=options.batch_cfg and options.uses_guidance))
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
-                                  cancel=cancel)
+                                  cancel=cancel, free_for_decode=lambda: comfy.unload([vace.transformer_patcher]))
 
         def advice(exc: BaseException) -> str:
             return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,
