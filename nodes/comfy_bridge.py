@@ -332,6 +332,18 @@ def unload(patchers: Iterable[Any | None]) -> int:
     return len(found)
 
 
+def fits_on_device(size: int, device: Any) -> bool:
+    """Whether ``size`` bytes of weights plus ComfyUI's minimum working memory fit the whole of ``device``
+    (always true for the CPU and outside ComfyUI)."""
+    import torch
+
+    mm = model_management()
+    device = torch.device(device)
+    if mm is None or device.type == "cpu":
+        return True
+    return size + mm.minimum_inference_memory() <= mm.get_total_memory(device)
+
+
 def free_for_load(size: int, device: Any) -> None:
     """Before weights are loaded straight onto ``device`` (ComfyUI's high-VRAM mode offloads to the GPU), let
     ComfyUI offload other models to make ``size`` bytes of room; nothing to do for the CPU."""

@@ -7,6 +7,7 @@ and hands back one object. Caching, reuse and release follow :mod:`.model_cache`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ CPU = "cpu"
 MAIN_DEVICE = "main device"
 QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 NO_LORA = "none"
+log = logging.getLogger("unison")
 
 
 def nothing_found(folder: str, what: str) -> str:
@@ -348,12 +350,19 @@ class _VaceLoaderNode:
             comfy.free_for_load(sum(_folder_bytes(p) for p in paths), offload)
             options = _vace_dtypes(dtype, text_encoder_dtype, device, text_device)
             models = load_models(**options, device=offload, text_device=text_offload)
+            text_home = text_offload
             # Then computed where ComfyUI will put them, with the attention that fits that device.
             models.device, models.text_device = device, text_device
+            if text_encoder_device == AUTO and not comfy.fits_on_device(comfy.true_size(models.text_encoder),
+                                                                        text_device):
+                # umT5 moves whole (it is not made of ComfyUI ops): where it cannot fit, it encodes on the CPU.
+                log.info("Unison: umT5 (%.1f GiB) does not fit %s; it encodes the prompts on the CPU",
+                         comfy.true_size(models.text_encoder) / 2**30, text_device)
+                models.text_device = text_home = "cpu"
             if offload != device:
                 attention = runtime_module("attention")
                 models.attention = attention.use_best_vace_attention(models.transformer, device, options["dtype"])
-            return _manage_vace(models, label, offload, text_offload)
+            return _manage_vace(models, label, offload, text_home)
 
         return LOADED.get_or_load(key, load, slot=("vace", node) if node is not None else None)
 
