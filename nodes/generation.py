@@ -7,6 +7,7 @@ from typing import Any
 
 from . import comfy_bridge as comfy
 from . import previews
+from . import vram_estimate as estimate
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
@@ -179,7 +180,6 @@ class UnisonVaceSampler:
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt, noise_device=noise_device)
-        comfy.load_for_use(vace.patchers)
         options, memory_note = _memory_preflight(packet.plan, vace.models, options)
         bar = comfy.progress_bar(steps)
         to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
@@ -202,9 +202,16 @@ class UnisonVaceSampler:
 
         def work() -> Any:
             # The contexts live in this frame: an out-of-memory error clears it before travelling on.
+            # Staged through ComfyUI's model management: umT5 is asked for only to encode, the transformer
+            # and VAE only to sample, so ComfyUI may offload umT5 to make room for them.
+            comfy.load_for_use([vace.text_patcher], memory_required=estimate.text_encoding_bytes(m))
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
+            comfy.load_for_use(vace.sampling_patchers, memory_required=estimate.sampling_bytes(
+                m, width=p.width, height=p.height, frames=p.num_frames, references=int(inputs.references.shape[0]),
+                batched_guidance=options.batch_cfg and options.uses_guidance))
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
-                                  cancel=cancel, on_step=on_step if to_preview is not None else None)
+                                  cancel=cancel, on_step=on_step if to_preview is not None else None,
+                                  free_for_decode=lambda: comfy.unload([vace.transformer_patcher]))
 
         def advice(exc: BaseException) -> str:
             return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,

@@ -409,16 +409,62 @@ def vae_tiling(vae: Any, on: bool) -> Iterator[None]:
             vae.disable_tiling()
 
 
-def decode(models: VaceModels, latents: torch.Tensor, num_references: int) -> torch.Tensor:
-    """Drop the reference frames, undo the latent normalisation, decode: float32 [T, H, W, 3] in 0..1 on the CPU."""
+#: Tile sizes (pixels: min height, min width, stride height, stride width) for the decode retries after an
+#: out-of-memory error: diffusers' defaults, then half of them.
+DECODE_TILES = ((256, 256, 192, 192), (128, 128, 96, 96))
+
+
+def decode(models: VaceModels, latents: torch.Tensor, num_references: int, *,
+           free_memory: Callable[[], None] | None = None, notes: list[str] | None = None) -> torch.Tensor:
+    """Drop the reference frames, undo the latent normalisation, decode: float32 [T, H, W, 3] in 0..1 on the CPU.
+
+    Finished latents are never thrown away by the decode: if decoding runs out of memory, what is
+    not needed is freed (``free_memory()``, e.g. the transformer; the device cache) and the VAE
+    decodes again in tiles (``AutoencoderKLWan.enable_tiling``), then in smaller tiles. Only when
+    the smallest tiles fail too does the error travel on (the caller still holds ``latents``).
+    """
     vae = models.vae
     latents = latents[:, :, num_references:].to(vae.dtype)
     mean, inv_std = _latent_stats(models, latents.device)
     latents = (latents / inv_std.to(latents.dtype) + mean.to(latents.dtype))
-    with torch.no_grad():
-        video = vae.decode(latents, return_dict=False)[0]  # [1, 3, T, H, W] in [-1, 1]
+    tilings: list[tuple[int, int, int, int] | None] = [None, *DECODE_TILES]
+    if not hasattr(vae, "enable_tiling"):
+        tilings = [None]
+    for attempt, tiles in enumerate(tilings):
+        last = attempt == len(tilings) - 1
+        try:
+            video = _decode_once(vae, latents, tiles)
+            break
+        except (RuntimeError, MemoryError) as exc:
+            if last or not is_out_of_memory(exc):
+                raise
+        # Outside the except clause: the failed attempt's activations went with its exception.
+        if attempt == 0 and free_memory is not None:
+            free_memory()
+        _empty_cache(models.device)
+        if notes is not None:
+            h, w = tilings[attempt + 1][:2]
+            notes.append(f"decoding ran out of memory; decoded again in {w}x{h} tiles (same latents)")
     frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
     return frames.cpu().contiguous()
+
+
+def _decode_once(vae: Any, latents: torch.Tensor, tiles: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """One VAE decode, tiled when ``tiles`` is given; the VAE's own tiling setting is restored afterwards."""
+    names = ("use_tiling", "tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height",
+             "tile_sample_stride_width")
+    before = {name: getattr(vae, name) for name in names if hasattr(vae, name)}
+    if tiles is not None:
+        height, width, stride_h, stride_w = tiles
+        vae.enable_tiling(tile_sample_min_height=height, tile_sample_min_width=width,
+                          tile_sample_stride_height=stride_h, tile_sample_stride_width=stride_w)
+    try:
+        with torch.no_grad():
+            return vae.decode(latents, return_dict=False)[0]  # [1, 3, T, H, W] in [-1, 1]
+    finally:
+        if tiles is not None:
+            for name, value in before.items():
+                setattr(vae, name, value)
 
 
 def sample(
@@ -433,6 +479,7 @@ def sample(
     cancel: CancelFn | None = None,
     on_step: StepFn | None = None,
     on_stage: StageFn | None = None,
+    free_for_decode: Callable[[], None] | None = None,
 ) -> Generation:
     """Generate the plan's image or video from VACE inputs and the two text contexts.
 
@@ -445,7 +492,9 @@ def sample(
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
     to lower, after the latents of this call were let go; the models stay usable. ``on_stage(text)``
     is told when encoding, sampling and decoding start (for a host's progress display).
-    ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole.
+    ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole. A decode that runs
+    out of memory is first retried in tiles, after ``free_for_decode()`` freed what decoding does not
+    need (see :func:`decode`), so finished latents are not lost to the decode.
     """
     options = options or SamplingOptions()
     announce = on_stage or (lambda text: None)
@@ -467,11 +516,13 @@ def sample(
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
                           notes=notes, state=state, on_step=on_step)
         stage[0] = "decoding with the VAE"
+        num_references = prepared.num_references
+        del prepared  # the control latents are not needed to decode
         frames = plan.num_frames
         announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
                  + (" (tiled)" if options.vae_tiling else ""))
         with vae_tiling(models.vae, options.vae_tiling):
-            return decode(models, latents, prepared.num_references)
+            return decode(models, latents, num_references, free_memory=free_for_decode, notes=notes)
 
     def where() -> str:
         return f"sampling, step {state['step']} of {options.steps}" if stage[0] == "sampling" else stage[0]
