@@ -373,8 +373,8 @@ class UnisonTaskRouter:
         "Height in pixels (multiple of 16); wire into WanVaceToVideo.",
         "Number of frames (1 for images, 4k+1 for videos); wire into WanVaceToVideo's length.",
         "Frames per second for saving the video (e.g. Create Video).",
-        "The instruction with its media references removed: the text stage two encodes (e.g. for CLIP Text "
-        "Encode with umT5 on the native Wan path).",
+        "The text stage two's umT5 encodes, as Unison does: the instruction with each media reference replaced "
+        "by <IMGPAD> / <VIDPAD> (e.g. for CLIP Text Encode with umT5 on the native Wan path).",
         "Text branch: the answer of an understanding task. Blocked for image and video tasks.",
         "Image branch: the plan, only for image tasks (feed a Unison VACE Sampler → Save Image).",
         "Video branch: the plan, only for video tasks (feed a Unison VACE Sampler → Create Video → Save Video).",

@@ -33,7 +33,8 @@ _UNIT = r"(?:seconds?|secs?|minutes?|mins?|hours?|hrs?|milliseconds?|frames?|fps
 # "five seconds", "twenty-five frames", "one and a half minutes", "a minute and a half", "half a second".
 _WORDS_AND_HALF = re.compile(rf"\b({_WORD_NUMBER}|\d+)\s+and\s+a\s+half\s*-?\s*({_UNIT})\b")
 _UNIT_AND_HALF = re.compile(rf"\b(?:an?|one)\s*-?\s*({_UNIT})\s+and\s+a\s+half\b")
-_HALF_A = re.compile(rf"\bhalf\s+(?:an?\s*-?\s*)?({_UNIT})\b")
+_HALF_A = re.compile(rf"\bhalf\s+(?:of\s+)?(?:an?\s*-?\s*)?({_UNIT})\b")
+_QUARTER = re.compile(rf"\b(?:a|one)\s+quarter\s+(?:of\s+)?(?:an?\s+)?({_UNIT})\b")
 _WORDS_UNIT = re.compile(rf"\b({_WORD_NUMBER})(\s*-?\s*)({_UNIT})\b")
 # "a minute", "an hour"; "a second" only where it is a length ("for a second", "a second long"),
 # never "a second image".
@@ -72,6 +73,7 @@ def rewrite_number_words(text: str) -> str:
     )
     text = _UNIT_AND_HALF.sub(lambda m: f"1.5 {m[1]}", text)
     text = _HALF_A.sub(lambda m: f"0.5 {m[1]}", text)
+    text = _QUARTER.sub(lambda m: f"0.25 {m[1]}", text)
     text = _WORDS_UNIT.sub(lambda m: f"{word_number(m[1])}{m[2]}{m[3]}", text)
     return _A_UNIT.sub(lambda m: f"1 {m[1] or m[2] or m[3]}", text)
 

@@ -116,6 +116,8 @@ PHRASES: dict[str, str] = {
     "谁": " who \ue001 ", "多少": " how many \ue001 ", "几个": " how many \ue001 ", "几只": " how many \ue001 ",
     "几辆": " how many \ue001 ", "几人": " how many \ue001 ", "是否": " whether \ue001 ", "哪吒": " nezha ",
     "为什么不": " why \ue001 ", "干什么": " what \ue001 ", "有没有": " is there \ue001 ",
+    "等于几": " equals what \ue001 ", "等于多少": " equals what \ue001 ", "几点": " what time \ue001 ",
+    "几岁": " how old \ue001 ", "画家": " painter ", "画廊": " gallery ", "漫画": " comic ",
     "吗": " ? ", "呢": " ? ", "请问": " ? ", "描述": " describe ",
     "描写": " describe ", "解释": " explain ", "说明": " explain ", "讲解": " explain ", "总结": " summarize ",
     "概括": " summarize ", "归纳": " summarize ", "翻译": " translate ", "识别": " identify ", "辨认": " identify ",
@@ -140,6 +142,8 @@ PHRASES: dict[str, str] = {
     "去除": " remove ", "删除": " remove ", "删掉": " remove ", "移除": " remove ", "抹掉": " erase ",
     "擦除": " erase ", "擦掉": " erase ", "添加": " add ", "加上": " add ", "增加": " add ", "加入": " add ",
     "加一": " add a ", "上色": " colorize ", "修复": " restore ", "换掉": " replace ", "换": " change ",
+    "戴上": " put on ", "穿上": " put on ", "披上": " put on ", "让他": " make him ", "让她": " make her ",
+    "让它": " make it ", "让这": " make this ", "让": " make ", "变化": " change ", "变得": " into ", "变": " into ",
     "放到": " place into ", "放在": " place into ", "放进": " place into ", "放入": " place into ",
     "置于": " place into ", "把": " turn ", "将": " turn ",
     # media nouns
