@@ -15,9 +15,11 @@ Where it reproduces the reference (Unison ``module.py`` ``WanVaceProj.generate``
 (:mod:`.scheduler`), the guidance combine runs in float32 on float32 predictions (Wan's model
 returns ``.float()`` outputs), and the scheduler steps float32 latents.
 
-Conventions (VACE's): the source video is in [-1, 1] (grey 0.5 → 0), the mask is binary with
-1 = regenerate; the VAE encodes ``video * (1 - mask)`` (kept) and ``video * mask`` (to regenerate)
-separately; the mask is pixel-unshuffled 8x8 into 64 channels and resized in time to the latent
+Conventions (VACE's, ``WanVace.vace_encode_frames`` / ``vace_encode_masks``): the source video is in
+[-1, 1] (grey 0.5 → 0), the mask in [0, 1] with 1 = regenerate; the VAE encodes ``video * (1 - m)``
+(kept) and ``video * m`` (to regenerate) separately with ``m`` the mask thresholded at 0.5, while the
+mask channels carry the mask as given (a soft mask stays soft there, as in VACE): it is
+pixel-unshuffled 8x8 into 64 channels and resized in time to the latent
 frames; each reference image is encoded alone, paired with zeros, and prepended in time, with a
 zero mask. The noise is drawn from ``seed`` on the CPU by default, so a seed means the same noise on
 every machine (as in ComfyUI); ``noise_device="device"`` draws it on the sampling device as the
@@ -50,7 +52,7 @@ class VaceInputsLike(Protocol):
     """What the sampler reads from :class:`unison_runtime.vace.sources.VaceInputs`."""
 
     frames: torch.Tensor  # [T, H, W, 3] float 0..1, grey 0.5
-    masks: torch.Tensor  # [T, H, W] float 0/1, 1 = regenerate
+    masks: torch.Tensor  # [T, H, W] float 0..1, 1 = regenerate (thresholded at 0.5 for the VAE split)
     references: torch.Tensor  # [R, H, W, 3] float 0..1 on a white canvas
 
 
@@ -197,7 +199,8 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int,
     temporal, spatial = vae_scales(models)
     patch = models.transformer.config.patch_size[1]
     video = (inputs.frames.to(device=device, dtype=torch.float32) * 2.0 - 1.0).permute(3, 0, 1, 2)[None]
-    mask = torch.where(inputs.masks.to(device=device, dtype=torch.float32) > 0.5, 1.0, 0.0)
+    given_mask = inputs.masks.to(device=device, dtype=torch.float32)
+    mask = torch.where(given_mask > 0.5, 1.0, 0.0)  # the kept / regenerated split (vace_encode_frames)
     refs = inputs.references.to(device=device, dtype=torch.float32) * 2.0 - 1.0
     num_refs = int(refs.shape[0])
 
@@ -214,7 +217,7 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int,
         source = torch.cat([*parts, source], dim=2)
 
     latent_frames = (inputs.frames.shape[0] - 1) // temporal + 1
-    mask_latent = _mask_latents(mask, latent_frames, spatial, patch)
+    mask_latent = _mask_latents(given_mask, latent_frames, spatial, patch)  # as given (vace_encode_masks)
     if num_refs:
         mask_latent = torch.cat([mask_latent.new_zeros(mask_latent.shape[0], num_refs, *mask_latent.shape[2:]),
                                  mask_latent], dim=1)
