@@ -148,6 +148,8 @@ def test_the_source_shape_and_length_shape_the_plan_where_words_are_silent() -> 
     assert (video.width, video.height, video.num_frames, video.fps) == (848, 480, 97, 25)
     told = _with_info("###clip.mp4### make it snow, 2 seconds", MediaInfo(1280, 720, frames=100, fps=25.0))
     assert told.num_frames == 49
+    rate = _with_info("###clip.mp4### make it snow at 12 frames per second", MediaInfo(1280, 720, frames=100, fps=25.0))
+    assert (rate.fps, rate.num_frames) == (12, 97)
 
 
 def test_media_a_task_cannot_use_are_named_in_the_notes() -> None:
