@@ -162,17 +162,40 @@ def offload_device() -> Any:
     return torch.device("cpu")
 
 
+def text_encoder_offload_device() -> Any:
+    """Where text encoders wait while not in use (the CPU unless ``--gpu-only``)."""
+    import torch
+
+    mm = model_management()
+    if mm is not None:
+        return mm.text_encoder_offload_device()
+    return torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- model management
 
 
-def manage_modules(label: str, modules: dict[str, Any], load_device: Any) -> Any | None:
+def true_size(module: Any) -> int:
+    """Bytes of the distinct parameters and buffers of ``module``.
+
+    ComfyUI's ``module_size`` sums the state dict, where a tensor tied to two names (umT5's shared
+    input embedding, ``shared.weight`` = ``encoder.embed_tokens.weight``, 1.05 B values) counts
+    twice; ``parameters()`` / ``buffers()`` yield each tensor once.
+    """
+    import itertools
+
+    return sum(t.nelement() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def manage_modules(label: str, modules: dict[str, Any], load_device: Any, offload: Any = None) -> Any | None:
     """Register torch modules with ComfyUI's model manager; returns a ModelPatcher, or ``None`` outside ComfyUI.
 
-    ComfyUI then counts their memory, moves them to ``load_device`` when :func:`load_for_use`
-    asks, offloads them when another model needs room, and moves them off the GPU when the user
-    frees memory (``POST /free``, the "Unload models" button). The modules are held by a plain
-    container module because ModelPatcher writes bookkeeping attributes (``device``, ...) on the
-    model it manages, and diffusers models have a read-only ``device`` property.
+    The modules should sit on ``offload`` (default :func:`offload_device`): ComfyUI moves them to
+    ``load_device`` when :func:`load_for_use` asks, offloads them when another model needs the room,
+    and moves them off the GPU when the user frees memory ("Unload models", ``POST /free``). Their
+    true size (:func:`true_size`) is registered, so ComfyUI's accounting matches what moves. They
+    are held by a plain container module because ModelPatcher writes bookkeeping attributes
+    (``device``, ...) on the model it manages, and diffusers models have a read-only ``device``.
     """
     mp = _optional("comfy.model_patcher")
     if mp is None:
@@ -181,12 +204,14 @@ def manage_modules(label: str, modules: dict[str, Any], load_device: Any) -> Any
 
     holder = _holder_class()()
     holder.unison_label = label
-    # ComfyUI compares devices with torch.device("cpu"); a plain "cpu" string would be taken for a GPU.
-    load_device = torch.device(load_device)
     for key, module in modules.items():
         if module is not None:
             holder.add_module(key, module)
-    return mp.ModelPatcher(holder, load_device=load_device, offload_device=offload_device())
+    # ComfyUI compares devices with torch.device("cpu"); a plain "cpu" string would be taken for a GPU.
+    offload = torch.device(offload) if offload is not None else offload_device()
+    holder.device = offload
+    return mp.ModelPatcher(holder, load_device=torch.device(load_device), offload_device=offload,
+                           size=true_size(holder))
 
 
 @functools.cache
@@ -199,17 +224,136 @@ def _holder_class() -> type:
     return UnisonModules
 
 
-def load_for_use(patchers: Iterable[Any | None]) -> None:
-    """Ask ComfyUI to put these managed modules on their device, freeing room from other models first.
+def patcher_label(patcher: Any) -> str:
+    return getattr(patcher.model, "unison_label", type(patcher.model).__name__)
 
-    ``force_full_load``: the modules are not ComfyUI ops, so a partial ("lowvram") load would leave
-    some of them behind on the CPU; they must move whole.
+
+def load_for_use(patchers: Iterable[Any | None], memory_required: int = 0) -> None:
+    """Ask ComfyUI to put these managed modules on their device, keeping ``memory_required`` bytes free for
+    the work that follows (activations, decoding); ComfyUI offloads other models to make the room.
+
+    Only the models named here are asked for: any other model (umT5 once the prompts are encoded)
+    stays evictable. ``force_full_load``: the modules are not ComfyUI ops, so they cannot stream
+    their weights layer by layer and must move whole. Placement is then checked
+    (:func:`ensure_placement`), because ComfyUI may still have loaded them only in part.
     """
     managed = [p for p in patchers if p is not None]
     mm = model_management()
     if mm is None or not managed:
         return
-    mm.load_models_gpu(managed, force_full_load=True)
+    mm.load_models_gpu(managed, memory_required=int(memory_required), force_full_load=True)
+    ensure_placement(managed)
+
+
+def stray_tensors(patcher: Any) -> list[tuple[str, Any]]:
+    """(name, device) of the parameters and buffers of a managed model that are not on its load device."""
+    import itertools
+
+    import torch
+
+    target = torch.device(patcher.load_device)
+
+    def placed(device: Any) -> bool:  # "cuda" (no index) means the current device: any index matches
+        return (device.type == target.type and None in (target.index, device.index)) or device == target
+
+    named = itertools.chain(patcher.model.named_parameters(), patcher.model.named_buffers())
+    return [(name, t.device) for name, t in named if not placed(t.device)]
+
+
+def ensure_placement(patchers: Iterable[Any]) -> None:
+    """Make sure every managed model sits whole on its load device after ComfyUI loaded it, or fail clearly.
+
+    ComfyUI loads a model only in part under ``--novram`` (its NO_VRAM state ignores a forced full
+    load), and a model it partially evicted earlier comes back partial under ``--lowvram`` /
+    ``--novram``: it moves the modules it can stream layer by layer and leaves the rest on the CPU,
+    which for modules that are not ComfyUI ops means the weights stay on the CPU while the inputs go
+    to the GPU. Such a model is completed through ComfyUI's own ``ModelPatcher.partially_load``
+    (after ``free_memory`` made room for the missing bytes), so its bookkeeping stays right.
+    """
+    mm = model_management()
+    managed = list(patchers)
+    for patcher in managed:
+        stray = stray_tensors(patcher)
+        if not stray:
+            continue
+        import torch
+
+        device = torch.device(patcher.load_device)
+        names = {name for name, _ in stray}
+        missing = sum(t.nelement() * t.element_size() for name, t in _named_tensors(patcher) if name in names)
+        log = _logger()
+        log.info("Unison: ComfyUI loaded %s only in part (%d of its tensors on %s, e.g. %s); these modules cannot "
+                 "stream their weights layer by layer, so the remaining %.2f GiB are loaded to %s",
+                 patcher_label(patcher), len(stray), stray[0][1], stray[0][0], missing / 2**30, device)
+        if mm is not None and device.type != "cpu":
+            keep = [lm for lm in mm.current_loaded_models if lm.model in managed]
+            mm.free_memory(missing * 1.1 + mm.minimum_inference_memory(), device, keep_loaded=keep)
+        patcher.partially_load(device, extra_memory=float("inf"))
+        stray = stray_tensors(patcher)
+        if stray:
+            from ._runtime import errors
+
+            names = ", ".join(f"{name} on {dev}" for name, dev in stray[:3])
+            raise errors.UnisonError(
+                f"{patcher_label(patcher)}: ComfyUI was asked to load it on {device}, but {len(stray)} of its weights "
+                f"stayed elsewhere ({names}{', ...' if len(stray) > 3 else ''}); the inputs would not match the "
+                "weights. Restart ComfyUI without --novram, or set the Unison VACE Loader's text encoder device to "
+                "cpu to keep umT5 off the GPU")
+
+
+def _named_tensors(patcher: Any) -> Iterable[tuple[str, Any]]:
+    import itertools
+
+    return itertools.chain(patcher.model.named_parameters(), patcher.model.named_buffers())
+
+
+def _logger() -> Any:
+    import logging
+
+    return logging.getLogger("unison")
+
+
+def unload(patchers: Iterable[Any | None]) -> int:
+    """Offload these managed models now (ComfyUI's own unload: weights back to their offload device).
+
+    For work that no longer needs them (the transformer before a retried decode) or a loader that
+    is about to load a replacement. Returns how many were loaded.
+    """
+    mm = model_management()
+    wanted = [p for p in patchers if p is not None]
+    if mm is None or not wanted:
+        return 0
+    found = [i for i, lm in enumerate(mm.current_loaded_models) if lm.model in wanted]
+    for i in sorted(found, reverse=True):
+        loaded = mm.current_loaded_models.pop(i)
+        loaded.model_unload()
+    if found:
+        mm.soft_empty_cache()
+    return len(found)
+
+
+def fits_on_device(size: int, device: Any) -> bool:
+    """Whether ``size`` bytes of weights plus ComfyUI's minimum working memory fit the whole of ``device``
+    (always true for the CPU and outside ComfyUI)."""
+    import torch
+
+    mm = model_management()
+    device = torch.device(device)
+    if mm is None or device.type == "cpu":
+        return True
+    return size + mm.minimum_inference_memory() <= mm.get_total_memory(device)
+
+
+def free_for_load(size: int, device: Any) -> None:
+    """Before weights are loaded straight onto ``device`` (ComfyUI's high-VRAM mode offloads to the GPU), let
+    ComfyUI offload other models to make ``size`` bytes of room; nothing to do for the CPU."""
+    import torch
+
+    mm = model_management()
+    device = torch.device(device)
+    if mm is None or device.type == "cpu":
+        return
+    mm.free_memory(size, device)
 
 
 def empty_cache() -> None:

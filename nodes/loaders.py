@@ -7,8 +7,9 @@ and hands back one object. Caching, reuse and release follow :mod:`.model_cache`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ CPU = "cpu"
 MAIN_DEVICE = "main device"
 QWEN_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 NO_LORA = "none"
+log = logging.getLogger("unison")
 
 
 def nothing_found(folder: str, what: str) -> str:
@@ -107,6 +109,15 @@ class LoadedPlanner:
     def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it to a line
         return f"LoadedPlanner({self.label})"
 
+    def release(self) -> None:
+        """Give the memory back now: ComfyUI unloads the model, then the references to it are dropped."""
+        if self.patcher is not None:
+            comfy.unload([self.patcher])
+            for name in list(self.patcher.model._modules):
+                delattr(self.patcher.model, name)
+        if hasattr(self.planner, "model"):
+            self.planner.model = None
+
 
 class UnisonPlannerLoader:
     DESCRIPTION = ("Loads stage one: Qwen2.5-VL-3B-Instruct with the Unison planning LoRA (or an already merged "
@@ -136,14 +147,16 @@ class UnisonPlannerLoader:
                     "default": AUTO,
                     "tooltip": "Attention backend; auto = flash_attention_2 when the flash-attn package is installed "
                                "and the model runs bf16/fp16 on a GPU, else sdpa."}),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def IS_CHANGED(cls, model: str, lora: str, **_: Any) -> str:
         return signature([_maybe_path(comfy.UNISON_FOLDER, model), _maybe_path(comfy.UNISON_FOLDER, lora)])
 
-    def load(self, model: str, lora: str, dtype: str, device: str, attention: str) -> tuple[LoadedPlanner]:
+    def load(self, model: str, lora: str, dtype: str, device: str, attention: str,
+             unique_id: str | None = None) -> tuple[LoadedPlanner]:
         model_dir = _choose(comfy.UNISON_FOLDER, model, "Qwen2.5-VL folder")
         lora_dir = None if lora == NO_LORA else _choose(comfy.UNISON_FOLDER, lora, "planning LoRA folder")
         target = _device_name(device)
@@ -151,16 +164,22 @@ class UnisonPlannerLoader:
 
         def load() -> LoadedPlanner:
             qwen = runtime_module("planner.qwen")
+            comfy.free_for_load(_folder_bytes(model_dir) + _folder_bytes(lora_dir), target)
             planner = qwen.load_planner(model_dir, lora_dir, device=target, dtype=None if dtype == AUTO else dtype,
                                         attention=attention,
                                         generate_options={"stopping_criteria": _interrupt_criteria()})
             label = model_dir.name + (f" + {lora_dir.name}" if lora_dir else "")
             module = getattr(planner, "model", None)
-            patcher = comfy.manage_modules(f"Unison planner {label}", {"model": module}, target) \
+            # The planner loads straight onto its device (its dtype and attention are chosen for it there);
+            # registering it as loaded right away keeps ComfyUI's accounting true and the planner evictable.
+            patcher = comfy.manage_modules(f"Unison planner {label}", {"model": module}, target, offload=target) \
                 if module is not None else None
+            if patcher is not None:
+                patcher.offload_device = comfy.offload_device()
+                comfy.load_for_use([patcher])
             return LoadedPlanner(planner=planner, label=label, patcher=patcher)
 
-        return (LOADED.get_or_load(key, load),)
+        return (LOADED.get_or_load(key, load, slot=("planner", unique_id) if unique_id is not None else None),)
 
 
 # --------------------------------------------------------------------------- projector
@@ -207,38 +226,86 @@ class UnisonProjectorLoader:
 
 @dataclass(eq=False, repr=False)
 class LoadedVace:
-    """What ``UNISON_VACE`` carries: the runtime models and their ComfyUI model-manager handles."""
+    """What ``UNISON_VACE`` carries: the runtime models and their ComfyUI model-manager handles.
+
+    One handle per part, so ComfyUI can hold each only while it is used: umT5 for encoding the
+    prompts, the transformer for sampling, the VAE for encoding the inputs and decoding.
+    """
 
     models: Any  # unison_runtime.vace.models.VaceModels
     label: str
-    patchers: list[Any] = field(default_factory=list)
+    text_patcher: Any = None
+    transformer_patcher: Any = None
+    vae_patcher: Any = None
+
+    @property
+    def patchers(self) -> list[Any]:
+        return [p for p in (self.transformer_patcher, self.vae_patcher, self.text_patcher) if p is not None]
+
+    @property
+    def sampling_patchers(self) -> list[Any]:
+        return [p for p in (self.transformer_patcher, self.vae_patcher) if p is not None]
 
     def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it to a line
         return f"LoadedVace({self.label}, device={self.models.device}, text_device={self.models.text_device})"
 
+    def release(self) -> None:
+        """Give the memory back now: ComfyUI unloads the parts, then the runtime drops its references."""
+        comfy.unload(self.patchers)
+        for patcher in self.patchers:
+            for name in list(patcher.model._modules):
+                delattr(patcher.model, name)
+        self.models.release()
 
-def _manage_vace(models: Any, label: str) -> LoadedVace:
-    patchers = [
-        comfy.manage_modules(f"Unison VACE {label}", {"transformer": models.transformer, "vae": models.vae},
-                             models.device),
-        comfy.manage_modules(f"Unison umT5 {label}", {"text_encoder": models.text_encoder}, models.text_device),
-    ]
-    return LoadedVace(models=models, label=label, patchers=[p for p in patchers if p is not None])
+
+def _manage_vace(models: Any, label: str, offload: str, text_offload: str) -> LoadedVace:
+    return LoadedVace(
+        models=models, label=label,
+        text_patcher=comfy.manage_modules(f"Unison umT5 {label}", {"text_encoder": models.text_encoder},
+                                          models.text_device, offload=text_offload),
+        transformer_patcher=comfy.manage_modules(f"Unison VACE {label}", {"transformer": models.transformer},
+                                                 models.device, offload=offload),
+        vae_patcher=comfy.manage_modules(f"Unison Wan VAE {label}", {"vae": models.vae}, models.device,
+                                         offload=offload),
+    )
 
 
-def _vace_dtypes(dtype: str, device: str, text_device: str) -> dict[str, Any]:
-    """Explicit dtypes per part: "auto" means the runtime's defaults for the device (fp32 on the CPU, where
-    half precision is slow; bf16 transformer and umT5 on a GPU; the VAE in fp32), never "as stored"."""
+def _vace_dtypes(dtype: str, text_dtype: str, device: str, text_device: str) -> dict[str, Any]:
+    """Explicit dtypes per part for the devices they will run on: "auto" means the runtime's defaults for
+    the device (bf16 transformer and umT5 on a capable GPU, fp32 on the CPU; the VAE in fp32), never
+    "as stored"."""
     loading = runtime_module("vace.loading")
     return {
         "dtype": loading.resolve_dtype(None if dtype == AUTO else dtype, device, role="transformer"),
-        "text_dtype": loading.resolve_dtype(None, text_device, role="text_encoder"),
+        "text_dtype": loading.resolve_dtype(None if text_dtype == AUTO else text_dtype, text_device,
+                                            role="text_encoder"),
         "vae_dtype": loading.resolve_dtype(None, device, role="vae"),
     }
 
 
-TEXT_DEVICE_TOOLTIP = ("Where umT5-XXL runs: auto = ComfyUI's text-encoder device; cpu keeps its ~11 GB off the GPU "
-                       "(slower prompt encoding, once per run); main device = the GPU.")
+def _folder_bytes(path: Path | None) -> int:
+    """Bytes of a model file or folder on disk (what loading it costs at least)."""
+    if path is None:
+        return 0
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+#: umT5-XXL encoder at its released shape: 5.68 B parameters (the 1.05 B-value embedding counted once).
+#: Computed from the shipped config (unison_runtime/configs/umt5-xxl-encoder), not measured on a GPU.
+TEXT_DEVICE_TOOLTIP = (
+    "Where umT5-XXL (5.7 B parameters) runs. Its cost: 10.6 GiB in bf16/fp16, 21.2 GiB in fp32 (the CPU "
+    "default), plus ~0.2 GiB to encode a prompt. auto = ComfyUI's text-encoder device (the CPU under --lowvram / "
+    "--novram): it is loaded only to encode the prompts and ComfyUI may offload it before sampling. cpu: "
+    "never on the GPU, slower prompt encoding (once per run), costs system RAM instead. main device = the GPU "
+    "while encoding.")
+TEXT_DTYPE_TOOLTIP = (
+    "umT5-XXL weight dtype: auto = bf16 on a capable GPU, fp32 on the CPU (21.2 GiB of RAM). bf16/fp16 halve it "
+    "to 10.6 GiB (on the CPU too); fp32 is the reference precision.")
 
 
 class _VaceLoaderNode:
@@ -253,24 +320,51 @@ class _VaceLoaderNode:
     @staticmethod
     def _device_inputs() -> dict[str, Any]:
         return {
-            "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype; auto = bf16 on a capable GPU, "
+            "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype (2.15 B parameters: 4.0 GiB in bf16/"
+                                                            "fp16, 8.0 GiB in fp32); auto = bf16 on a capable GPU, "
                                                             "fp32 on the CPU."}),
             "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
         }
 
     @staticmethod
+    def _text_dtype_input() -> dict[str, Any]:
+        """Last among the widgets, so workflows saved before it existed keep their values in place."""
+        return {"text_encoder_dtype": (DTYPES, {"default": AUTO, "tooltip": TEXT_DTYPE_TOOLTIP})}
+
+    @staticmethod
     def _load(kind: str, paths: list[Path], label: str, dtype: str, text_encoder_device: str,
-              load_models: Callable[..., Any]) -> LoadedVace:
-        """``load_models(dtype=..., device=..., ...)`` once per choice of files, dtype and devices."""
+              load_models: Callable[..., Any], text_encoder_dtype: str = AUTO, node: str | None = None) -> LoadedVace:
+        """``load_models(dtype=..., device=..., ...)`` once per choice of files, dtypes and devices.
+
+        The weights load onto ComfyUI's offload devices (the CPU unless it runs in high-VRAM mode);
+        ComfyUI moves each part to its device when a node uses it (``comfy_bridge.load_for_use``).
+        """
         device = str(comfy.torch_device())
         text_device = _device_name(text_encoder_device, text=True)
-        key = (kind, signature(paths), dtype, device, text_device)
+        offload, text_offload = str(comfy.offload_device()), str(comfy.text_encoder_offload_device())
+        if text_device == "cpu":
+            text_offload = "cpu"
+        key = (kind, signature(paths), dtype, text_encoder_dtype, device, text_device)
 
         def load() -> LoadedVace:
-            models = load_models(**_vace_dtypes(dtype, device, text_device), device=device, text_device=text_device)
-            return _manage_vace(models, label)
+            comfy.free_for_load(sum(_folder_bytes(p) for p in paths), offload)
+            options = _vace_dtypes(dtype, text_encoder_dtype, device, text_device)
+            models = load_models(**options, device=offload, text_device=text_offload)
+            text_home = text_offload
+            # Then computed where ComfyUI will put them, with the attention that fits that device.
+            models.device, models.text_device = device, text_device
+            if text_encoder_device == AUTO and not comfy.fits_on_device(comfy.true_size(models.text_encoder),
+                                                                        text_device):
+                # umT5 moves whole (it is not made of ComfyUI ops): where it cannot fit, it encodes on the CPU.
+                log.info("Unison: umT5 (%.1f GiB) does not fit %s; it encodes the prompts on the CPU",
+                         comfy.true_size(models.text_encoder) / 2**30, text_device)
+                models.text_device = text_home = "cpu"
+            if offload != device:
+                attention = runtime_module("attention")
+                models.attention = attention.use_best_vace_attention(models.transformer, device, options["dtype"])
+            return _manage_vace(models, label, offload, text_home)
 
-        return LOADED.get_or_load(key, load)
+        return LOADED.get_or_load(key, load, slot=("vace", node) if node is not None else None)
 
 
 class UnisonVaceLoader(_VaceLoaderNode):
@@ -296,7 +390,9 @@ class UnisonVaceLoader(_VaceLoaderNode):
                                                        "tokenizer) or a Hugging Face umt5-xxl folder, from "
                                                        "models/text_encoders."}),
                 **cls._device_inputs(),
-            }
+                **cls._text_dtype_input(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -305,7 +401,8 @@ class UnisonVaceLoader(_VaceLoaderNode):
                           _maybe_path("text_encoders", text_encoder)])
 
     def load(self, transformer: str, vae: str, text_encoder: str, dtype: str,
-             text_encoder_device: str) -> tuple[LoadedVace]:
+             text_encoder_device: str, text_encoder_dtype: str = AUTO, unique_id: str | None = None,
+             ) -> tuple[LoadedVace]:
         paths = [
             _choose("diffusion_models", transformer, "VACE transformer file"),
             _choose("vae", vae, "Wan VAE file"),
@@ -315,7 +412,8 @@ class UnisonVaceLoader(_VaceLoaderNode):
         def load_models(**options: Any) -> Any:
             return runtime_module("vace.files").load_vace_from_files(*paths, **options)
 
-        return (self._load("vace-files", paths, paths[0].name, dtype, text_encoder_device, load_models),)
+        return (self._load("vace-files", paths, paths[0].name, dtype, text_encoder_device, load_models,
+                           text_encoder_dtype, unique_id),)
 
 
 def diffusers_folders() -> list[str]:
@@ -342,14 +440,17 @@ class UnisonVaceDiffusersLoader(_VaceLoaderNode):
             "required": {
                 "folder": (folders, {"tooltip": "A diffusers-layout Wan2.1-VACE folder (with model_index.json)."}),
                 **cls._device_inputs(),
-            }
+                **cls._text_dtype_input(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def IS_CHANGED(cls, folder: str, **_: Any) -> str:
         return signature([_diffusers_path(folder)])
 
-    def load(self, folder: str, dtype: str, text_encoder_device: str) -> tuple[LoadedVace]:
+    def load(self, folder: str, dtype: str, text_encoder_device: str,
+             text_encoder_dtype: str = AUTO, unique_id: str | None = None) -> tuple[LoadedVace]:
         path = _diffusers_path(folder)
         if path is None:
             raise _missing(comfy.UNISON_FOLDER if _is_placeholder(folder) else folder.partition("/")[0], folder,
@@ -358,4 +459,5 @@ class UnisonVaceDiffusersLoader(_VaceLoaderNode):
         def load_models(**options: Any) -> Any:
             return runtime_module("vace.loading").load_vace_diffusers(path, **options)
 
-        return (self._load("vace-diffusers", [path], path.name, dtype, text_encoder_device, load_models),)
+        return (self._load("vace-diffusers", [path], path.name, dtype, text_encoder_device, load_models,
+                           text_encoder_dtype, unique_id),)

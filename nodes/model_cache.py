@@ -14,6 +14,11 @@ Policy (documented here because loaders are where memory goes):
   (``comfy_bridge.manage_modules``): ComfyUI moves them to the GPU when a node is about to use
   them, offloads them when another model needs the room, and moves them off the GPU on "Unload
   models", like its own models.
+* **A changed choice frees the old copy first.** Each loader node is a *slot* (its node id): when it
+  loads a different key, the copy it loaded before is released (``release()``: ComfyUI unloads it,
+  the references are dropped) *before* the new one loads, unless another slot still uses that copy.
+  Otherwise the old copy would stay in RAM/VRAM (held by ComfyUI's output cache) until the new one
+  had loaded, and both would have to fit at once.
 * **Stale files.** The key and each loader's ``IS_CHANGED`` include every chosen file's size,
   modification time, inode and device (``unison_runtime.faults.file_signature``), so a model file
   replaced under the same name is loaded again (even by a copy that keeps size and timestamps),
@@ -56,13 +61,26 @@ class WeakModelCache:
 
     def __init__(self) -> None:
         self._objects: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+        self._slots: dict[Any, tuple] = {}
         self._lock = threading.Lock()
 
-    def get_or_load(self, key: tuple, load: Callable[[], T]) -> T:
+    def get_or_load(self, key: tuple, load: Callable[[], T], slot: Any = None) -> T:
+        """The live object for ``key``, else ``load()``; a ``slot`` (the loader node) that switches to a new
+        key releases the object it held before, first (see the module docstring)."""
         with self._lock:
             found = self._objects.get(key)
+            previous = self._slots.get(slot) if slot is not None else None
+            if slot is not None:
+                self._slots[slot] = key
+            stale = None
+            if found is None and previous is not None and previous != key \
+                    and previous not in self._slots.values():
+                stale = self._objects.pop(previous, None)
         if found is not None:
             return found
+        if stale is not None and hasattr(stale, "release"):
+            stale.release()
+        del stale
         loaded = load()
         with self._lock:
             self._objects[key] = loaded

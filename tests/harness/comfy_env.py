@@ -27,6 +27,7 @@ class ComfyEnv:
     progress: list[tuple[int, int]] = field(default_factory=list)
     previews: list[tuple[int, Any]] = field(default_factory=list)  # (step, preview) sent with a progress tick
     loads: list[list[Any]] = field(default_factory=list)
+    memory_required: list[int] = field(default_factory=list)  # what each load_models_gpu call reserved
     interrupt_after_checks: int | None = None  # raise the interrupt on the n-th check (1-based)
     interrupt_checks: int = 0
     folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = field(default_factory=dict)
@@ -141,11 +142,14 @@ def _model_management(env: ComfyEnv) -> types.ModuleType:
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.text_encoder_device = lambda: torch.device("cpu")
     mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.current_loaded_models = []
     mm.soft_empty_cache = lambda force=False: None
 
     def load_models_gpu(models: list[Any], memory_required: int = 0, force_patch_weights: bool = False,
                         minimum_memory_required: Any = None, force_full_load: bool = False) -> None:
         env.loads.append(list(models))
+        env.memory_required.append(memory_required)
         for patcher in models:
             # ComfyUI compares load devices with torch.device("cpu") (model_management.py:657-663); a
             # string device makes it query CUDA memory statistics and crash under --cpu.
