@@ -148,6 +148,8 @@ def test_the_source_shape_and_length_shape_the_plan_where_words_are_silent() -> 
     assert (video.width, video.height, video.num_frames, video.fps) == (848, 480, 97, 25)
     told = _with_info("###clip.mp4### make it snow, 2 seconds", MediaInfo(1280, 720, frames=100, fps=25.0))
     assert told.num_frames == 49
+    rate = _with_info("###clip.mp4### make it snow at 12 frames per second", MediaInfo(1280, 720, frames=100, fps=25.0))
+    assert (rate.fps, rate.num_frames) == (12, 97)
 
 
 def test_media_a_task_cannot_use_are_named_in_the_notes() -> None:
@@ -191,3 +193,13 @@ def test_a_quality_tag_4k_is_noted_not_applied() -> None:
     plan = PLANNER.plan(parse_instruction("a cat on a sofa, highly detailed, 8k"))
     assert (plan.width, plan.height) == (832, 480)
     assert any("'8k' was read as a quality word" in note for note in plan.notes)
+
+
+def test_every_reference_image_reaches_vace() -> None:
+    plan = PLANNER.plan(parse_instruction("###girl.jpg### ###dress.jpg### the girl wearing the dress, in Paris"))
+    assert plan.task is Task.IMAGE_REFERENCE and [m.role for m in plan.media] == ["reference", "reference"]
+    plan = plan.with_changes(width=64, height=32)
+    media = [Medium(m.path, "image", np.full((1, 20, 20, 3), 40 * i, dtype=np.uint8)) for i, m in enumerate(plan.media)]
+    inputs = prepare_vace_inputs(plan, media)
+    assert inputs.references.shape == (2, 32, 64, 3)
+    assert not bool((inputs.references[0] == inputs.references[1]).all())

@@ -276,7 +276,9 @@ def _validate(plan: Plan) -> None:
     if plan.task is Task.IMAGE_TO_VIDEO:
         if plan.frame_index not in FRAME_PLACEMENTS:
             raise PlanError(
-                "frame_index", f"image_to_video needs one of {FRAME_PLACEMENTS}, got {plan.frame_index!r}"
+                "frame_index",
+                "image_to_video needs 'first' or 'last' (or 'first_last' / 'last_first' for two frame images), "
+                f"got {plan.frame_index!r}",
             )
         _validate_frame_media(plan)
     elif plan.frame_index is not None:

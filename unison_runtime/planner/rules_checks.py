@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InstructionError
 from ..plan import EDITING_TASKS, MAX_FPS, MAX_FRAMES, MAX_SIDE, MediaRef, Plan, Task
-from .rules_meta import round_to_step, says_length, says_size
+from .rules_meta import parse_fps, round_to_step, says_length, says_size
 from .rules_text import RuleText
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def shape_from_media(
         values["num_frames"] = count
         if known.frames > MAX_FRAMES:
             notes.append(f"{media[index].path!r} has {known.frames} frames; the first {MAX_FRAMES} are used")
-        if known.fps and 1 <= round(known.fps) <= MAX_FPS and "fps" not in rule_text.text:
+        if known.fps and 1 <= round(known.fps) <= MAX_FPS and parse_fps(rule_text) is None:
             values["fps"] = round(known.fps)
     return values
 

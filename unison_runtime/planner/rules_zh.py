@@ -161,6 +161,7 @@ PHRASES: dict[str, str] = {
     "这张": " this ", "这幅": " this ", "这段": " this ", "这个": " this ", "这位": " this ", "这只": " this ",
     "这款": " this ", "这件": " this ", "该": " this ", "此": " this ", "这": " this ", "那张": " that ",
     "那个": " that ", "给定的": " given ", "提供的": " provided ", "上传的": " uploaded ", "我的": " my ",
+    "我家的": " my ", "我们的": " our ", "我们家的": " our ", "自己的": " my ",
     "以下": " following ", "下面的": " following ", "原图": " original image ", "原视频": " original video ",
     # reference cues
     "同一个人": " same person ", "同一人": " same person ", "同一个角色": " same character ", "这个人": " this person ",
@@ -170,7 +171,8 @@ PHRASES: dict[str, str] = {
     "面孔": " face ", "脸": " face ", "身份": " identity ", "证件照": " id photo ", "参考图片": " reference image ",
     "参考图": " reference image ", "参考照片": " reference photo ", "参照": " as reference ",
     "作为参考": " as reference ", "为参考": " as reference ", "参考": " as reference ", "宠物": " pet ",
-    "小狗": " dog ", "小猫": " cat ", "玩具": " toy ", "物体": " object ", "吉祥物": " mascot ",
+    "小狗": " dog ", "小猫": " cat ", "猫咪": " cat ", "狗狗": " dog ", "熊猫": " panda ", "猫头鹰": " owl ",
+    "热狗": " hot dog ", "猫": " cat ", "狗": " dog ", "玩具": " toy ", "物体": " object ", "吉祥物": " mascot ",
     "模特": " model ",
     # control cues
     "深度图": " depth map ", "深度": " depth map ", "姿态图": " pose map ", "姿态": " pose map ",
