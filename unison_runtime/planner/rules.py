@@ -33,6 +33,7 @@ from ..plan import (
 )
 from .rules_meta import (
     asks_for_length,
+    asks_for_shape,
     asks_for_size_or_length,
     edit_indices,
     mentions_mask,
@@ -306,6 +307,7 @@ class RulePlanner:
         values: dict[str, object] = {}
         if task.is_generation:
             values["width"], values["height"] = parse_size(rule_text)
+            values["fixed_size"] = asks_for_shape(rule_text)
         if task.output == "video":
             values["num_frames"] = parse_length(rule_text)
         if task is Task.IMAGE_TO_VIDEO:

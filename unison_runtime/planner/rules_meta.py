@@ -237,6 +237,15 @@ def asks_for_size_or_length(text: str | RuleText) -> bool:
     return any(p.search(t) for p in size_patterns) or asks_for_length(text)
 
 
+def asks_for_shape(text: str | RuleText) -> bool:
+    """Whether the instruction fixes the frame's shape (a size, a side, an aspect ratio, square, vertical or
+    landscape); a resolution class alone only sets the area. Stage two then keeps the plan's size
+    instead of following a source's aspect ratio (``Plan.fixed_size``)."""
+    t = as_rule_text(text).text
+    shape_patterns = (_EXPLICIT_SIZE, _EXPLICIT_BY, _WIDTH, _HEIGHT, _SQUARE, _VERTICAL, _LANDSCAPE)
+    return any(p.search(t) for p in shape_patterns) or _aspect_ratio(t) is not None
+
+
 def parse_length(text: str | RuleText) -> int:
     """Number of video frames the instruction asks for: "N frames" wins over "N seconds"; default 81."""
     t = as_rule_text(text).text

@@ -39,7 +39,7 @@ class VaceInputsLike(Protocol):
     """What the sampler reads from :class:`unison_runtime.vace.sources.VaceInputs`."""
 
     frames: torch.Tensor  # [T, H, W, 3] float 0..1, grey 0.5
-    masks: torch.Tensor  # [T, H, W] float 0/1, 1 = regenerate
+    masks: torch.Tensor  # [T, H, W] float 0..1, 1 = regenerate (soft along resized edges)
     references: torch.Tensor  # [R, H, W, 3] float 0..1 on a white canvas
 
 
@@ -162,7 +162,10 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int) -> Pr
     temporal, spatial = vae_scales(models)
     patch = models.transformer.config.patch_size[1]
     video = (inputs.frames.to(device=device, dtype=torch.float32) * 2.0 - 1.0).permute(3, 0, 1, 2)[None]
-    mask = torch.where(inputs.masks.to(device=device, dtype=torch.float32) > 0.5, 1.0, 0.0)
+    # As WanVace: the VAE sees the mask thresholded at 0.5 (vace_encode_frames), the mask latents keep
+    # its soft, resized edges (vace_encode_masks).
+    soft_mask = inputs.masks.to(device=device, dtype=torch.float32)
+    mask = torch.where(soft_mask > 0.5, 1.0, 0.0)
     refs = inputs.references.to(device=device, dtype=torch.float32) * 2.0 - 1.0
     num_refs = int(refs.shape[0])
 
@@ -179,7 +182,7 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int) -> Pr
         source = torch.cat([*parts, source], dim=2)
 
     latent_frames = (inputs.frames.shape[0] - 1) // temporal + 1
-    mask_latent = _mask_latents(mask, latent_frames, spatial, patch)
+    mask_latent = _mask_latents(soft_mask, latent_frames, spatial, patch)
     if num_refs:
         mask_latent = torch.cat([mask_latent.new_zeros(mask_latent.shape[0], num_refs, *mask_latent.shape[2:]),
                                  mask_latent], dim=1)
