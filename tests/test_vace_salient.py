@@ -141,7 +141,7 @@ def test_saliency_pre_and_post_processing(tmp_path):
         assert got.shape == (h, w) and got.dtype == np.uint8
         expected = expected_saliency(model, image)
         assert np.abs(got.astype(np.float32) - expected).max() <= 1.0 + 1e-4
-        assert got.min() == 0 and got.max() >= 200  # min-max normalised over the map
+        assert got.max() - got.min() >= 200  # min-max normalised over the 320x320 map, then resized
 
 
 def test_a_flat_map_marks_nothing():

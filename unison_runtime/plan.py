@@ -143,7 +143,7 @@ class Plan:
     source: str = "rules"
     #: True when the width and height were asked for (instruction or override): stage two then uses
     #: them as given instead of following a source's aspect ratio at their area (vace/framing.py).
-    fixed_size: bool = False
+    fixed_size: bool = field(default=False, compare=False)  # how to read the size, not another plan
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
