@@ -79,17 +79,27 @@ class UnisonProjector:
 
 class UnisonVaceInputs:
     DESCRIPTION = ("Builds the plan's VACE inputs (source frames, masks, reference image) in the form ComfyUI's "
-                   "WanVaceToVideo takes, so the native Wan path follows the same task recipe as Unison's sampler.")
+                   "WanVaceToVideo takes, so the native Wan path follows the same task recipe as Unison's sampler. "
+                   "As in Unison, a source or control clip sets the output's aspect ratio (at the plan's area) and "
+                   "length (the whole clip resampled); wire this node's width, height and length into "
+                   "WanVaceToVideo. A masked edit paints the masked area grey, as VACE's annotator does. A video "
+                   "edit without a mask uses VACE's salient annotator (models/VACE-Annotators/salient/u2net.pt) "
+                   "when installed; without it the whole frame is editable and the source pixels are kept, which "
+                   "is not Unison's behaviour (the node says so).")
     CATEGORY = "Unison"
     FUNCTION = "prepare"
-    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
-    RETURN_NAMES = ("control_video", "control_masks", "reference_image")
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE", "INT", "INT", "INT")
+    RETURN_NAMES = ("control_video", "control_masks", "reference_image", "width", "height", "length")
     OUTPUT_TOOLTIPS = (
-        "Source / control frames at the plan's size (0.5 grey = nothing given); WanVaceToVideo's control_video.",
-        "Masks, 1 = generate, 0 = keep; WanVaceToVideo's control_masks.",
+        "Source / control frames at the size actually used (0.5 grey = nothing given); WanVaceToVideo's "
+        "control_video.",
+        "Masks, 1 = generate, 0 = keep (soft along resized edges); WanVaceToVideo's control_masks.",
         "The first reference image on a white canvas, for WanVaceToVideo's reference_image. Only reference tasks "
         "have one: for other tasks this output carries no image (None), which WanVaceToVideo reads as 'no "
         "reference'; so wire it to WanVaceToVideo, not to Preview/Save Image.",
+        "Width actually used: the plan's, or a source's aspect ratio at the plan's area; WanVaceToVideo's width.",
+        "Height actually used; WanVaceToVideo's height.",
+        "Frames actually used (a source clip sets the length, as in Unison); WanVaceToVideo's length.",
     )
 
     @classmethod
@@ -100,14 +110,31 @@ class UnisonVaceInputs:
     def prepare(self, plan: Any) -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Inputs", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
-        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
+        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
         control_video, control_masks, reference = sources.to_comfy_vace_inputs(inputs)
         notes = list(inputs.notes)
         if inputs.references.shape[0] > 1:
             notes.append(f"{inputs.references.shape[0]} reference images; WanVaceToVideo takes only the first "
                          "(the Unison VACE Sampler uses all)")
-        text = "\n".join(notes) or "inputs ready"
-        return {"ui": {"text": [text]}, "result": (control_video, control_masks, reference)}
+        (width, height), length = inputs.size, inputs.num_frames
+        text = "\n".join([f"{length} frame(s) {width}x{height}", *notes])
+        return {"ui": {"text": [text]}, "result": (control_video, control_masks, reference, width, height, length)}
+
+
+def _salient_for(plan: Any) -> Any:
+    """VACE's salient annotator (``saliency`` function) for a video edit without a mask, when installed.
+
+    Looked for in ComfyUI's models folder (``VACE-Annotators/salient/u2net.pt``, as the release is
+    laid out) and in ``models/unison``; loaded for this run only (it is needed rarely), never downloaded.
+    """
+    plan_mod = runtime_module("plan")
+    if plan.task is not plan_mod.Task.VIDEO_EDITING or plan.mask_index is not None:
+        return None
+    salient = runtime_module("vace.salient")
+    fp = comfy.folder_paths()
+    folders = ([fp.models_dir] if fp is not None else []) + comfy.model_folders(comfy.UNISON_FOLDER)
+    path = salient.find_salient_model(folders)
+    return salient.SalientAnnotator.from_file(path).saliency if path is not None else None
 
 
 # --------------------------------------------------------------------------- sampler
@@ -177,10 +204,11 @@ class UnisonVaceSampler:
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")
-        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
+        inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt, noise_device=noise_device)
-        options, memory_note = _memory_preflight(packet.plan, vace.models, options)
+        used = inputs.used_plan(packet.plan)  # a source may set another size or length (as in Unison)
+        options, memory_note = _memory_preflight(used, vace.models, options)
         bar = comfy.progress_bar(steps)
         to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
         latest: list[Any] = [None]  # the preview of the step just computed, sent with its progress
@@ -198,7 +226,7 @@ class UnisonVaceSampler:
             return False
 
         faults = runtime_module("faults")
-        p, m = packet.plan, vace.models
+        p, m = used, vace.models
 
         def work() -> Any:
             # The contexts live in this frame: an out-of-memory error clears it before travelling on.

@@ -304,6 +304,8 @@ def override_plan(
     apply("frame_index", frame_index, new_task is Task.IMAGE_TO_VIDEO, "only image_to_video has a frame index")
     if not changes:
         return plan, notes
+    if "width" in changes or "height" in changes:
+        changes["fixed_size"] = True  # a size the user set wins over a source's aspect ratio
     new = plan.with_changes(**changes, source="override")
     return new.with_changes(planner_text=plan_mod.format_planner_text(new)), notes
 

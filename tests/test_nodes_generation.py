@@ -132,7 +132,7 @@ def test_vace_inputs_follow_the_task_recipe(models) -> None:
     image = torch.rand(1, 32, 32, 3)
     packet = plan_for("Turn ###image1### into a video of 8 frames, ending on this frame.", frames=0, image1=image)
     assert packet.plan.task is Task.IMAGE_TO_VIDEO and packet.plan.num_frames == 9
-    control_video, control_masks, reference = UnisonVaceInputs().prepare(packet)["result"]
+    control_video, control_masks, reference, *_size = UnisonVaceInputs().prepare(packet)["result"]
     assert control_video.shape == (9, 32, 32, 3) and control_masks.shape == (9, 32, 32) and reference is None
     assert control_masks[-1].sum() == 0 and control_masks[:-1].min() == 1  # the image is the last frame, kept
     assert (control_video[:-1] == 0.5).all()
@@ -144,9 +144,23 @@ def test_vace_inputs_reference_image(models) -> None:
     packet = plan_for("Generate a photo of the person in ###image1### as reference, in a cafe.",
                       image1=torch.rand(1, 16, 32, 3))
     assert packet.plan.task is Task.IMAGE_REFERENCE
-    _, masks, reference = UnisonVaceInputs().prepare(packet)["result"]
+    _, masks, reference, *_size = UnisonVaceInputs().prepare(packet)["result"]
     assert reference.shape == (1, 32, 32, 3) and masks.min() == 1
     assert (reference[0, 0] == 1).all()  # aspect kept on a white canvas: the top row is white padding
+
+
+def test_vace_inputs_and_sampler_use_the_size_a_source_sets(models) -> None:
+    # A portrait 32x48 control clip of 9 frames: as in Unison the output keeps its aspect ratio (it
+    # has 2x3 patches, fewer than the plan's area: not upscaled) and its length.
+    clip = torch.rand(9, 48, 32, 3)
+    packet = plan_for("Generate a video of a dancer following the pose in ###video1###.", width=0, height=0,
+                      video1=clip)
+    assert packet.plan.task is Task.VIDEO_CONTROLLABLE and not packet.plan.fixed_size
+    control_video, masks, _, width, height, length = UnisonVaceInputs().prepare(packet)["result"]
+    assert (width, height, length) == (32, 48, 9)
+    assert control_video.shape == (9, 48, 32, 3) and masks.shape == (9, 48, 32)
+    frames, _, shown = sample(load_vace(), packet)
+    assert frames.shape == (9, 48, 32, 3) and shown.startswith("9 frame(s) 32x48")
 
 
 def test_vace_inputs_refuse_a_question(models) -> None:

@@ -73,10 +73,12 @@ def test_vace_inputs_outputs(comfy) -> None:  # noqa: F811
     _, routed = run_plan("Generate a photo of the person in ###image1### as reference, in a cafe.",
                          image1=torch.rand(1, 24, 32, 3))
     result = UnisonVaceInputs().prepare(routed[0])["result"]
-    assert wire_all("UnisonVaceInputs", result) == dict.fromkeys(("control_video", "control_masks",
-                                                                  "reference_image"), "SaveImage")
+    assert wire_all("UnisonVaceInputs", result) == {
+        **dict.fromkeys(("control_video", "control_masks", "reference_image"), "SaveImage"),
+        **dict.fromkeys(("width", "height", "length"), "PreviewAny"),  # the size used, for WanVaceToVideo
+    }
     _, routed = run_plan("A watercolor painting of a harbor.")
-    control_video, control_masks, reference = UnisonVaceInputs().prepare(routed[0])["result"]
+    control_video, control_masks, reference, *_size = UnisonVaceInputs().prepare(routed[0])["result"]
     assert consume("IMAGE", control_video) == consume("MASK", control_masks) == "SaveImage"
     assert reference is None  # WanVaceToVideo's "no reference"; see the module docstring
     assert "None" in UnisonVaceInputs.OUTPUT_TOOLTIPS[2] and "WanVaceToVideo" in UnisonVaceInputs.OUTPUT_TOOLTIPS[2]

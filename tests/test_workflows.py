@@ -114,9 +114,10 @@ def test_conversion_maps_widgets_controls_links_and_bypass(classes) -> None:
     # [seed, "randomize", steps, cfg, sampler, scheduler, denoise]: the control value is skipped.
     assert (ksampler["seed"], ksampler["steps"], ksampler["cfg"], ksampler["sampler_name"], ksampler["denoise"]) == (
         0, 30, 5.0, "uni_pc", 1.0)
-    router_id = by_type["UnisonTaskRouter"][0]
+    inputs_id = by_type["UnisonVaceInputs"][0]
     wan = by_type["WanVaceToVideo"][1]["inputs"]
-    assert wan["width"] == [router_id, 2] and wan["height"] == [router_id, 3] and wan["length"] == [router_id, 4]
+    # The size actually used (a source sets the aspect ratio and length) comes from Unison VACE Inputs.
+    assert wan["width"] == [inputs_id, 3] and wan["height"] == [inputs_id, 4] and wan["length"] == [inputs_id, 5]
     assert wan["batch_size"] == 1 and wan["strength"] == 1.0
     planner_id = by_type["UnisonPlanner"][0]
     loader_id = by_type["UnisonPlannerLoader"][0]

@@ -53,9 +53,10 @@ Loader = Callable[[], Any]
 log = logging.getLogger(__name__)
 
 _FILE_KINDS = {"planner": "planner model file", "stage_one": "stage-one model file", "projector": "projector file",
-               "vace": "VACE model file"}
+               "vace": "VACE model file", "salient": "salient annotator file"}
 _MODEL_NAMES = {"planner": "the Qwen2.5-VL planner", "stage_one": "the Qwen2.5-VL stage one",
-                "projector": "the projector", "vace": "Wan2.1-VACE (transformer, VAE, umT5)"}
+                "projector": "the projector", "vace": "Wan2.1-VACE (transformer, VAE, umT5)",
+                "salient": "VACE's salient annotator (u2net)"}
 
 
 @dataclass
@@ -85,6 +86,9 @@ class UnisonPipeline:
     - ``projector``: a :class:`~unison_runtime.projector.UnisonProjector` (or loader); ``None``:
       the conditional context is umT5 alone.
     - ``vace``: :class:`~unison_runtime.vace.models.VaceModels` (or loader); needed for generation.
+    - ``salient``: VACE's salient annotator (:class:`~unison_runtime.vace.salient.SalientAnnotator`,
+      or loader); masks a video edit given no mask, as Unison does. ``None``: such an edit keeps
+      the source, whole frame editable, and its notes say so.
 
     ``roots`` are the folders ``###name###`` references resolve in; ``options`` the default
     sampling options of every job. ``files`` names, per model given as a loader, the files or
@@ -103,6 +107,7 @@ class UnisonPipeline:
         stage_one: Planner | Loader | None = None,
         projector: UnisonProjector | Loader | None = None,
         vace: VaceModels | Loader | None = None,
+        salient: Any = None,
         roots: Sequence[str | Path] = (),
         options: SamplingOptions | None = None,
         files: Mapping[str, Sequence[str | Path | None]] | None = None,
@@ -111,7 +116,7 @@ class UnisonPipeline:
         progress: Progress | None = None,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
-                                         "vace": vace}
+                                         "vace": vace, "salient": salient}
         unknown = sorted(set(files or {}) - set(self._sources))
         if unknown:
             raise UnisonError(f"files given for unknown model(s) {unknown}; expected some of {sorted(self._sources)}")
@@ -297,10 +302,17 @@ class UnisonPipeline:
         return assemble_contexts(encode_text(models, plan.prompt), tokens, self._negative_cache[key])
 
     def sources(self, plan: Plan, media: Sequence[Medium]) -> VaceInputs:
-        """VACE source frames, masks and references for the plan's task (see :mod:`.vace.sources`)."""
+        """VACE source frames, masks and references for the plan's task (see :mod:`.vace.sources`).
+
+        They may be at another size or length than ``plan`` (a source's aspect ratio and length):
+        ``inputs.used_plan(plan)`` is the plan to sample with.
+        """
+        from .plan import Task
         from .vace.sources import prepare_vace_inputs
 
-        return prepare_vace_inputs(plan, media)
+        needs_salient = plan.task is Task.VIDEO_EDITING and plan.mask_index is None
+        annotator = self._get("salient") if needs_salient else None
+        return prepare_vace_inputs(plan, media, salient=annotator.saliency if annotator is not None else None)
 
     def sample(
         self,
@@ -351,12 +363,14 @@ class UnisonPipeline:
         plan = plan.with_changes()  # validated again: a plan is checked wherever it came from
         notes = list(plan.notes)
         stage = ["preparing the VACE inputs"]
+        used = [plan]  # the plan at the size and length the sources were read at
 
         def work() -> Generation:
             # Every tensor this job allocates lives in this frame, which an out-of-memory error clears.
             self.progress.stage("preparing the VACE inputs")
             inputs = self.sources(plan, media)
-            check_inputs(self.vace, plan, inputs)
+            used[0] = inputs.used_plan(plan)
+            check_inputs(self.vace, used[0], inputs)
             stage[0] = "running stage one for the projector tokens"
             if self._sources["projector"] is not None:
                 self.progress.stage(stage[0])
@@ -373,18 +387,18 @@ class UnisonPipeline:
                 self.release(*(name for name in ("stage_one", "planner") if name in self._loaded))
             notes.extend(inputs.notes)
             stage[0] = "sampling"
-            return self.sample(plan, inputs, contexts, options, progress=progress, cancel=cancel)
+            return self.sample(used[0], inputs, contexts, options, progress=progress, cancel=cancel)
 
         def advice(exc: BaseException) -> str:
             models = self._loaded.get("vace")
-            return memory_advice(exc, stage=stage[0], width=plan.width, height=plan.height,
-                                 num_frames=plan.num_frames, device=getattr(models, "device", "the device"),
+            return memory_advice(exc, stage=stage[0], width=used[0].width, height=used[0].height,
+                                 num_frames=used[0].num_frames, device=getattr(models, "device", "the device"),
                                  batch_cfg=options.batch_cfg, guidance=options.guidance,
                                  text_device=getattr(models, "text_device", None))
 
         generation = call_freeing_memory(work, advice, stage=lambda: stage[0])
         notes.extend(generation.notes)
-        return UnisonResult(plan=plan, frames=generation.frames, fps=generation.fps, notes=notes)
+        return UnisonResult(plan=used[0], frames=generation.frames, fps=generation.fps, notes=notes)
 
     def run(
         self,
@@ -486,6 +500,7 @@ class ModelLocations:
     lora: Path | None
     projector: Path | None
     paths: Any = None  # the models_dir.ModelPaths the choice was made from
+    salient: Path | None = None  # VACE's salient annotator (VACE-Annotators/salient/u2net.pt), if installed
 
 
 def locate_models(models_dir: str | Path, *, explicit: Mapping[str, Any] | None = None) -> ModelLocations:
@@ -513,8 +528,11 @@ def locate_models(models_dir: str | Path, *, explicit: Mapping[str, Any] | None 
         load_vace = partial(load_vace_from_files, paths.transformer, paths.vae, paths.text_encoder,
                             tokenizer=paths.tokenizer)
         vace = ", ".join(str(p) for p in (paths.transformer, paths.vae, paths.text_encoder))
+    from .vace.salient import find_salient_model
+
+    salient = find_salient_model([models_dir, *paths.looked_in.get("unison", [])])
     return ModelLocations(load_vace=load_vace, vace=vace, qwen=paths.planner_model, lora=paths.planner_lora,
-                          projector=paths.projector, paths=paths)
+                          projector=paths.projector, paths=paths, salient=salient)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -595,13 +613,18 @@ def pipeline_from_args(args: Any, progress: Progress | None = None) -> tuple[Uni
     vace_options = {"device": device, "dtype": getattr(args, "vace_dtype", None),
                     "text_device": getattr(args, "text_device", None)}
     vace = partial(locations.load_vace, **vace_options) if locations.load_vace is not None else None
+    salient = None
+    if locations.salient is not None:
+        from .vace.salient import SalientAnnotator
+
+        salient = partial(SalientAnnotator.from_file, locations.salient)
     found = locations.paths
     vace_files = [found.diffusers_dir] if found.diffusers_dir is not None else \
         [found.transformer, found.vae, found.text_encoder, found.tokenizer]
     files = {"planner": [qwen, lora] if qwen is not None else [], "projector": [locations.projector],
-             "vace": vace_files if vace is not None else []}
+             "vace": vace_files if vace is not None else [], "salient": [locations.salient]}
     low_memory = bool(getattr(args, "low_memory", False))
-    pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
+    pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace, salient=salient,
                               roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files,
                               release_text_encoder=low_memory, release_planner=low_memory, progress=progress)
     return pipeline, locations

@@ -141,6 +141,9 @@ class Plan:
     planner_text: str = ""
     answer: str | None = None
     source: str = "rules"
+    #: True when the width and height were asked for (instruction or override): stage two then uses
+    #: them as given instead of following a source's aspect ratio at their area (vace/framing.py).
+    fixed_size: bool = field(default=False, compare=False)  # how to read the size, not another plan
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +178,8 @@ class Plan:
             "answer": self.answer,
             "source": self.source,
         }
+        if self.fixed_size:
+            data["fixed_size"] = True
         if self.notes:
             data["notes"] = list(self.notes)
         return data
@@ -267,6 +272,8 @@ def _validate(plan: Plan) -> None:
     fps = _require_int("fps", plan.fps)
     if not 1 <= fps <= MAX_FPS:
         raise PlanError("fps", f"{fps} is outside [1, {MAX_FPS}]", fps)
+    if not isinstance(plan.fixed_size, bool):
+        raise PlanError("fixed_size", f"expected true or false, got {plan.fixed_size!r}", plan.fixed_size)
     if plan.source not in PLAN_SOURCES:
         raise PlanError("source", f"expected one of {PLAN_SOURCES}, got {plan.source!r}", plan.source)
     for m in plan.media:

@@ -463,8 +463,9 @@ motion. For one image, wire a depth/edge/pose map into image1 and ask for an ima
 
 
 NATIVE_NOTE = """## Unison plan + ComfyUI's own Wan VACE nodes
-The Planner decides the task; the Router gives WanVaceToVideo its width, height and length;
-**Unison VACE Inputs** builds the task's control video, masks and reference image; the
+The Planner decides the task; **Unison VACE Inputs** builds the task's control video, masks and
+reference image and gives WanVaceToVideo the width, height and length actually used (a source
+sets the aspect ratio and length, as in Unison); the
 **Unison Projector** appends stage one's tokens to the umT5 conditioning. KSampler + VAE Decode
 sample, and **Unison Output Switch** sends the frames to Save Image or to the video saver.
 Generation tasks only (a question stops at VACE Inputs with a message)."""
@@ -511,8 +512,8 @@ def unison_native_wan(classes: dict[str, type]) -> Graph:
     g.connect(vace_inputs, "control_video", wan, "control_video")
     g.connect(vace_inputs, "control_masks", wan, "control_masks")
     g.connect(vace_inputs, "reference_image", wan, "reference_image")
-    for name in ("width", "height", "length"):
-        g.connect(one.router, name, wan, name)
+    for name in ("width", "height", "length"):  # the size actually used (a source's aspect ratio and length)
+        g.connect(vace_inputs, name, wan, name)
     g.connect(unet, "MODEL", sampling, "model")
     g.connect(sampling, "MODEL", ksampler, "model")
     g.connect(wan, "positive", ksampler, "positive")

@@ -34,6 +34,7 @@ from ..plan import (
 from .rules_checks import check_instruction_text, check_plan_media, media_info, shape_from_media
 from .rules_meta import (
     asks_for_length,
+    asks_for_shape,
     edit_indices,
     frame_cue_gaps,
     has_first_and_last_cues,
@@ -443,6 +444,7 @@ class RulePlanner:
         frame_count = 1
         if task.is_generation:
             values["width"], values["height"] = parse_size(rule_text)
+            values["fixed_size"] = asks_for_shape(rule_text)
             if tag := quality_tag(rule_text):
                 notes.append(f"{tag!r} was read as a quality word, not a size: the model makes at most 2048 px a side")
         if task.output == "video":

@@ -350,6 +350,15 @@ def asks_for_size_or_length(text: str | RuleText) -> bool:
     return _explicit_size(t) is not None or any(p.search(t) for p in size_patterns) or asks_for_length(text)
 
 
+def asks_for_shape(text: str | RuleText) -> bool:
+    """Whether the instruction fixes the frame's shape (a size, a side, an aspect ratio, square, vertical or
+    landscape); a resolution class alone only sets the area. Stage two then keeps the plan's size
+    instead of following a source's aspect ratio (``Plan.fixed_size``)."""
+    t = as_rule_text(text).text
+    shape_patterns = (_EXPLICIT_BY, _WIDTH, _HEIGHT, _SQUARE, _VERTICAL, _LANDSCAPE)
+    return _explicit_size(t) is not None or any(p.search(t) for p in shape_patterns) or _aspect_ratio(t) is not None
+
+
 def parse_fps(text: str | RuleText) -> int | None:
     """The frame rate the instruction asks for ("16 fps", "30 frames per second", "frame rate 24"), or None."""
     t = as_rule_text(text).text

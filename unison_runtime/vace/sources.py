@@ -1,33 +1,34 @@
 """VACE inputs for each generation task: source frames, masks and reference images (DESIGN §3).
 
 :func:`prepare_vace_inputs` turns a :class:`~unison_runtime.plan.Plan` and the user's decoded
-media into :class:`VaceInputs` at the plan's size and frame count. The engine feeds them to
-Wan2.1-VACE (``frames * 2 - 1`` is its [-1, 1] video; ``inactive = video * (1 - mask)``,
-``reactive = video * mask``); :func:`to_comfy_vace_inputs` hands the same recipe to ComfyUI's
-``WanVaceToVideo`` (which uses 0.5 as its neutral grey and pads with 0.5 / mask 1 likewise).
+media into :class:`VaceInputs`, as Unison's ``inference.py`` prepares them through VACE's
+annotators (``process_vace_data``) and ``WanVaceProj.prepare_source``. The engine feeds them to
+Wan2.1-VACE (``frames * 2 - 1`` is its [-1, 1] video); :func:`to_comfy_vace_inputs` hands the
+same tensors to ComfyUI's ``WanVaceToVideo`` (which uses 0.5 as its neutral grey).
 
 Conventions (one place, so both paths agree):
 
 * Grey is 0.5 (zero in [-1, 1]); mask 1 = regenerate, 0 = keep.
-* Geometry and filters are those of :mod:`.resize`: media are centre-cropped to the target aspect
-  and resized with antialiased bicubic; masks are binarized at 0.5 (brightest channel) and resized
-  with nearest-exact; references are aspect-kept on a white canvas.
-* Time: a video longer than the plan's ``num_frames`` contributes its **first** N frames (as
-  ``WanVaceToVideo`` does with ``control_video[:length]``); no resampling by fps. A shorter source
-  or control video is **padded with grey frames whose mask is 1**: the missing tail is generated
-  freely, continuing the given frames (VACE's own extension recipe and ``WanVaceToVideo``'s
-  padding). Repeating the last frame instead would pin the tail to a frozen picture.
-* Masks in time: a single-frame mask (an image, or a 1-frame video) applies to every source
-  frame; a mask video covers frame for frame, and source frames past its end are fully editable
-  (mask 1, again as ``WanVaceToVideo`` pads). Frames past the source's end are always mask 1.
+* **Size and length** (:mod:`.framing`): a task with a source (editing, control, image-to-video)
+  is generated at the source's own aspect ratio at the plan's area, from the whole clip resampled
+  into the plan's frame budget; ``VaceInputs.size`` / ``num_frames`` say what was used and
+  :meth:`VaceInputs.used_plan` gives the plan at that size. ``plan.fixed_size`` (a size the user
+  asked for) keeps the plan's width and height; the source then covers them, centre-cropped.
+* **Inpainting** (VACE's ``InpaintingVideoAnnotator``, mode ``mask`` / ``salient``,
+  ``mask_color`` 128): every mask pixel whose Pillow ``L`` value is > 0 is regenerated, and the
+  source is painted grey (128) there *before* resizing; the mask is resized with the frames, so its
+  edges are soft. A single mask image applies to every frame. Without a mask, video editing masks
+  the salient object of the first frame (:mod:`.salient`) when VACE's annotator file is installed.
+* Filters (:mod:`.resize`): VACE's bicubic resize-and-crop on uint8 for frames and masks;
+  Unison's bilinear, truncated, white-canvas placement for reference images.
 
-Every deviation from the plain recipe (cropping, truncation, padding, a missing mask) is told in
+Every adaptation (another size, fewer frames, a missing mask or annotator) is told in
 ``VaceInputs.notes`` so the node can show it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +37,22 @@ import torch
 from ..errors import MediaError, PlanError
 from ..media import Medium
 from ..plan import Plan, Task, frame_positions
-from .resize import center_crop_box, contain_on_white, cover_frames, cover_mask
+from .framing import ClipFit, fit_clip
+from .resize import contain_on_white, cover_frames, cover_mask, cover_size, luma_u8, nearest_resize
 
 GREY = 0.5
+#: The grey VACE's inpainting annotator paints over the masked area (``MASK_COLOR``).
+MASK_COLOR = 128
+#: Frames annotated at a time (grey fill + resize) to bound memory on long clips.
+_CHUNK = 8
+#: What a salient annotator is: uint8 RGB ``[H, W, 3]`` → uint8 saliency ``[H, W]`` (see :mod:`.salient`).
+SalientFn = Callable[[np.ndarray], np.ndarray]
+#: Said when video editing has neither a mask nor the annotator.
+NO_SALIENT_NOTE = (
+    "no mask given and VACE's salient annotator (VACE-Annotators/salient/u2net.pt) is not installed: the whole "
+    "frame is editable and the source pixels are kept as guidance. This is not Unison's behaviour (it masks the "
+    "main subject found by the annotator and paints it grey); add a mask, or put u2net.pt in the models folder"
+)
 
 #: The role and kind of the medium each task reads (editing tasks use the plan's indices instead).
 _ROLE_KIND = {
@@ -52,10 +66,10 @@ _ROLE_KIND = {
 
 @dataclass
 class VaceInputs:
-    """What Wan2.1-VACE is conditioned on, at the plan's size.
+    """What Wan2.1-VACE is conditioned on, at the size actually used (:attr:`size`).
 
     ``frames``: float32 ``[T,H,W,3]`` in 0..1 (0.5 = grey, i.e. zero in [-1, 1]);
-    ``masks``: float32 ``[T,H,W]`` in {0, 1}, 1 = regenerate;
+    ``masks``: float32 ``[T,H,W]`` in 0..1, 1 = regenerate (soft only along resized mask edges);
     ``references``: float32 ``[R,H,W,3]`` in 0..1, each image aspect-kept on a white canvas (R may be 0);
     ``notes``: human-readable remarks on how the user's media were fitted.
     """
@@ -71,8 +85,15 @@ class VaceInputs:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height)."""
+        """(width, height) actually used: the plan's, or the source's aspect ratio at the plan's area."""
         return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+    def used_plan(self, plan: Plan) -> Plan:
+        """``plan`` with the width, height and frame count these inputs were built at (the same plan if equal)."""
+        (width, height), frames = self.size, self.num_frames
+        if (width, height, frames) == (plan.width, plan.height, plan.num_frames):
+            return plan
+        return plan.with_changes(width=width, height=height, num_frames=frames)
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,79 +180,139 @@ def _blank(plan: Plan) -> VaceInputs:
     )
 
 
+def _sizing_medium(plan: Plan) -> int | None:
+    """The index of the medium whose shape sizes the output (the reference reads it as the source clip)."""
+    if plan.task in (Task.IMAGE_EDITING, Task.VIDEO_EDITING):
+        return plan.source_index
+    role = {Task.IMAGE_CONTROLLABLE: "control", Task.VIDEO_CONTROLLABLE: "control", Task.IMAGE_TO_VIDEO: "frame"}
+    if plan.task in role:
+        return _role_indices(plan, role[plan.task])[0]
+    return None
+
+
+def _fit(plan: Plan, media: Sequence[Medium], notes: list[str]) -> tuple[Plan, ClipFit | None]:
+    """The plan at the size (and, for a source clip, the length) stage two uses, and the clip's frame ids."""
+    index = _sizing_medium(plan)
+    if index is None:
+        return plan, None
+    medium = media[index]
+    label = _label(index, medium)
+    width, height = medium.size
+    # Image-to-video builds its clip from the image (every frame but the given ones generated): only the size.
+    clip_frames = medium.frames.shape[0] if plan.task is not Task.IMAGE_TO_VIDEO else plan.num_frames
+    fit = fit_clip(width, height, clip_frames, plan_width=plan.width, plan_height=plan.height,
+                   plan_frames=plan.num_frames, fixed_size=plan.fixed_size, fps=medium.fps, label=label)
+    if plan.task is Task.IMAGE_TO_VIDEO:  # the plan's length, the image's aspect ratio
+        fit = ClipFit(fit.width, fit.height, tuple(range(plan.num_frames)))
+    used = plan.with_changes(width=fit.width, height=fit.height, num_frames=fit.num_frames)
+    if (fit.width, fit.height) != (plan.width, plan.height):
+        notes.append(f"output is {fit.width}x{fit.height}: the aspect ratio of {label} ({width}x{height}) at the "
+                     f"plan's {plan.width}x{plan.height} area, as Unison sizes it (ask for a size, e.g. "
+                     f"{plan.width}x{plan.height}, to keep the plan's)")
+    if plan.task is not Task.IMAGE_TO_VIDEO and medium.kind == "video":
+        count = medium.frames.shape[0]
+        if fit.num_frames != plan.num_frames:
+            why = ("a source clip is not extended" if fit.num_frames < plan.num_frames else
+                   f"the token budget of {plan.num_frames} frames at the plan's area holds more at this size")
+            notes.append(f"{label} has {count} frames: {fit.num_frames} frames are generated, as Unison does "
+                         f"(the plan said {plan.num_frames}: {why})")
+        if count != fit.num_frames:
+            notes.append(f"{label}: its {count} frames are resampled to {fit.num_frames}, evenly over the whole clip")
+    return used, (None if plan.task is Task.IMAGE_TO_VIDEO else fit)
+
+
 def _crop_note(label: str, medium: Medium, plan: Plan) -> str | None:
     w, h = medium.size
-    _left, _top, cw, ch = center_crop_box(w, h, plan.width, plan.height)
-    if (cw, ch) == (w, h):
+    new_w, new_h = cover_size(w, h, plan.width, plan.height)
+    if (new_w, new_h) == (plan.width, plan.height) or (w, h) == (plan.width, plan.height):
         return None
-    return f"{label} is {w}x{h}: centre-cropped to {cw}x{ch} to match the {plan.width}x{plan.height} target"
+    return (f"{label} is {w}x{h}: scaled to {new_w}x{new_h} and centre-cropped to the "
+            f"{plan.width}x{plan.height} output")
 
 
-def _fitted_frames(label: str, medium: Medium, plan: Plan, notes: list[str], what: str) -> torch.Tensor:
-    """The first ``num_frames`` frames of ``medium``, covered to the target size."""
-    n = plan.num_frames
-    count = medium.frames.shape[0]
-    if medium.kind == "video" and count > n:
-        notes.append(f"{what} {label} has {count} frames; the first {n} are used")
-    if note := _crop_note(label, medium, plan):
-        notes.append(note)
-    return cover_frames(medium.frames[:n], plan.width, plan.height)
+def _source_masks(plan: Plan, media: Sequence[Medium], fit: ClipFit, notes: list[str],
+                  salient: SalientFn | None) -> tuple[np.ndarray | None, bool]:
+    """Boolean masks at the source's size (``[1 or T, h, w]``, True = regenerate), or ``None``: no mask.
 
-
-def _pad_note(notes: list[str], what: str, label: str, count: int, n: int, effect: str) -> None:
-    if count < n:
-        span = f"frame {count}" if count == n - 1 else f"frames {count}-{n - 1}"
-        notes.append(f"{what} {label} has {count} frames, the plan asks for {n}: {span} {effect}")
-
-
-def _editing(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
-    notes, frames, masks = inputs.notes, inputs.frames, inputs.masks
-    n = plan.num_frames
+    The second value is False when no mask could be made (no mask, no annotator): the source is then
+    kept, whole frame editable.
+    """
     si = plan.source_index
     assert si is not None  # a Plan of an editing task always has one (plan validation)
     source = media[si]
-    src_label = _label(si, source)
-    covered = _fitted_frames(src_label, source, plan, notes, "source")
-    k = covered.shape[0]
-    frames[:k] = covered
-    _pad_note(notes, "source", src_label, k, n, "are grey and generated freely (mask 1)")
-
+    width, height = source.size
     if plan.mask_index is None:
-        notes.append("no mask given: the whole frame is editable")
-        return
+        if plan.task is Task.VIDEO_EDITING and salient is not None:
+            # VACE's salient mode: the first frame of the clip decides the mask of every frame.
+            saliency = salient(np.ascontiguousarray(source.frames[0, :, :, :3]))
+            notes.append(f"no mask given: the main subject of {_label(si, source)}'s first frame (VACE's salient "
+                         "annotator) is regenerated, as Unison does")
+            return (saliency > 0)[None], True
+        video = plan.task is Task.VIDEO_EDITING
+        notes.append(NO_SALIENT_NOTE if video else "no mask given: the whole frame is editable")
+        return None, False
 
     mi = plan.mask_index
     mask_medium = media[mi]
-    mask_label = _label(mi, mask_medium)
-    if mask_medium.size[0] * source.size[1] != mask_medium.size[1] * source.size[0]:
-        notes.append(
-            f"mask {mask_label} ({mask_medium.size[0]}x{mask_medium.size[1]}) and source {src_label} "
-            f"({source.size[0]}x{source.size[1]}) differ in aspect ratio; each was centre-cropped to the "
-            "target, so they may not line up"
-        )
+    label = _label(mi, mask_medium)
     m_count = mask_medium.frames.shape[0]
-    fitted = cover_mask(mask_medium.frames[:k], plan.width, plan.height)
     if m_count == 1:
-        masks[:k] = fitted.expand(k, -1, -1)
+        masks = luma_u8(mask_medium.frames[:1])
     else:
-        masks[: fitted.shape[0]] = fitted
-        if m_count > k:
-            notes.append(f"mask {mask_label} has {m_count} frames; the first {k} (one per source frame) are used")
-        _pad_note(notes, "mask", mask_label, m_count, k, "are fully editable (mask 1)")
-    if not fitted.any():
-        notes.append(f"mask {mask_label} marks no pixel to regenerate (all dark): the source frames are kept")
+        ids = [i for i in fit.frame_ids if i < m_count]
+        if len(ids) < len(fit.frame_ids):
+            raise MediaError(f"mask {label} has {m_count} frames, fewer than the source's: give a mask video as long "
+                             "as the source, or one mask image for every frame")
+        if m_count != source.frames.shape[0]:
+            notes.append(f"mask {label} has {m_count} frames and the source {source.frames.shape[0]}: mask frames "
+                         "are taken at the source's frame ids")
+        masks = luma_u8(mask_medium.frames[list(ids)])
+    if mask_medium.size != source.size:
+        notes.append(f"mask {label} ({mask_medium.size[0]}x{mask_medium.size[1]}) is resized (nearest) to the "
+                     f"source's {width}x{height}")
+        masks = nearest_resize(masks, width, height)
+    bool_masks = masks > 0
+    if not bool_masks.any():
+        notes.append(f"mask {label} marks no pixel to regenerate (all black): the source frames are kept")
+    return bool_masks, True
 
 
-def _controllable(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
+def _editing(plan: Plan, media: Sequence[Medium], inputs: VaceInputs, fit: ClipFit, salient: SalientFn | None) -> None:
+    assert plan.source_index is not None
+    source = media[plan.source_index]
+    if note := _crop_note(_label(plan.source_index, source), source, plan):
+        inputs.notes.append(note)
+    masks, masked = _source_masks(plan, media, fit, inputs.notes, salient)
+    ids = list(fit.frame_ids)
+    for start in range(0, len(ids), _CHUNK):
+        chunk_ids = ids[start : start + _CHUNK]
+        frames = source.frames[chunk_ids, :, :, :3].copy()
+        stop = start + len(chunk_ids)
+        if masks is None:
+            inputs.frames[start:stop] = cover_frames(frames, plan.width, plan.height)
+            continue
+        bool_masks = masks if masks.shape[0] == 1 else masks[start:stop]
+        bool_masks = np.broadcast_to(bool_masks, frames.shape[:3])
+        frames[bool_masks] = MASK_COLOR  # InpaintingVideoAnnotator.apply_plain_mask
+        inputs.frames[start:stop] = cover_frames(frames, plan.width, plan.height)
+        mask_u8 = np.where(bool_masks, np.uint8(255), np.uint8(0))
+        inputs.masks[start:stop] = cover_mask(mask_u8, plan.width, plan.height)
+    if not masked:
+        inputs.masks.fill_(1.0)
+
+
+def _controllable(plan: Plan, media: Sequence[Medium], inputs: VaceInputs, fit: ClipFit) -> None:
     found = _role_indices(plan, "control")
     i = found[0]
     if len(found) > 1:
         names = ", ".join(_label(j, media[j]) for j in found[1:])
         inputs.notes.append(f"{len(found)} control media given; only {_label(i, media[i])} is used, not {names}")
-    label = _label(i, media[i])
-    covered = _fitted_frames(label, media[i], plan, inputs.notes, "control")
-    inputs.frames[: covered.shape[0]] = covered
-    _pad_note(inputs.notes, "control", label, covered.shape[0], plan.num_frames, "have no control (grey, mask 1)")
+    if note := _crop_note(_label(i, media[i]), media[i], plan):
+        inputs.notes.append(note)
+    ids = list(fit.frame_ids)
+    for start in range(0, len(ids), _CHUNK):
+        chunk = media[i].frames[ids[start : start + _CHUNK]]
+        inputs.frames[start : start + chunk.shape[0]] = cover_frames(chunk, plan.width, plan.height)
 
 
 def _reference(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
@@ -256,27 +337,36 @@ def _image_to_video(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> 
         inputs.masks[at] = 0.0
 
 
-#: What each task changes in the blank inputs; text-to-image and text-to-video keep them blank.
+#: What each task changes in the blank inputs; text-to-image and text-to-video keep them blank. Tasks
+#: that read a source clip (editing, control) take its frame ids too (see prepare_vace_inputs).
 _RECIPES = {
-    Task.IMAGE_EDITING: _editing,
-    Task.VIDEO_EDITING: _editing,
-    Task.IMAGE_CONTROLLABLE: _controllable,
-    Task.VIDEO_CONTROLLABLE: _controllable,
     Task.IMAGE_REFERENCE: _reference,
     Task.VIDEO_REFERENCE: _reference,
     Task.IMAGE_TO_VIDEO: _image_to_video,
 }
 
 
-def prepare_vace_inputs(plan: Plan, media: Sequence[Medium]) -> VaceInputs:
+def prepare_vace_inputs(plan: Plan, media: Sequence[Medium], *, salient: SalientFn | None = None) -> VaceInputs:
     """The VACE source frames, masks and reference images for ``plan`` (DESIGN §3).
 
     ``media`` are the decoded media in the order of ``plan.media``. Validation runs first
-    (:func:`check_vace_media`); the recipe per task is in this module's docstring.
+    (:func:`check_vace_media`); the recipe per task is in this module's docstring. ``salient``
+    (e.g. ``SalientAnnotator(...).saliency`` from :mod:`.salient`) masks a video edit given no mask,
+    as Unison does; without it such an edit keeps the source and says so in the notes. The
+    result may be at another size or length than the plan: use :meth:`VaceInputs.used_plan`.
     """
     check_vace_media(plan, media)
+    notes: list[str] = []
+    plan, fit = _fit(plan, media, notes)
     inputs = _blank(plan)
-    if plan.task in _RECIPES:
+    inputs.notes.extend(notes)
+    if plan.task in (Task.IMAGE_EDITING, Task.VIDEO_EDITING):
+        assert fit is not None
+        _editing(plan, media, inputs, fit, salient)
+    elif plan.task in (Task.IMAGE_CONTROLLABLE, Task.VIDEO_CONTROLLABLE):
+        assert fit is not None
+        _controllable(plan, media, inputs, fit)
+    elif plan.task in _RECIPES:
         _RECIPES[plan.task](plan, media, inputs)
     return inputs
 
