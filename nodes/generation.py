@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_bridge as comfy
+from . import previews
 from . import vram_estimate as estimate
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
+NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The editor holds numbers as JS doubles: above 2**53 a typed seed is not what is sent (ComfyUI's
+# own 0xFFFFFFFFFFFFFFFF maximum even rounds up to 2**64, past the maximum), so the range stops there.
+MAX_SEED = 2**53 - 1
 _GENERATE_INSTEAD = "there is nothing to generate (wire the Task Router's image or video output here)"
 
 
@@ -83,8 +87,9 @@ class UnisonVaceInputs:
     OUTPUT_TOOLTIPS = (
         "Source / control frames at the plan's size (0.5 grey = nothing given); WanVaceToVideo's control_video.",
         "Masks, 1 = generate, 0 = keep; WanVaceToVideo's control_masks.",
-        "The first reference image on a white canvas (reference tasks; empty otherwise); WanVaceToVideo's "
-        "reference_image.",
+        "The first reference image on a white canvas, for WanVaceToVideo's reference_image. Only reference tasks "
+        "have one: for other tasks this output carries no image (None), which WanVaceToVideo reads as 'no "
+        "reference'; so wire it to WanVaceToVideo, not to Preview/Save Image.",
     )
 
     @classmethod
@@ -147,6 +152,11 @@ class UnisonVaceSampler:
                 "tokens": (TOKENS, {"lazy": True,
                                     "tooltip": "Projector tokens from the Unison Projector; appended to the "
                                                "instruction's embedding. Not connected: umT5 alone."}),
+                "noise_device": (list(NOISE_DEVICES), {
+                    "default": "cpu",
+                    "tooltip": "Where the starting noise is drawn. cpu: the same noise for a seed on every machine "
+                               "(as ComfyUI's own samplers). device: a generator on the sampling device, as the "
+                               "Unison reference does (its exact noise on that GPU, different on another GPU)."}),
             },
         }
 
@@ -162,19 +172,27 @@ class UnisonVaceSampler:
         return [name for name in ("vace", "tokens") if name in inputs and inputs[name] is None]
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
-               negative_prompt: str, tokens: Any = None) -> dict[str, Any]:
+               negative_prompt: str, tokens: Any = None, noise_device: str = "cpu") -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Sampler", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                          negative_prompt=negative_prompt)
+                                          negative_prompt=negative_prompt, noise_device=noise_device)
+        # No load here: the parts are loaded stage by stage in work() (umT5 to encode, then the rest).
+        options, memory_note = _memory_preflight(packet.plan, vace.models, options)
         bar = comfy.progress_bar(steps)
+        to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
+        latest: list[Any] = [None]  # the preview of the step just computed, sent with its progress
+
+        def on_step(step: int, total: int, x0: Any) -> None:
+            latest[0] = to_preview(x0)
 
         def progress(step: int, total: int) -> None:
             if bar is not None:
-                bar.update_absolute(step, total)
+                bar.update_absolute(step, total, latest[0])
+                latest[0] = None
 
         def cancel() -> bool:
             comfy.throw_if_interrupted()  # raises ComfyUI's InterruptProcessingException
@@ -190,10 +208,10 @@ class UnisonVaceSampler:
             comfy.load_for_use([vace.text_patcher], memory_required=estimate.text_encoding_bytes(m))
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
             comfy.load_for_use(vace.sampling_patchers, memory_required=estimate.sampling_bytes(
-                m, width=p.width, height=p.height, frames=p.num_frames, references=int(inputs.references.shape[0]),
-                batched_guidance=options.batch_cfg and options.uses_guidance))
+                p, estimate.footprint(m), estimate.run_settings(m, options, int(inputs.references.shape[0]))))
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
-                                  cancel=cancel, free_for_decode=lambda: comfy.unload([vace.transformer_patcher]))
+                                  cancel=cancel, on_step=on_step if to_preview is not None else None,
+                                  free_for_decode=lambda: comfy.unload([vace.transformer_patcher]))
 
         def advice(exc: BaseException) -> str:
             return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,
@@ -207,7 +225,37 @@ class UnisonVaceSampler:
             if SETTINGS_IN_COMFYUI in str(exc):
                 raise
             raise errors.OutOfMemory(f"{exc}\n{SETTINGS_IN_COMFYUI}", exc.stage) from None
-        notes = [*inputs.notes, *generation.notes]
+        notes = [*inputs.notes, *generation.notes, *memory_note]
         frames = generation.frames
         summary = f"{frames.shape[0]} frame(s) {frames.shape[2]}x{frames.shape[1]} @ {generation.fps} fps"
         return {"ui": {"text": ["\n".join([summary, *notes])]}, "result": (frames, float(generation.fps))}
+
+
+def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[str]]:
+    """Refuse a plan whose estimated peak does not fit the device's free memory, before it runs.
+
+    A clear node error (``MemoryWontFit``, with the estimate and what to change) instead of a
+    server taken down by the OOM killer; VAE tiling is switched on when only the decode would not
+    fit. The loaded weights already sit on the device, so they are counted as in use.
+    """
+    import dataclasses
+
+    memory = runtime_module("memory_estimate")
+    footprint = memory.footprint_from_models(models)
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+    vae_dtype = getattr(models.vae, "dtype", None)
+    settings = memory.RunSettings(device=str(models.device), text_device=str(models.text_device),
+                                  transformer_dtype=names.get(str(models.dtype), "fp32"),
+                                  vae_dtype=names.get(str(vae_dtype), "fp32"), batch_cfg=options.batch_cfg,
+                                  guidance=options.guidance, vae_tiling=options.vae_tiling,
+                                  num_references=sum(1 for ref in plan.media if ref.role == "reference"))
+    # Staged (comfy_bridge.load_for_use): umT5 is loaded only to encode and ComfyUI may offload it before
+    # the transformer and VAE load, so it is not counted beside them; every model ComfyUI holds on the
+    # device (ours from an earlier run, others) can be offloaded for this run, so its memory counts as free.
+    settings = dataclasses.replace(settings, text_device="cpu")
+    resident = comfy.evictable_bytes(settings.device)
+    decision = memory.check_fits(plan, footprint, settings, resident=resident, where="comfyui", runtime=False)
+    if decision.tiling_switched_on:
+        return dataclasses.replace(options, vae_tiling=True), [
+            "VAE tiling switched on: decoding whole frames would not fit in the free memory"]
+    return options, []

@@ -11,6 +11,7 @@ fp32 VAE), computed from the shipped configs on the meta device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,12 +63,14 @@ def released() -> SimpleNamespace:
         umt5 = UMT5EncoderModel(UMT5Config.from_pretrained(CONFIGS / "umt5-xxl-encoder"))
     count = {name: sum(p.numel() for p in m.parameters())
              for name, m in (("transformer", transformer), ("vae", vae), ("umt5", umt5))}
+    memory = runtime_module("memory_estimate")
+    sizes = {"transformer": count["transformer"] * 2, "vae": count["vae"] * 4, "umt5": count["umt5"] * 2}
     return SimpleNamespace(
-        transformer=count["transformer"] * 2, vae=count["vae"] * 4, umt5=count["umt5"] * 2,
-        models=SimpleNamespace(
-            transformer=SimpleNamespace(config=SimpleNamespace(**transformer_config), dtype=torch.bfloat16),
-            vae=SimpleNamespace(dtype=torch.float32),
-            text_encoder=SimpleNamespace(config=umt5.config, dtype=torch.bfloat16)))
+        **sizes,
+        footprint=memory.ModelFootprint(transformer=sizes["transformer"], vae=sizes["vae"],
+                                        text_encoder=sizes["umt5"], transformer_config=dict(transformer.config),
+                                        vae_config=dict(vae.config)),
+        text_models=SimpleNamespace(text_encoder=SimpleNamespace(config=umt5.config, dtype=torch.bfloat16)))
 
 
 def real(monkeypatch, env, tiny, released, gib: float, **options) -> real_comfy.RealComfy:
@@ -87,12 +90,14 @@ def real(monkeypatch, env, tiny, released, gib: float, **options) -> real_comfy.
         return models
 
     monkeypatch.setattr(files, "load_vace_from_files", load_and_scale)
-    monkeypatch.setattr(estimate, "sampling_bytes", lambda m, **kw: _original_sampling(released.models, **kw))
-    monkeypatch.setattr(estimate, "text_encoding_bytes", lambda m, **kw: _original_text(released.models, **kw))
+    monkeypatch.setattr(estimate, "footprint", lambda m: released.footprint)
+    monkeypatch.setattr(estimate, "run_settings", lambda m, o, r: dataclasses.replace(
+        _original_settings(m, o, r), transformer_dtype="bf16", vae_dtype="fp32"))
+    monkeypatch.setattr(estimate, "text_encoding_bytes", lambda m, **kw: _original_text(released.text_models, **kw))
     return rc
 
 
-_original_sampling, _original_text = estimate.sampling_bytes, estimate.text_encoding_bytes
+_original_settings, _original_text = estimate.run_settings, estimate.text_encoding_bytes
 
 
 def on_gpu(module) -> bool:
@@ -212,8 +217,9 @@ def test_umt5_loaded_to_encode_and_evicted_before_sampling(monkeypatch, comfy, t
         assert vace.text_patcher not in sample["loaded"] and sample["umt5_on_cpu"] and umt5_left == approx(0)
     elif umt5_evicted == "part":
         assert not sample["umt5_on_gpu"] and 0 < umt5_left < released.umt5
-        reserve = estimate.sampling_bytes(vace.models, width=size[0], height=size[1], frames=size[2], references=0,
-                                          batched_guidance=True)
+        options = runtime_module("vace.sampler").SamplingOptions(steps=50, guidance=5.0)
+        reserve = estimate.sampling_bytes(plan_for(*size).plan, estimate.footprint(vace.models),
+                                          estimate.run_settings(vace.models, options, 0))
         assert sample["used"] + reserve <= rc.gpu.total  # the room the sampler asked for is there
     else:
         assert sample["umt5_on_gpu"] and umt5_left == approx(released.umt5)
@@ -331,7 +337,7 @@ def test_decode_out_of_memory_retried_tiled_without_losing_the_latents(monkeypat
     monkeypatch.setattr(type(vae), "decode", failing_once)
     steps = []
     monkeypatch.setattr(comfy_bridge, "progress_bar", lambda total: SimpleNamespace(
-        update_absolute=lambda step, total: steps.append(step)))
+        update_absolute=lambda step, total, preview=None: steps.append(step)))
     out = node.sample(vace, packet, 3, 2, 5.0, 5.0, "blurry")
     assert calls == [False, True]  # untiled, then tiled
     assert steps == [1, 2]  # the denoising ran once: the same latents were decoded again

@@ -25,6 +25,7 @@ class ComfyEnv:
 
     base: Path
     progress: list[tuple[int, int]] = field(default_factory=list)
+    previews: list[tuple[int, Any]] = field(default_factory=list)  # (step, preview) sent with a progress tick
     loads: list[list[Any]] = field(default_factory=list)
     memory_required: list[int] = field(default_factory=list)  # what each load_models_gpu call reserved
     interrupt_after_checks: int | None = None  # raise the interrupt on the n-th check (1-based)
@@ -180,6 +181,8 @@ def _utils(env: ComfyEnv) -> types.ModuleType:
                 self.total = total
             self.current = min(value, self.total)
             env.progress.append((self.current, self.total))
+            if preview is not None:
+                env.previews.append((self.current, preview))
 
         def update(self, value: int) -> None:
             self.update_absolute(self.current + value)
