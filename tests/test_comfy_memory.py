@@ -12,6 +12,7 @@ fp32 VAE), computed from the shipped configs on the meta device.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,14 +39,16 @@ from nodes.planning import UnisonPlanner, UnisonTaskRouter
 from unison_runtime.errors import UnisonError
 
 CHECKOUT = real_comfy.find_checkout()
+MISSING = "no ComfyUI checkout (set UNISON_TEST_COMFYUI to one; DEVELOPERS.md)" if CHECKOUT is None else \
+    "einops is missing (ComfyUI imports it; pip install -e '.[test]')" if importlib.util.find_spec("einops") is None \
+    else None
 
 
 def approx(value):
     """Byte counts scaled from tiny models to the released ones agree to a few bytes (float rounding)."""
     return pytest.approx(value, abs=64)
 
-pytestmark = pytest.mark.skipif(
-    CHECKOUT is None, reason="no ComfyUI checkout (set UNISON_COMFYUI to one; DEVELOPERS.md 'Inside a real ComfyUI')")
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 CONFIGS = Path(__file__).resolve().parents[1] / "unison_runtime" / "configs"
 TRUE_SIZE = comfy_bridge.true_size  # the pack's own, before a test scales it
 
