@@ -428,8 +428,6 @@ def decode(models: VaceModels, latents: torch.Tensor, num_references: int, *,
     mean, inv_std = _latent_stats(models, latents.device)
     latents = (latents / inv_std.to(latents.dtype) + mean.to(latents.dtype))
     tilings: list[tuple[int, int, int, int] | None] = [None, *DECODE_TILES]
-    if getattr(vae, "use_tiling", False):  # already tiled (``options.vae_tiling``): only smaller tiles can help
-        tilings = [None, *DECODE_TILES[1:]]
     if not hasattr(vae, "enable_tiling"):
         tilings = [None]
     for attempt, tiles in enumerate(tilings):
@@ -479,9 +477,9 @@ def sample(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
-    free_for_decode: Callable[[], None] | None = None,
     on_step: StepFn | None = None,
     on_stage: StageFn | None = None,
+    free_for_decode: Callable[[], None] | None = None,
 ) -> Generation:
     """Generate the plan's image or video from VACE inputs and the two text contexts.
 
@@ -495,8 +493,8 @@ def sample(
     to lower, after the latents of this call were let go; the models stay usable. ``on_stage(text)``
     is told when encoding, sampling and decoding start (for a host's progress display).
     ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole. A decode that runs
-    out of memory is retried in tiles, after ``free_for_decode()`` freed what decoding does not need
-    (see :func:`decode`), so finished latents are not lost to the decode.
+    out of memory is first retried in tiles, after ``free_for_decode()`` freed what decoding does not
+    need (see :func:`decode`), so finished latents are not lost to the decode.
     """
     options = options or SamplingOptions()
     announce = on_stage or (lambda text: None)
@@ -518,11 +516,11 @@ def sample(
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
                           notes=notes, state=state, on_step=on_step)
         stage[0] = "decoding with the VAE"
+        num_references = prepared.num_references
+        del prepared  # the control latents are not needed to decode
         frames = plan.num_frames
         announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
                  + (" (tiled)" if options.vae_tiling else ""))
-        num_references = prepared.num_references
-        del prepared  # the control latents are not needed to decode
         with vae_tiling(models.vae, options.vae_tiling):
             return decode(models, latents, num_references, free_memory=free_for_decode, notes=notes)
 
