@@ -332,6 +332,17 @@ def unload(patchers: Iterable[Any | None]) -> int:
     return len(found)
 
 
+def evictable_bytes(device: Any) -> int:
+    """Bytes of the models ComfyUI holds on ``device``, which it can offload to make room (0 outside ComfyUI)."""
+    import torch
+
+    mm = model_management()
+    if mm is None:
+        return 0
+    device = torch.device(device)
+    return int(sum(lm.model_loaded_memory() for lm in mm.current_loaded_models if lm.device == device))
+
+
 def fits_on_device(size: int, device: Any) -> bool:
     """Whether ``size`` bytes of weights plus ComfyUI's minimum working memory fit the whole of ``device``
     (always true for the CPU and outside ComfyUI)."""

@@ -207,6 +207,7 @@ class UnisonVaceSampler:
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt, noise_device=noise_device)
+        # No load here: the parts are loaded stage by stage in work() (umT5 to encode, then the rest).
         used = inputs.used_plan(packet.plan)  # a source may set another size or length (as in Unison)
         options, memory_note = _memory_preflight(used, vace.models, options)
         bar = comfy.progress_bar(steps)
@@ -235,8 +236,7 @@ class UnisonVaceSampler:
             comfy.load_for_use([vace.text_patcher], memory_required=estimate.text_encoding_bytes(m))
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
             comfy.load_for_use(vace.sampling_patchers, memory_required=estimate.sampling_bytes(
-                m, width=p.width, height=p.height, frames=p.num_frames, references=int(inputs.references.shape[0]),
-                batched_guidance=options.batch_cfg and options.uses_guidance))
+                p, estimate.footprint(m), estimate.run_settings(m, options, int(inputs.references.shape[0]))))
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
                                   cancel=cancel, on_step=on_step if to_preview is not None else None,
                                   free_for_decode=lambda: comfy.unload([vace.transformer_patcher]))
@@ -277,9 +277,11 @@ def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[s
                                   vae_dtype=names.get(str(vae_dtype), "fp32"), batch_cfg=options.batch_cfg,
                                   guidance=options.guidance, vae_tiling=options.vae_tiling,
                                   num_references=sum(1 for ref in plan.media if ref.role == "reference"))
-    resident = footprint.transformer + footprint.vae
-    if memory.same_device(settings.text_device, settings.device):
-        resident += footprint.text_encoder
+    # Staged (comfy_bridge.load_for_use): umT5 is loaded only to encode and ComfyUI may offload it before
+    # the transformer and VAE load, so it is not counted beside them; every model ComfyUI holds on the
+    # device (ours from an earlier run, others) can be offloaded for this run, so its memory counts as free.
+    settings = dataclasses.replace(settings, text_device="cpu")
+    resident = comfy.evictable_bytes(settings.device)
     decision = memory.check_fits(plan, footprint, settings, resident=resident, where="comfyui", runtime=False)
     if decision.tiling_switched_on:
         return dataclasses.replace(options, vae_tiling=True), [

@@ -11,6 +11,8 @@ fp32 VAE), computed from the shipped configs on the meta device.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,14 +39,16 @@ from nodes.planning import UnisonPlanner, UnisonTaskRouter
 from unison_runtime.errors import UnisonError
 
 CHECKOUT = real_comfy.find_checkout()
+MISSING = "no ComfyUI checkout (set UNISON_TEST_COMFYUI to one; DEVELOPERS.md)" if CHECKOUT is None else \
+    "einops is missing (ComfyUI imports it; pip install -e '.[test]')" if importlib.util.find_spec("einops") is None \
+    else None
 
 
 def approx(value):
     """Byte counts scaled from tiny models to the released ones agree to a few bytes (float rounding)."""
     return pytest.approx(value, abs=64)
 
-pytestmark = pytest.mark.skipif(
-    CHECKOUT is None, reason="no ComfyUI checkout (set UNISON_COMFYUI to one; DEVELOPERS.md 'Inside a real ComfyUI')")
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 CONFIGS = Path(__file__).resolve().parents[1] / "unison_runtime" / "configs"
 TRUE_SIZE = comfy_bridge.true_size  # the pack's own, before a test scales it
 
@@ -62,12 +66,14 @@ def released() -> SimpleNamespace:
         umt5 = UMT5EncoderModel(UMT5Config.from_pretrained(CONFIGS / "umt5-xxl-encoder"))
     count = {name: sum(p.numel() for p in m.parameters())
              for name, m in (("transformer", transformer), ("vae", vae), ("umt5", umt5))}
+    memory = runtime_module("memory_estimate")
+    sizes = {"transformer": count["transformer"] * 2, "vae": count["vae"] * 4, "umt5": count["umt5"] * 2}
     return SimpleNamespace(
-        transformer=count["transformer"] * 2, vae=count["vae"] * 4, umt5=count["umt5"] * 2,
-        models=SimpleNamespace(
-            transformer=SimpleNamespace(config=SimpleNamespace(**transformer_config), dtype=torch.bfloat16),
-            vae=SimpleNamespace(dtype=torch.float32),
-            text_encoder=SimpleNamespace(config=umt5.config, dtype=torch.bfloat16)))
+        **sizes,
+        footprint=memory.ModelFootprint(transformer=sizes["transformer"], vae=sizes["vae"],
+                                        text_encoder=sizes["umt5"], transformer_config=dict(transformer.config),
+                                        vae_config=dict(vae.config)),
+        text_models=SimpleNamespace(text_encoder=SimpleNamespace(config=umt5.config, dtype=torch.bfloat16)))
 
 
 def real(monkeypatch, env, tiny, released, gib: float, **options) -> real_comfy.RealComfy:
@@ -87,12 +93,14 @@ def real(monkeypatch, env, tiny, released, gib: float, **options) -> real_comfy.
         return models
 
     monkeypatch.setattr(files, "load_vace_from_files", load_and_scale)
-    monkeypatch.setattr(estimate, "sampling_bytes", lambda m, **kw: _original_sampling(released.models, **kw))
-    monkeypatch.setattr(estimate, "text_encoding_bytes", lambda m, **kw: _original_text(released.models, **kw))
+    monkeypatch.setattr(estimate, "footprint", lambda m: released.footprint)
+    monkeypatch.setattr(estimate, "run_settings", lambda m, o, r: dataclasses.replace(
+        _original_settings(m, o, r), transformer_dtype="bf16", vae_dtype="fp32"))
+    monkeypatch.setattr(estimate, "text_encoding_bytes", lambda m, **kw: _original_text(released.text_models, **kw))
     return rc
 
 
-_original_sampling, _original_text = estimate.sampling_bytes, estimate.text_encoding_bytes
+_original_settings, _original_text = estimate.run_settings, estimate.text_encoding_bytes
 
 
 def on_gpu(module) -> bool:
@@ -212,8 +220,9 @@ def test_umt5_loaded_to_encode_and_evicted_before_sampling(monkeypatch, comfy, t
         assert vace.text_patcher not in sample["loaded"] and sample["umt5_on_cpu"] and umt5_left == approx(0)
     elif umt5_evicted == "part":
         assert not sample["umt5_on_gpu"] and 0 < umt5_left < released.umt5
-        reserve = estimate.sampling_bytes(vace.models, width=size[0], height=size[1], frames=size[2], references=0,
-                                          batched_guidance=True)
+        options = runtime_module("vace.sampler").SamplingOptions(steps=50, guidance=5.0)
+        reserve = estimate.sampling_bytes(plan_for(*size).plan, estimate.footprint(vace.models),
+                                          estimate.run_settings(vace.models, options, 0))
         assert sample["used"] + reserve <= rc.gpu.total  # the room the sampler asked for is there
     else:
         assert sample["umt5_on_gpu"] and umt5_left == approx(released.umt5)

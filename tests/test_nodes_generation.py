@@ -182,7 +182,7 @@ def test_sampler_generates_an_image_with_progress(models) -> None:
     assert models.progress == [(1, 2), (2, 2)]  # one tick per step
     # Placed by ComfyUI's model manager in two stages: umT5 to encode, then the transformer and VAE to sample.
     assert models.loads[-2:] == [[vace.text_patcher], [vace.transformer_patcher, vace.vae_patcher]]
-    assert models.memory_required[-2] > 0 and models.memory_required[-1] > models.memory_required[-2]
+    assert models.memory_required[-2] > 0 and models.memory_required[-1] > 0  # a reserve for the work, each stage
 
 
 def test_sampler_is_deterministic_per_seed(models) -> None:

@@ -1,7 +1,7 @@
 """ComfyUI's real model management (``comfy.model_management``, ``comfy.model_patcher``) for tests, with a
 simulated GPU of a chosen size.
 
-The code comes from a ComfyUI checkout found by :func:`find_checkout` (``UNISON_COMFYUI``, the ComfyUI
+The code comes from a ComfyUI checkout found by :func:`find_checkout` (``UNISON_TEST_COMFYUI``, the ComfyUI
 this pack sits in, or the team's reference clone); nothing of ComfyUI is part of this repository.
 It is imported once per session with ``--cpu`` (no CUDA here), then taken out of ``sys.modules`` so
 that tests running without ComfyUI still see none; :func:`install` puts it back for one test.
@@ -34,9 +34,9 @@ GPU = torch.device("meta")
 
 
 def find_checkout() -> Path | None:
-    """A ComfyUI checkout: ``$UNISON_COMFYUI``, the ComfyUI whose ``custom_nodes`` holds this pack, or the
+    """A ComfyUI checkout: ``$UNISON_TEST_COMFYUI``, the ComfyUI whose ``custom_nodes`` holds this pack, or the
     team's read-only reference clone; ``None`` when there is none."""
-    candidates = [os.environ.get("UNISON_COMFYUI")]
+    candidates = [os.environ.get("UNISON_TEST_COMFYUI")]
     if ROOT.parent.name == "custom_nodes":
         candidates.append(str(ROOT.parent.parent))
     candidates.append("/work/ref/ComfyUI")
@@ -53,7 +53,8 @@ def _import_comfy(checkout: Path) -> dict[str, ModuleType]:
     doubles = {name: sys.modules.pop(name) for name in list(sys.modules)
                if name.split(".")[0] in ("comfy", "comfy_execution", "folder_paths")}
     before = set(sys.modules)
-    argv, path = sys.argv, list(sys.path)
+    argv, path, no_bytecode = sys.argv, list(sys.path), sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # the checkout may be a read-only reference: write no __pycache__ into it
     sys.path.insert(0, str(checkout))
     sys.argv = [argv[0], "--cpu"]  # comfy/cli_args.py reads sys.argv only once args parsing is enabled
     try:
@@ -64,7 +65,7 @@ def _import_comfy(checkout: Path) -> dict[str, ModuleType]:
         import comfy.model_patcher
         import comfy.utils
     finally:
-        sys.argv = argv
+        sys.argv, sys.dont_write_bytecode = argv, no_bytecode
         sys.path[:] = path
     # Only ComfyUI's own modules leave sys.modules (the libraries it imported stay, as any import would).
     imported = {name: sys.modules[name] for name in set(sys.modules) - before if _inside(sys.modules[name], checkout)}
