@@ -15,8 +15,8 @@ runs under ``torch.autocast``, so its stream is fp32 and only the matrix product
   so the matrix products run in fp16 on fp16 weights; their fp16 outputs are normalised or
   gated and added to the fp32 stream;
 * the layers that start the stream or read it raw (the two patch embeddings, each VACE block's
-  ``proj_in`` / ``proj_out``, whose input is not normalised) are kept in fp32 (about 2 % of the
-  1.3B weights).
+  ``proj_in`` / ``proj_out``, whose input is not normalised) are kept in fp32 (1.8 % of the
+  VACE-1.3B transformer's parameters).
 
 Hooks, not a patched class: diffusers' code runs unchanged, and the choice shows on the model
 (``unison_fp32_residual_stream``). Inputs are cast to the compute dtype, not to the stored weight
