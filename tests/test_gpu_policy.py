@@ -116,3 +116,15 @@ def test_cpu_and_other_devices_keep_their_policy():
     assert loading.resolve_dtype(None, "mps", role="transformer") is BF16
     with pytest.raises(ValueError, match="unknown model role"):
         devices.default_compute_dtype("cpu", "unet")
+
+
+def test_a_cuda_device_torch_cannot_see_is_a_clear_error(monkeypatch):
+    from unison_runtime.errors import UnisonError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UnisonError, match="device cuda asks for CUDA, but torch sees no CUDA device here"):
+            loading.resolve_dtype(None, "cuda")
+    FakeCuda((T4, RTX3090)).install(monkeypatch)
+    with pytest.raises(UnisonError, match=r"device cuda:2 does not exist: torch sees 2 CUDA device\(s\), cuda:0 to "
+                                          r"cuda:1"):
+        loading.resolve_dtype(None, "cuda:2")

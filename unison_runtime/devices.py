@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .errors import UnisonError
+
 log = logging.getLogger(__name__)
 
 #: The first compute capability with native bf16 (Ampere) and flash-attn 2 kernels.
@@ -67,11 +69,22 @@ class CudaCard:
 
 
 def cuda_device(device: str | torch.device) -> torch.device:
-    """``device`` with its index filled in: bare ``cuda`` means the current CUDA device."""
+    """``device`` with its index filled in (bare ``cuda`` means the current CUDA device), checked to exist.
+
+    A CUDA device torch cannot see (no GPU or driver, an index past the last card) is a
+    :class:`~unison_runtime.errors.UnisonError` naming it, not a driver traceback.
+    """
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UnisonError(f"device {device} asks for CUDA, but torch sees no CUDA device here (no GPU, no driver, "
+                          "or a CPU-only torch); choose cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UnisonError(f"device {device} does not exist: torch sees {count} CUDA device(s), cuda:0 to "
+                          f"cuda:{count - 1}")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def cuda_card(device: str | torch.device) -> CudaCard:

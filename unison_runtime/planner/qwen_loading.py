@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import attention as attention_choice
 from ..attention import HALF_DTYPES, qwen_attention
 from ..devices import default_compute_dtype
 from ..errors import UnisonError, WeightsError, first_line
@@ -106,7 +107,7 @@ def resolve_attention(attention: str | None, device: torch.device, dtype: torch.
         raise UnisonError(f"attention {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     choice, status = qwen_attention(attention, device, dtype)
     if choice == "flash_attention_2" and not status.usable:
-        if status.reason == "flash-attn is not installed":
+        if not attention_choice.flash_attention_available():
             raise UnisonError(
                 "attention 'flash_attention_2' was requested but the flash-attn package is not installed; "
                 "install it (pip install flash-attn) or use --attention sdpa"

@@ -15,24 +15,29 @@ runs under ``torch.autocast``, so its stream is fp32 and only the matrix product
   so the matrix products run in fp16 on fp16 weights; their fp16 outputs are normalised or
   gated and added to the fp32 stream;
 * the layers that start the stream or read it raw (the two patch embeddings, each VACE block's
-  ``proj_in`` / ``proj_out``, whose input is not normalised) are kept in fp32 (about 2 % of the
-  1.3B weights).
+  ``proj_in`` / ``proj_out``, whose input is not normalised) are kept in fp32 (1.8 % of the
+  VACE-1.3B transformer's parameters).
 
 Hooks, not a patched class: diffusers' code runs unchanged, and the choice shows on the model
-(``unison_fp32_residual_stream``). Works with diffusers' layerwise casting too: the inputs are
-cast to the compute dtype, whatever the stored weight dtype.
+(``unison_fp32_residual_stream``). Inputs are cast to the compute dtype, not to the stored weight
+dtype, so weights stored narrower and cast per layer at run time work the same; but a storage
+casting hook (diffusers' layerwise casting, not used by the runtime today) must then skip the
+layers kept in fp32 here (see :data:`FP32_LAYERS`), or it would hand them fp16 weights.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 #: Attribute set on a transformer once its residual stream is kept in fp32.
 MARKER = "unison_fp32_residual_stream"
-_STREAM_STARTS = ("patch_embedding", "vace_patch_embedding")
-_RAW_STREAM_READERS = ("proj_in", "proj_out")  # inside vace_blocks.N only
+#: Names (regular expressions) of the layers kept in fp32 in an fp16 model: the two stream starts,
+#: and the VACE blocks' projections that read the raw (not normalised) stream.
+FP32_LAYERS = (r"^patch_embedding$", r"^vace_patch_embedding$", r"^vace_blocks\.\d+\.proj_(in|out)$")
+_FP32_LAYER = re.compile("|".join(FP32_LAYERS))
 
 
 def _inputs_to(dtype: torch.dtype):
@@ -40,11 +45,6 @@ def _inputs_to(dtype: torch.dtype):
         return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
     return cast
-
-
-def _reads_raw_stream(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) == 3 and parts[0] == "vace_blocks" and parts[2] in _RAW_STREAM_READERS
 
 
 def keep_residual_stream_fp32(transformer: Any, compute_dtype: torch.dtype = torch.float16) -> bool:
@@ -59,7 +59,7 @@ def keep_residual_stream_fp32(transformer: Any, compute_dtype: torch.dtype = tor
     for name, module in transformer.named_modules():
         if not isinstance(module, layers):
             continue
-        if name in _STREAM_STARTS or _reads_raw_stream(name):
+        if _FP32_LAYER.match(name):
             module.float().register_forward_pre_hook(_inputs_to(torch.float32))
             continue
         if module.weight.dtype != torch.float32:  # the _keep_in_fp32 layers (time embedder) stay fp32
