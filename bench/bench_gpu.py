@@ -105,6 +105,7 @@ class Measured:
     peak_bytes: float
     dtype: str
     attention: str
+    two_pass_steps: list[float] | None = None  # the same steps with batch_cfg off, when measured
 
 
 class StepClock:
@@ -137,8 +138,13 @@ def _peak_bytes(device: str) -> float:
     return float(torch.cuda.max_memory_allocated(device)) if device.startswith("cuda") else float("nan")
 
 
-def measure_pack(folder: Path, device: str, geometry: Geometry, *, text_device: str | None = None) -> Measured:
-    """Load with ``load_vace_diffusers``, encode, ``sample`` (reference settings) and decode; time each phase."""
+def measure_pack(folder: Path, device: str, geometry: Geometry, *, text_device: str | None = None,
+                 two_pass_steps: int = 0) -> Measured:
+    """Load with ``load_vace_diffusers``, encode, ``sample`` (reference settings) and decode; time each phase.
+
+    ``two_pass_steps`` > 0 then samples that many steps again with ``batch_cfg`` off (two forwards
+    per step instead of one batch of two), for the batched-guidance speedup at this shape.
+    """
     import torch
 
     from unison_runtime.plan import default_plan
@@ -164,8 +170,14 @@ def measure_pack(folder: Path, device: str, geometry: Geometry, *, text_device: 
     synchronize(device)
     done = time.perf_counter()
     assert generation.frames.shape[0] == geometry.frames
-    return Measured("pack", loaded - start, encoded - loaded, clock.step_times(), done - clock.stamps[-1],
-                    done - loaded, _peak_bytes(device), str(models.dtype).removeprefix("torch."), models.attention)
+    result = Measured("pack", loaded - start, encoded - loaded, clock.step_times(), done - clock.stamps[-1],
+                      done - loaded, _peak_bytes(device), str(models.dtype).removeprefix("torch."), models.attention)
+    if two_pass_steps:
+        two = StepClock(device)
+        sample(models, plan, prepare_vace_inputs(plan, []), contexts.cond, contexts.neg,
+               SamplingOptions(steps=two_pass_steps, seed=0, batch_cfg=False), progress=two)
+        result.two_pass_steps = two.step_times()
+    return result
 
 
 def measure_comfyui(comfyui: Path, folder: Path, device: str, geometry: Geometry) -> Measured:
@@ -266,6 +278,12 @@ def measured_rows(result: Measured, geometry: Geometry) -> list[Row]:
         Row(f"{result.where}: end to end, encode + {len(result.steps)} steps + decode ({shape})", result.end_to_end,
             "s", 1, "", None, f"peak VRAM {_gib(result.peak_bytes)}; {published_beside()}"),
     ]
+    if result.two_pass_steps:
+        two = statistics.median(result.two_pass_steps[1:] if len(result.two_pass_steps) > 2 else result.two_pass_steps)
+        rows += [Row(f"{result.where}: denoising step, guidance 5 two passes ({shape})", two, "s",
+                     len(result.two_pass_steps), "", None, "batch_cfg off: two batch-1 forwards per step"),
+                 Row(f"{result.where}: batched guidance speedup ({shape})", two / per_step, "x", 1, "", None,
+                     "two-pass step time / batched step time")]
     if result.peak_bytes == result.peak_bytes:
         rows.append(Row(f"{result.where}: peak VRAM allocated", result.peak_bytes / 1024**3, "GiB", 1, "", None,
                         f"torch.cuda.max_memory_allocated; published: {PUBLISHED[0].vram_gb} GB ({WAN_README})"))
@@ -318,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.steps:
         geometry = Geometry(geometry.width, geometry.height, geometry.frames, args.steps, geometry.context_length)
     folder = args.vace or build_scaled_vace(spec)
-    results = [measure_pack(folder, device, geometry, text_device=args.text_device)]
+    results = [measure_pack(folder, device, geometry, text_device=args.text_device, two_pass_steps=3)]
     if args.comfyui is not None:
         results.append(measure_comfyui(args.comfyui, folder, device, geometry))
     rows = [row for result in results for row in measured_rows(result, geometry)]

@@ -86,8 +86,9 @@ class UnisonVaceInputs:
     OUTPUT_TOOLTIPS = (
         "Source / control frames at the plan's size (0.5 grey = nothing given); WanVaceToVideo's control_video.",
         "Masks, 1 = generate, 0 = keep; WanVaceToVideo's control_masks.",
-        "The first reference image on a white canvas (reference tasks; empty otherwise); WanVaceToVideo's "
-        "reference_image.",
+        "The first reference image on a white canvas, for WanVaceToVideo's reference_image. Only reference tasks "
+        "have one: for other tasks this output carries no image (None), which WanVaceToVideo reads as 'no "
+        "reference'; so wire it to WanVaceToVideo, not to Preview/Save Image.",
     )
 
     @classmethod

@@ -35,6 +35,10 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 @pytest.fixture(autouse=True)
 def clean_state(monkeypatch):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend changes diffusers' process-wide default: restored after each test
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     attention.forget_probes()
     monkeypatch.setattr(attention, "_probe_tensors",
                         lambda device, dtype: tuple(torch.randn(1, 4, 2, 64, dtype=dtype) for _ in range(3)))
@@ -174,6 +178,14 @@ def test_vace_transformer_runs_through_diffusers_flash_backend(monkeypatch, tmp_
         expected, got = native(**inputs)[0], flash(**inputs)[0]
     assert len(flash_attn.calls) > before  # attention went through flash_attn_func
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # diffusers made flash its process-wide default: a model loaded next for the CPU must not inherit it
+    cpu = WanVACETransformer3DModel.from_pretrained(folder / "transformer").eval()
+    assert attention.use_best_vace_attention(cpu, "cpu", FP32) == "native"
+    calls = len(flash_attn.calls)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu(**inputs)[0], expected)
+    assert len(flash_attn.calls) == calls
 
 
 def test_cpu_load_keeps_native_attention(tmp_path):

@@ -110,6 +110,7 @@ def test_gpu_bench_quick_prints_published_numbers_and_runs_its_measuring_code(ca
     assert by_case(rows, "pack: VAE decode, fp32").value > 0
     end_to_end = by_case(rows, "pack: end to end, encode + 2 steps + decode")
     assert "published beside it: Wan2.1 T2V-1.3B, 480P (832x480x81, 50 steps), 1x RTX 4090: 261.4 s" in end_to_end.note
+    assert by_case(rows, "pack: batched guidance speedup").value > 0
     assert not any(row.case.startswith("ComfyUI nodes") for row in rows)  # only with --comfyui
 
 

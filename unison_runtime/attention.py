@@ -160,6 +160,16 @@ def vace_attention_backend(device: str | torch.device, dtype: torch.dtype) -> st
     return "flash" if status.usable else "native"
 
 
+def _active_diffusers_backend() -> str | None:
+    """diffusers' process-wide default attention backend (what models without their own setting use)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:
+        return None
+    active = getattr(_AttentionBackendRegistry, "_active_backend", None)
+    return str(getattr(active, "value", active)) if active is not None else None
+
+
 def use_best_vace_attention(transformer: Any, device: str | torch.device, dtype: torch.dtype) -> str:
     """Set the fastest working attention backend on a diffusers transformer; returns its name.
 
@@ -169,6 +179,10 @@ def use_best_vace_attention(transformer: Any, device: str | torch.device, dtype:
     """
     backend = vace_attention_backend(device, dtype)
     if backend == "native":
+        if _active_diffusers_backend() == "flash":
+            # set_attention_backend also makes its backend diffusers' global default: after a model on
+            # a flash-capable GPU, a model left at the default would run flash-attn too (on the CPU!).
+            transformer.set_attention_backend("native")
         return backend
     try:
         transformer.set_attention_backend(backend)

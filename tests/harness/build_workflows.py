@@ -56,7 +56,8 @@ FOLDER_MODELS = {QWEN: "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct", LOR
 NODE_TITLE_HEIGHT = 30
 GROUP_TITLE_HEIGHT = 50  # font_size 24 plus the band's padding, with room for the node badges below it
 GROUP_PADDING = 20
-GAP = 40
+GAP = 80  # between stacked nodes: the "Nodes 2.0" view draws nodes taller than their saved size
+COLUMN = 120  # between columns: and wider (about 90 units for a loader)
 VIEW = {"scale": 0.6, "width": 1280, "height": 720}  # the saved view shows the note at this window size
 # Nodes whose plan text the web extension shows in a box of this height (web/unison.js DISPLAY_HEIGHT).
 DISPLAY_HEIGHT = 140
@@ -327,19 +328,19 @@ def stage_one(g: Graph, instruction: str, *, x: int, y: int = 0, projector_here:
     """Loaders + Planner + Router (+ Projector): the part every Unison workflow shares."""
     planner_loader = g.add("UnisonPlannerLoader", (0, 0), model=QWEN, lora=LORA)
     projector_loader = g.add("UnisonProjectorLoader", (0, 0), projector=PROJECTOR)
-    planner = g.add("UnisonPlanner", (0, 0), size=(420, 560), instruction=instruction)
-    router = g.add("UnisonTaskRouter", (0, 0), size=(360, 560))
+    planner = g.add("UnisonPlanner", (0, 0), size=(420, 660), instruction=instruction)
+    router = g.add("UnisonTaskRouter", (0, 0), size=(360, 600))
     projector = g.add("UnisonProjector", (0, 0))
     stack(g, [planner_loader, projector_loader], x, y)
-    stack(g, [planner], x + 380, y)
-    stack(g, [router, projector] if projector_here else [router], x + 840, y)
+    stack(g, [planner], x + 340 + COLUMN, y)
+    stack(g, [router, projector] if projector_here else [router], x + 760 + 2 * COLUMN, y)
     g.connect(planner_loader, "planner", planner, "planner")
     g.connect(planner, "plan", router, "plan")
     g.connect(projector_loader, "projector", projector, "projector")
     g.connect(planner, "hidden", projector, "hidden")
     members = [planner_loader, projector_loader, planner, router] + ([projector] if projector_here else [])
     g.group("Stage one: plan (Ctrl+B on the Planner Loader: rule planner)", members)
-    return StageOne(planner, router, projector, right=x + 840 + 360 + GROUP_PADDING * 2 + GAP)
+    return StageOne(planner, router, projector, right=x + 1120 + 2 * COLUMN + GROUP_PADDING * 2 + GAP)
 
 
 def unison_outputs(g: Graph, one: StageOne, *, y: int = 0) -> None:
@@ -353,8 +354,8 @@ def unison_outputs(g: Graph, one: StageOne, *, y: int = 0) -> None:
     create_video = g.add("CreateVideo", (0, 0), fps=24.0)
     save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/video")
     stack(g, [preview, vace], x, y)
-    stack(g, [image_sampler, video_sampler], x + 380, y)
-    stack(g, [save_image, create_video, save_video], x + 760, y)
+    stack(g, [image_sampler, video_sampler], x + 340 + COLUMN, y)
+    stack(g, [save_image, create_video, save_video], x + 680 + 2 * COLUMN, y)
     g.connect(one.router, "text", preview, "source")
     g.connect(one.router, "image", image_sampler, "plan")
     g.connect(one.router, "video", video_sampler, "plan")
@@ -393,7 +394,7 @@ NOTE_WIDTH = 440
 def unison_auto(classes: dict[str, type]) -> Graph:
     g = Graph("unison_auto", classes)
     g.note(AUTO_NOTE, (0, 0), size=(NOTE_WIDTH, 560))
-    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.", x=NOTE_WIDTH + 80)
+    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.", x=NOTE_WIDTH + COLUMN)
     unison_outputs(g, one)
     return g
 
@@ -404,10 +405,10 @@ def _family(name: str, note: str, instruction: str, classes: dict[str, type],
     g = Graph(name, classes)
     g.note(note + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 480))
     loaders = [g.add(type_, (0, 0), **widgets) for type_, widgets in media]
-    x = NOTE_WIDTH + 80
+    x = NOTE_WIDTH + COLUMN
     stack(g, loaders, x, 0)
     g.group("Your media", loaders, color="#a1309b")
-    one = stage_one(g, instruction, x=x + 340 + GROUP_PADDING * 2 + GAP + GROUP_PADDING)
+    one = stage_one(g, instruction, x=x + 340 + GROUP_PADDING * 2 + COLUMN)
     unison_outputs(g, one)
     return g, one, loaders
 
@@ -472,7 +473,7 @@ Generation tasks only (a question stops at VACE Inputs with a message)."""
 def unison_native_wan(classes: dict[str, type]) -> Graph:
     g = Graph("unison_native_wan", classes)
     g.note(NATIVE_NOTE + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 520))
-    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.", x=NOTE_WIDTH + 80,
+    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.", x=NOTE_WIDTH + COLUMN,
                     projector_here=False)
     x = one.right + GROUP_PADDING
     vace_inputs = g.add("UnisonVaceInputs", (0, 0))
@@ -493,10 +494,10 @@ def unison_native_wan(classes: dict[str, type]) -> Graph:
     create_video = g.add("CreateVideo", (0, 0), fps=24.0)
     save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/native_video")
     stack(g, [vace_inputs, clip, vae, unet], x, 0)
-    stack(g, [positive, negative, sampling], x + 380, 0)
-    stack(g, [projector, wan], x + 820, 0)
-    stack(g, [ksampler, trim, decode, switch], x + 1200, 0)
-    stack(g, [save_image, create_video, save_video], x + 1580, 0)
+    stack(g, [positive, negative, sampling], x + 340 + COLUMN, 0)
+    stack(g, [projector, wan], x + 740 + 2 * COLUMN, 0)
+    stack(g, [ksampler, trim, decode, switch], x + 1080 + 3 * COLUMN, 0)
+    stack(g, [save_image, create_video, save_video], x + 1420 + 4 * COLUMN, 0)
 
     g.connect(one.router, "plan", vace_inputs, "plan")
     g.connect(one.router, "prompt", positive, "text")

@@ -44,6 +44,7 @@ from .rules_meta import (
     parse_frame_index,
     parse_length,
     parse_size,
+    quality_tag,
 )
 from .rules_text import REF_MARK, RuleText, as_rule_text, read_rule_text
 from .rules_zh import QUESTION_MARK
@@ -112,7 +113,7 @@ _IMAGE_NOUN = (
     r"image|picture|pic|photo|photograph|illustration|painting|drawing|portrait|artwork|poster|wallpaper"
     r"|selfie|headshot|snapshot|logo|icon|banner|sticker"
 )
-_VIDEO_NOUN = r"video(?!\s*games?\b)|clip|animation|time-?lapse|footage"
+_VIDEO_NOUN = r"video(?!\s*games?\b)|clip|animation|time-?lapse|footage|gif|vlog"
 _OUTPUT_NOUN = re.compile(rf"\b(?:({_IMAGE_NOUN})|({_VIDEO_NOUN}))s?\b")
 # A noun after one of these names a medium the user gave ("turn this image into a video").
 _INPUT_DETERMINER = re.compile(
@@ -442,6 +443,8 @@ class RulePlanner:
         frame_count = 1
         if task.is_generation:
             values["width"], values["height"] = parse_size(rule_text)
+            if tag := quality_tag(rule_text):
+                notes.append(f"{tag!r} was read as a quality word, not a size: the model makes at most 2048 px a side")
         if task.output == "video":
             fps = parse_fps(rule_text)
             if fps is not None:

@@ -183,7 +183,16 @@ def _explicit_size(text: str) -> re.Match[str] | None:
 
 def named_resolution(text: str | RuleText) -> tuple[str, bool] | None:
     """The first named resolution ("hd", "4k", ...) and whether it names the frame (else a quality tag)."""
-    t = as_rule_text(text).text
+    return _named_resolution(as_rule_text(text).text)
+
+
+def quality_tag(text: str | RuleText) -> str | None:
+    """A too-large resolution name used as a quality word ("highly detailed, 8k"): not a size request."""
+    name = named_resolution(text)
+    return name[0] if name and not name[1] and name[0] not in _IN_RANGE_NAMES else None
+
+
+def _named_resolution(t: str) -> tuple[str, bool] | None:
     for match in _NAMED_RESOLUTION.finditer(t):
         before, after = t[max(0, match.start() - 12) : match.start()], t[match.end() : match.end() + 14]
         as_size = bool(_AS_SIZE_BEFORE.search(before) or _AS_SIZE_AFTER.match(after))
@@ -194,7 +203,7 @@ def named_resolution(text: str | RuleText) -> tuple[str, bool] | None:
 def _resolution(t: str) -> tuple[int, int, int] | None:
     """(width, height, short side) of a resolution class or a named resolution that names the frame."""
     match = _RESOLUTION_CLASS.search(t)
-    name = None if match else named_resolution(t)
+    name = None if match else _named_resolution(t)
     if match:
         key = match.group(1)
     elif name and (name[1] or name[0] in _IN_RANGE_NAMES):
@@ -260,7 +269,7 @@ def says_size(text: str | RuleText) -> bool:
     patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _VERTICAL, _LANDSCAPE, _SQUARE, _WIDESCREEN,
                 _CINEMA_WIDE)
     return (_explicit_size(t) is not None or any(p.search(t) for p in patterns) or _aspect_ratio(t) is not None
-            or bool((n := named_resolution(t)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
+            or bool((n := _named_resolution(t)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
 
 
 def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> int:

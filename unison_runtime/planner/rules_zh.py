@@ -142,6 +142,8 @@ PHRASES: dict[str, str] = {
     "去除": " remove ", "删除": " remove ", "删掉": " remove ", "移除": " remove ", "抹掉": " erase ",
     "擦除": " erase ", "擦掉": " erase ", "添加": " add ", "加上": " add ", "增加": " add ", "加入": " add ",
     "加一": " add a ", "上色": " colorize ", "修复": " restore ", "换掉": " replace ", "换": " change ",
+    "戴上": " put on ", "穿上": " put on ", "披上": " put on ", "让他": " make him ", "让她": " make her ",
+    "让它": " make it ", "让这": " make this ", "让": " make ", "变化": " change ", "变得": " into ", "变": " into ",
     "放到": " place into ", "放在": " place into ", "放进": " place into ", "放入": " place into ",
     "置于": " place into ", "把": " turn ", "将": " turn ",
     # media nouns
