@@ -180,6 +180,7 @@ class UnisonVaceSampler:
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt, noise_device=noise_device)
         comfy.load_for_use(vace.patchers)
+        options, memory_note = _memory_preflight(packet.plan, vace.models, options)
         bar = comfy.progress_bar(steps)
         to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
         latest: list[Any] = [None]  # the preview of the step just computed, sent with its progress
@@ -217,7 +218,35 @@ class UnisonVaceSampler:
             if SETTINGS_IN_COMFYUI in str(exc):
                 raise
             raise errors.OutOfMemory(f"{exc}\n{SETTINGS_IN_COMFYUI}", exc.stage) from None
-        notes = [*inputs.notes, *generation.notes]
+        notes = [*inputs.notes, *generation.notes, *memory_note]
         frames = generation.frames
         summary = f"{frames.shape[0]} frame(s) {frames.shape[2]}x{frames.shape[1]} @ {generation.fps} fps"
         return {"ui": {"text": ["\n".join([summary, *notes])]}, "result": (frames, float(generation.fps))}
+
+
+def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[str]]:
+    """Refuse a plan whose estimated peak does not fit the device's free memory, before it runs.
+
+    A clear node error (``MemoryWontFit``, with the estimate and what to change) instead of a
+    server taken down by the OOM killer; VAE tiling is switched on when only the decode would not
+    fit. The loaded weights already sit on the device, so they are counted as in use.
+    """
+    import dataclasses
+
+    memory = runtime_module("memory_estimate")
+    footprint = memory.footprint_from_models(models)
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+    vae_dtype = getattr(models.vae, "dtype", None)
+    settings = memory.RunSettings(device=str(models.device), text_device=str(models.text_device),
+                                  transformer_dtype=names.get(str(models.dtype), "fp32"),
+                                  vae_dtype=names.get(str(vae_dtype), "fp32"), batch_cfg=options.batch_cfg,
+                                  guidance=options.guidance, vae_tiling=options.vae_tiling,
+                                  num_references=sum(1 for ref in plan.media if ref.role == "reference"))
+    resident = footprint.transformer + footprint.vae
+    if memory.same_device(settings.text_device, settings.device):
+        resident += footprint.text_encoder
+    decision = memory.check_fits(plan, footprint, settings, resident=resident, where="comfyui", runtime=False)
+    if decision.tiling_switched_on:
+        return dataclasses.replace(options, vae_tiling=True), [
+            "VAE tiling switched on: decoding whole frames would not fit in the free memory"]
+    return options, []

@@ -1,7 +1,10 @@
 """Command line: ``python -m unison_runtime {plan,ask,run,selftest,convert-projector,download}``.
 
-Each command imports only what it needs, so ``plan`` with the rule planner never loads torch.
-Deliberate refusals (:class:`UnisonError`) print one clear line and exit 2.
+Each command imports only what it needs, so ``plan`` with the rule planner never loads torch, and
+checks its arguments (files, folders, devices, where outputs go) before any model loads.
+stdout carries the command's result (JSON for ``plan``, ``run`` and ``selftest``); progress goes
+to stderr (``--quiet`` silences it). Nothing ends in a traceback: every failure is one line on
+stderr and one of the :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -9,11 +12,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import UnisonError
+from .errors import OutOfMemory, UnisonError
+
+if TYPE_CHECKING:
+    from .progress import Progress
+
+#: What the exit status means (README, "Exit codes").
+EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED, EXIT_MEMORY, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_PARTIAL: "some batch lines or selftest tasks failed (each is reported; the others are done)",
+    EXIT_REFUSED: "bad arguments or input, a missing or unusable file, folder or device; nothing was written",
+    EXIT_MEMORY: "the job would not fit in memory (refused before loading) or ran out of memory",
+    EXIT_BUG: "an internal error (a bug: please report the line; UNISON_DEBUG=1 shows the traceback)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); no partial output file is left",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (the usage text is one --help away)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_REFUSED, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument that is a real number (nan, inf are refused by argparse with one line)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _steps(text: str) -> int:
+    from .vace.sampler import MAX_STEPS
+
+    value = int(text)
+    if not 1 <= value <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_STEPS} steps, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {value}")
+    return value
+
+
+_finite.__name__ = "number"
+_steps.__name__ = "step count"
+_seed.__name__ = "seed"
 
 EXAMPLE = (
     "Please create a video with a width of 768 pixels and a height of 480 pixels, "
@@ -31,6 +86,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors are still shown)")
+
+
 def _input_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-dir",
@@ -41,11 +100,11 @@ def _input_dir_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m unison_runtime",
         description="Unison: plan a free-form instruction, answer it, or generate the image or video it asks for.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     plan = sub.add_parser(
         "plan",
@@ -63,20 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _input_dir_arg(plan)
     _add_model_args(plan)
+    _quiet_arg(plan)
 
     ask = sub.add_parser("ask", help="answer an understanding instruction with stage one")
     ask.add_argument("instruction")
     _input_dir_arg(ask)
     _add_model_args(ask)
+    _quiet_arg(ask)
 
     run = sub.add_parser("run", help="run the whole job: plan, then answer (.txt) or generate (.png / .mp4)")
     run.add_argument("instruction")
     run.add_argument("--models", type=Path, required=True, help="models folder (sub-folders as in ComfyUI's models/)")
-    run.add_argument("--out", type=Path, required=True, help="output path; the extension is set from the task")
-    run.add_argument("--steps", type=int, default=None)
-    run.add_argument("--guidance", type=float, default=None)
-    run.add_argument("--shift", type=float, default=None)
-    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--out", type=Path, required=True,
+                     help="output file (the extension is set from the task), or a folder to write <task>.<ext> in")
+    run.add_argument("--steps", type=_steps, default=None, help="denoising steps, 1-1000 (default 50)")
+    run.add_argument("--guidance", type=_finite, default=None, help="guidance scale (default 5; 1 = off)")
+    run.add_argument("--shift", type=_finite, default=None, help="flow shift (default 5)")
+    run.add_argument("--seed", type=_seed, default=None)
     run.add_argument("--negative-prompt", default=None)
     run.add_argument("--noise-device", default=None, choices=["cpu", "device"],
                      help="where the starting noise is drawn: cpu (default; the same noise for a seed on every "
@@ -87,17 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device for the umT5 encoder (default: --device; 'cpu' keeps umT5-XXL off the GPU)")
     run.add_argument("--low-memory", action="store_true",
                      help="free the Qwen planner and umT5 before sampling (their memory goes to the sampler)")
+    run.add_argument("--vae-tiling", action="store_true",
+                     help="decode in tiles (less memory for large frames; switched on by itself when only the "
+                          "decode would not fit)")
+    run.add_argument("--no-memory-check", action="store_true",
+                     help="skip the memory estimate before loading (the job may then be killed by the OS)")
     _input_dir_arg(run)
     _add_model_args(run)
+    _quiet_arg(run)
 
     selftest = sub.add_parser(
         "selftest", help="build tiny random models and run all 12 tasks end to end on this machine"
     )
-    selftest.add_argument("--out", type=Path, default=None, help="folder for the outputs and report.json")
+    selftest.add_argument("--out", type=Path, default=None,
+                          help="folder for the outputs, their input media and report.json")
+    _quiet_arg(selftest)
 
     convert = sub.add_parser("convert-projector", help="convert a projector .pth to .safetensors (no pickle run)")
     convert.add_argument("source", type=Path)
     convert.add_argument("target", type=Path)
+    convert.add_argument("--force", action="store_true", help="overwrite TARGET if it exists")
 
     download = sub.add_parser("download", help="download the released models into a models folder (needs internet)")
     download.add_argument("--to", type=Path, required=True)
@@ -108,16 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- plan
 
 
-def _make_planner(args: argparse.Namespace) -> Any:
+def _check_model_args(args: argparse.Namespace) -> None:
+    """Folders and device names of --model/--lora/--device, said before any heavy import."""
+    from .preflight import check_device_name, input_folder
+
+    if args.model is not None:
+        input_folder(args.model, "--model folder", "a Qwen2.5-VL model folder")
+    if args.lora is not None:
+        input_folder(args.lora, "--lora folder", "a LoRA adapter directory")
+    check_device_name(args.device, "--device")
+    if getattr(args, "input_dir", None) is not None:
+        input_folder(args.input_dir, "--input-dir")
+
+
+def _make_planner(args: argparse.Namespace, progress: Progress) -> Any:
     if args.model is None:
         if args.lora is not None:
             raise UnisonError("--lora needs --model (the Qwen2.5-VL base directory)")
         from .planner.rules import RulePlanner
 
         return RulePlanner()
+    import time
+
+    from .preflight import check_device_available
+    from .progress import files_size
+
+    check_device_available(args.device, "--device")
     from .planner.qwen import load_planner
 
-    return load_planner(args.model, lora=args.lora, device=args.device, dtype=args.dtype, attention=args.attention)
+    where = str(args.model) + (f" + LoRA {args.lora}" if args.lora else "")
+    progress.loading("the Qwen2.5-VL planner", where, files_size([args.model, args.lora]))
+    start = time.perf_counter()
+    planner = load_planner(args.model, lora=args.lora, device=args.device, dtype=args.dtype,
+                           attention=args.attention)
+    progress.loaded("the Qwen2.5-VL planner", time.perf_counter() - start)
+    return planner
 
 
 def _plan_one(planner: Any, text: str, input_dir: Path, fallback_to_rules: bool = False) -> dict[str, Any]:
@@ -135,89 +231,113 @@ def _plan_one(planner: Any, text: str, input_dir: Path, fallback_to_rules: bool 
         raise
 
 
-def _batch_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
+def cmd_plan(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
+    from .preflight import input_file
 
-
-def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     if (args.instruction is None) == (args.batch is None):
         raise UnisonError("give either an INSTRUCTION or --batch FILE (not both)")
-    planner = _make_planner(args)
+    if args.batch is not None:
+        input_file(args.batch, "--batch file")
+    _check_model_args(args)
+    planner = _make_planner(args, progress)
     if args.batch is None:
+        progress.stage(f"planning with {getattr(planner, 'name', 'the planner')}")
         plan = _plan_one(planner, args.instruction, args.input_dir, args.fallback_to_rules)
         out.write(json.dumps(plan, ensure_ascii=False, indent=2) + "\n")
-        return 0
+        return EXIT_OK
+    from .preflight import batch_lines
+
     failures = 0
-    for number, line in _batch_lines(args.batch):
-        record = _plan_batch_line(planner, args, number, line)
+    for number, line, problem in batch_lines(args.batch):
+        where = f"{args.batch}:{number}"
+        record = {"id": None, "error": f"{where}: {problem}"} if problem else \
+            _plan_batch_line(planner, args, where, line or "")
         failures += "error" in record
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         out.flush()
-    return 0 if failures == 0 else 1
+    return EXIT_OK if failures == 0 else EXIT_PARTIAL
 
 
-def _plan_batch_line(planner: Any, args: argparse.Namespace, number: int, line: str) -> dict[str, Any]:
+def _plan_batch_line(planner: Any, args: argparse.Namespace, where: str, line: str) -> dict[str, Any]:
     """One batch record: the plan with its id, or the id with the error; the batch goes on either way."""
-    where = f"{args.batch}:{number}"
+    from .preflight import parse_json_line
+
     try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return {"id": None, "error": f"{where}: not valid JSON ({exc.msg})"}
+        item = parse_json_line(line)
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc) or "too deeply nested"
+        return {"id": None, "error": f"{where}: not valid JSON ({reason})"}
     item_id = item.get("id") if isinstance(item, dict) else None
     if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
         return {"id": item_id, "error": f'{where}: expected {{"id": ..., "prompt": "..."}}'}
     try:
         return {"id": item_id, **_plan_one(planner, item["prompt"], args.input_dir, args.fallback_to_rules)}
     except UnisonError as exc:
-        return {"id": item_id, "error": str(exc)}
+        return {"id": item_id, "error": f"{where}: {_one_line(exc)}"}
 
 
-def cmd_ask(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_ask(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
     from .instruction import parse_instruction
-    from .media import read_reference
 
     if args.model is None:
         raise UnisonError("ask needs --model (a Qwen2.5-VL directory); the rule planner cannot answer")
-    planner = _make_planner(args)
+    _check_model_args(args)
+    # The named media are found (and their kinds checked) before the model loads.
     instruction = parse_instruction(args.instruction, roots=[args.input_dir], must_exist=True)
+    from .media import read_reference
+
     media = [read_reference(ref.path, [args.input_dir]) for ref in instruction.media]
+    planner = _make_planner(args, progress)
+    progress.stage(f"answering with {getattr(planner, 'name', 'the planner')}")
     out.write((planner.answer(instruction, media) or "") + "\n")
-    return 0
+    return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_run(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
+    from .preflight import check_device_name, input_folder, output_stem
+
+    output_stem(args.out)  # an unwritable --out is said now, not after the generation
+    input_folder(args.models, "--models folder", "a models folder with diffusion_models/, vae/, text_encoders/, "
+                 "unison/ sub-folders")
+    _check_model_args(args)
+    check_device_name(args.text_device, "--text-device")
     from .pipeline import run_cli_job
 
-    result = run_cli_job(args)
+    result = run_cli_job(args, progress=progress)
     out.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
-    return 0
+    return EXIT_OK
 
 
-def cmd_selftest(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_selftest(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
+    if args.out is not None:
+        from .preflight import writable_folder
+
+        writable_folder(args.out, "--out folder")
     from .selftest import run_selftest
 
-    report = run_selftest(args.out)
+    report = run_selftest(args.out, progress=progress)
     out.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    return 0 if report.get("ok") else 1
+    return EXIT_OK if report.get("ok") else EXIT_PARTIAL
 
 
-def cmd_convert_projector(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_convert_projector(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
+    from .preflight import input_file, new_file_target
+
+    input_file(args.source, "projector file")
+    new_file_target(args.target, force=args.force, what="conversion target")
     from .projector import convert_projector
 
     written = convert_projector(args.source, args.target)
     out.write(f"wrote {written}\n")
-    return 0
+    return EXIT_OK
 
 
-def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
+def cmd_download(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
     from .download import download_all
 
     for line in download_all(args.to, dry_run=args.dry_run):
         out.write(line + "\n")
-    return 0
+    return EXIT_OK
 
 
 COMMANDS = {
@@ -230,14 +350,48 @@ COMMANDS = {
 }
 
 
+def _one_line(exc: BaseException | str) -> str:
+    """A message on one line: multi-line advice joined with '; '."""
+    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    head, rest = lines[0], lines[1:]
+    return head + (" " + "; ".join(rest) if rest else "")
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
+    from .progress import make_progress
+
+    progress = make_progress(getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args, out)
+        return COMMANDS[args.command](args, out, progress)
+    except KeyboardInterrupt:
+        print("interrupted: stopped; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OutOfMemory as exc:  # includes MemoryWontFit, the preflight's refusal
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_MEMORY
     except UnisonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except MemoryError:
+        print("error: out of memory (the machine ran out of RAM); lower the size or length, or use --low-memory",
+              file=sys.stderr)
+        return EXIT_MEMORY
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Exception as exc:
+        if os.environ.get("UNISON_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} (a bug; please report it; "
+              "UNISON_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

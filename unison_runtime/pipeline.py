@@ -36,6 +36,7 @@ from .instruction import Instruction, parse_instruction
 from .media import Medium, read_reference
 from .media_probe import info_from_medium
 from .plan import Plan
+from .progress import Progress, files_size
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 _FILE_KINDS = {"planner": "planner model file", "stage_one": "stage-one model file", "projector": "projector file",
                "vace": "VACE model file"}
+_MODEL_NAMES = {"planner": "the Qwen2.5-VL planner", "stage_one": "the Qwen2.5-VL stage one",
+                "projector": "the projector", "vace": "Wan2.1-VACE (transformer, VAE, umT5)"}
 
 
 @dataclass
@@ -90,6 +93,7 @@ class UnisonPipeline:
     ``release_text_encoder`` / ``release_planner``: before sampling, drop umT5 (once the prompt is
     encoded) / the Qwen stage one (once its hidden states are projected), giving their memory to
     the sampler; the next job loads them again. For one-off jobs on a small GPU.
+    ``progress`` is told about each model load and stage (:mod:`.progress`; default: silent).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class UnisonPipeline:
         files: Mapping[str, Sequence[str | Path | None]] | None = None,
         release_text_encoder: bool = False,
         release_planner: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
                                          "vace": vace}
@@ -118,6 +123,7 @@ class UnisonPipeline:
         self._negative_cache: dict[str, Any] = {}
         self.release_text_encoder_after_encoding = release_text_encoder
         self.release_planner_before_sampling = release_planner
+        self.progress = progress or Progress()
 
     # ------------------------------------------------------------------ models
 
@@ -130,10 +136,21 @@ class UnisonPipeline:
             if _is_loader(source) and any(p is not None for p in self._files.get(name, ())):
                 # Stamped before loading: a file replaced while it loads counts as replaced next time.
                 signature = file_signature(*self._files[name], what=_FILE_KINDS[name])
-            self._loaded[name] = source() if _is_loader(source) else source
+            self._loaded[name] = self._load(name, source) if _is_loader(source) else source
             if signature is not None:
                 self._signatures[name] = signature
         return self._loaded[name]
+
+    def _load(self, name: str, loader: Loader) -> Any:
+        import time
+
+        paths = [p for p in self._files.get(name, ()) if p is not None]
+        where = ", ".join(str(p) for p in paths) or "the given loader"
+        self.progress.loading(_MODEL_NAMES[name], where, files_size(paths) if paths else None)
+        start = time.perf_counter()
+        model = loader()
+        self.progress.loaded(_MODEL_NAMES[name], time.perf_counter() - start)
+        return model
 
     def _check_files(self, name: str) -> None:
         """Drop a cached model whose files changed; report one whose file was deleted."""
@@ -299,8 +316,15 @@ class UnisonPipeline:
         from .vace.sampler import sample
 
         neg = contexts.neg if self._options(options).uses_guidance else None
+        bar = self.progress.steps("sampling")
+
+        def step(done: int, total: int) -> None:
+            bar(done, total)
+            if progress is not None:
+                progress(done, total)
+
         return sample(self.vace, plan, inputs, contexts.cond, neg, self._options(options),
-                      progress=progress, cancel=cancel)
+                      progress=step, cancel=cancel, on_stage=self.progress.stage)
 
     def generate(
         self,
@@ -330,14 +354,18 @@ class UnisonPipeline:
 
         def work() -> Generation:
             # Every tensor this job allocates lives in this frame, which an out-of-memory error clears.
+            self.progress.stage("preparing the VACE inputs")
             inputs = self.sources(plan, media)
             check_inputs(self.vace, plan, inputs)
             stage[0] = "running stage one for the projector tokens"
+            if self._sources["projector"] is not None:
+                self.progress.stage(stage[0])
             tokens = self.projector_tokens(instruction)
             if tokens is None:
                 why = "no projector was given" if self.projector is None else "the planner has no stage-one model"
                 notes.append(f"{why}: the text context is the umT5 embedding alone (no projector tokens)")
             stage[0] = "encoding the prompt with umT5"
+            self.progress.stage(stage[0])
             contexts = self.contexts(plan, tokens, options.negative_prompt)
             if self.release_text_encoder_after_encoding:
                 self.release_text_encoder()
@@ -384,10 +412,13 @@ class UnisonPipeline:
     ) -> UnisonResult:
         """:meth:`run` after :meth:`read`: ``media`` are the decoded references in instruction order."""
         if plan is None:
-            plan = self._with_stage_one_memory(lambda: self.make_plan(instruction), "planning", self.planner)
+            planner = self.planner
+            self.progress.stage(f"planning with {planner_label(planner)}")
+            plan = self._with_stage_one_memory(lambda: self.make_plan(instruction), "planning", planner)
         if plan.output != "text":
             return self.generate(plan, instruction, media, options, progress=progress, cancel=cancel)
         notes = list(plan.notes)
+        self.progress.stage(f"answering with {planner_label(self.stage_one)}")
         answer = self._with_stage_one_memory(lambda: self.answer(instruction, media), "answering", self.stage_one)
         if answer is None:
             notes.append(f"{getattr(self.stage_one, 'name', 'the planner')} has no model to answer with: "
@@ -416,6 +447,12 @@ class UnisonPipeline:
 
             self.options = SamplingOptions()
         return self.options
+
+
+def planner_label(planner: Any) -> str:
+    """``the rule planner`` / ``qwen2.5-vl:...`` for progress lines."""
+    name = getattr(planner, "name", None)
+    return "the rule planner" if name in (None, "rules") else str(name)
 
 
 def _is_loader(value: Any) -> bool:
@@ -486,18 +523,31 @@ def locate_models(models_dir: str | Path, *, explicit: Mapping[str, Any] | None 
 OUTPUT_SUFFIX = {"text": ".txt", "image": ".png", "video": ".mp4"}
 
 
-def write_result(result: UnisonResult, out: str | Path) -> Path:
-    """Write the answer (.txt), image (.png) or video (.mp4 at the result's fps); the suffix follows the task."""
+def write_result(result: UnisonResult, out: str | Path, *, exact: bool = False) -> Path:
+    """Write the answer (.txt), image (.png) or video (.mp4 at the result's fps); the suffix follows the task.
+
+    ``exact``: ``out`` is the final path as it is (the CLI resolved it with
+    :func:`unison_runtime.preflight.output_path`). The file is written beside its final name and
+    renamed into place, so an interrupted or failed write never leaves a half-written output.
+    """
+    import os
+
     from .media import write_image, write_video
 
-    path = Path(out).with_suffix(OUTPUT_SUFFIX[result.output])
+    path = Path(out) if exact else Path(out).with_suffix(OUTPUT_SUFFIX[result.output])
     path.parent.mkdir(parents=True, exist_ok=True)
-    if result.output == "text":
-        path.write_text((result.answer or "") + "\n", encoding="utf-8")
-    elif result.output == "image":
-        write_image(result.frames[0].numpy(), path)
-    else:
-        write_video(result.frames.numpy(), path, fps=result.fps or result.plan.fps)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix picks the format
+    try:
+        if result.output == "text":
+            partial.write_text((result.answer or "") + "\n", encoding="utf-8")
+        elif result.output == "image":
+            write_image(result.frames[0].numpy(), partial)
+        else:
+            write_video(result.frames.numpy(), partial, fps=result.fps or result.plan.fps)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -508,10 +558,11 @@ def sampling_options_from_args(args: Any) -> SamplingOptions:
     values = {name: getattr(args, attr, None) for name, attr in
               (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
                ("negative_prompt", "negative_prompt"), ("noise_device", "noise_device"))}
+    values["vae_tiling"] = bool(getattr(args, "vae_tiling", False))
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 
-def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
+def pipeline_from_args(args: Any, progress: Progress | None = None) -> tuple[UnisonPipeline, ModelLocations]:
     """A pipeline over ``--models DIR``; ``--model``/``--lora`` override the stage-one folders.
 
     An explicit ``--model`` without ``--lora`` runs as given (it may be a merged planner): the
@@ -552,24 +603,40 @@ def pipeline_from_args(args: Any) -> tuple[UnisonPipeline, ModelLocations]:
     low_memory = bool(getattr(args, "low_memory", False))
     pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace,
                               roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files,
-                              release_text_encoder=low_memory, release_planner=low_memory)
+                              release_text_encoder=low_memory, release_planner=low_memory, progress=progress)
     return pipeline, locations
 
 
-def run_cli_job(args: Any) -> dict[str, Any]:
-    """``python -m unison_runtime run``: the whole job, the output written at ``--out`` (suffix from the task)."""
-    pipeline, locations = pipeline_from_args(args)
+def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
+    """``python -m unison_runtime run``: the whole job, the output written at ``--out`` (suffix from the task).
+
+    Before the VACE models load: the devices exist, the output path is writable, and the plan's
+    estimated peak memory fits what the device has free (:mod:`.memory_estimate`; VAE tiling is
+    switched on by itself when only the decode would not fit).
+    """
+    from .preflight import check_device_available, output_path
+
+    progress = progress or Progress()
+    check_device_available(getattr(args, "device", None), "--device")
+    check_device_available(getattr(args, "text_device", None), "--text-device")
+    pipeline, locations = pipeline_from_args(args, progress)
     options = sampling_options_from_args(args)
     try:
         instruction, media = pipeline.read(args.instruction)
-        plan = pipeline.make_plan(instruction)
+        planner = pipeline.planner
+        progress.stage(f"planning with {planner_label(planner)}")
+        plan = pipeline._with_stage_one_memory(lambda: pipeline.make_plan(instruction), "planning", planner)
         if plan.output != "text" and locations.load_vace is None:
             locations.paths.require_generation()  # names each missing file and the folder searched
+        path = output_path(args.out, plan.task.value, OUTPUT_SUFFIX[plan.output])
+        if plan.output != "text" and not getattr(args, "no_memory_check", False):
+            options = _memory_preflight(args, plan, locations, options, progress)
         result = pipeline.run_read(instruction, media, plan=plan, options=options)
         if result.output == "text" and result.answer is None:
             raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
                               f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
-        path = write_result(result, args.out)
+        path = write_result(result, path, exact=True)
+        progress.wrote(path, result.output)
     finally:
         pipeline.release()
     report: dict[str, Any] = {"task": plan.task.value, "output": result.output, "path": str(path),
@@ -581,3 +648,42 @@ def run_cli_job(args: Any) -> dict[str, Any]:
     if result.notes:
         report["notes"] = result.notes
     return report
+
+
+def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options: SamplingOptions,
+                      progress: Progress) -> SamplingOptions:
+    """Refuse a plan that will not fit (:class:`~.memory_estimate.MemoryWontFit`), before VACE loads."""
+    import dataclasses
+
+    from .memory_estimate import RunSettings, check_fits, footprint_from_paths
+    from .vace.loading import default_device, resolve_dtype
+
+    device = getattr(args, "device", None) or default_device()
+    text_device = getattr(args, "text_device", None) or device
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+    def dtype_name(choice: Any, where: str, role: str) -> str:
+        return names.get(str(resolve_dtype(choice, where, role=role)), "fp32")
+
+    stage_one = [locations.qwen] if locations.qwen is not None and getattr(args, "model", None) is None else \
+        [getattr(args, "model", None)]
+    qwen_dtype = "fp32" if str(device).startswith("cpu") else "bf16"
+    if getattr(args, "dtype", None) not in (None, "auto"):
+        qwen_dtype = args.dtype
+    footprint = footprint_from_paths(
+        locations.paths, transformer_dtype=dtype_name(getattr(args, "vace_dtype", None), device, "transformer"),
+        vae_dtype=dtype_name(None, device, "vae"), text_dtype=dtype_name(None, text_device, "text_encoder"),
+        stage_one=stage_one, stage_one_dtype=qwen_dtype)
+    refs = sum(1 for ref in plan.media if ref.role == "reference")
+    settings = RunSettings(device=device, text_device=text_device, transformer_dtype=dtype_name(
+        getattr(args, "vace_dtype", None), device, "transformer"), vae_tiling=options.vae_tiling,
+        batch_cfg=options.batch_cfg, guidance=options.guidance, low_memory=bool(getattr(args, "low_memory", False)),
+        num_references=refs)
+    progress.stage("estimating the memory this job needs")
+    decision = check_fits(plan, footprint, settings)
+    free = f", {decision.free / 1024**3:.1f} GB free" if decision.free is not None else ""
+    progress.note(f"estimated peak {decision.estimate.summary()}{free}")
+    if decision.tiling_switched_on:
+        progress.note("VAE tiling switched on: the whole-frame decode would not fit, a tiled one does")
+        return dataclasses.replace(options, vae_tiling=True)
+    return options

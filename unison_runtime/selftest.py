@@ -6,8 +6,9 @@ Qwen2.5-VL directory with a Unison LoRA saved by peft, a projector ``.pth``, a
 task through :class:`~unison_runtime.pipeline.UnisonPipeline`: the rule planner plans, the tiny
 stage one answers and gives its hidden states to the tiny projector, the tiny VACE generates.
 Each task writes its output (.txt / .png / .mp4); ``report.json`` says what ran, how long it
-took and what failed. The weights are random, so the outputs are noise: the point is that every
-path through the real code runs on this machine.
+took and what failed; the input media are kept beside the outputs (``inputs/``) to compare. The
+weights are random, so the outputs are noise: the point is that every path through the real code
+runs on this machine.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .media import write_image, write_video
+from .progress import Progress
 
 SIZE = 32
 FRAMES = 5
@@ -143,12 +145,14 @@ def _check_result(result: Any, plan: Any, steps: list[int], total_steps: int) ->
         raise AssertionError(f"progress reported steps {steps}, expected 1..{total_steps}")
 
 
-def run_selftest(out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_selftest(out_dir: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Build tiny models, run all 12 tasks on the CPU, write outputs and ``report.json``; returns the report.
 
-    ``out_dir`` receives one output per task and the report (default: a new temporary folder,
-    kept so the outputs can be looked at). The tiny models are deleted afterwards.
+    ``out_dir`` receives one output per task, the input media (``inputs/``) and the report
+    (default: a new temporary folder, kept so the outputs can be looked at). The tiny models are
+    deleted afterwards. ``progress`` gets one line per task (time, output or error).
     """
+    progress = progress or Progress()
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="unison-selftest-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -167,8 +171,10 @@ def run_selftest(out_dir: str | Path | None = None) -> dict[str, Any]:
 
         report["versions"] = _versions()
         build_start = time.perf_counter()
+        progress.stage(f"building tiny random models in {work}")
         paths = build_models(work / "models")
-        write_media(work / "input")
+        write_media(out / "inputs")
+        report["inputs"] = str(out / "inputs")
         report["build_seconds"] = round(time.perf_counter() - build_start, 3)
         with torch.inference_mode(False):
             pipeline = UnisonPipeline(
@@ -177,11 +183,14 @@ def run_selftest(out_dir: str | Path | None = None) -> dict[str, Any]:
                                                answer_max_new_tokens=ANSWER_TOKENS),
                 projector=lambda: load_projector(paths["projector"], device="cpu"),
                 vace=lambda: load_vace_diffusers(paths["vace"], device="cpu"),
-                roots=[work / "input"],
+                roots=[out / "inputs"],
             )
             options = SamplingOptions(steps=STEPS, seed=SEED)
-            for case in CASES:
-                report["tasks"].append(_run_case(pipeline, case, out, options))
+            for number, case in enumerate(CASES, start=1):
+                entry = _run_case(pipeline, case, out, options)
+                report["tasks"].append(entry)
+                result = entry.get("path") if entry["ok"] else f"FAILED: {entry.get('error', '')[:200]}"
+                progress.info(f"[{number:2d}/{len(CASES)}] {case.task:<20} {entry['seconds']:6.2f} s  {result}")
             pipeline.release()
         report["ok"] = len(report["tasks"]) == len(CASES) and all(t["ok"] for t in report["tasks"])
     except Exception as exc:  # building the models or media failed: report it like a task failure

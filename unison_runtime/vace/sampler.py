@@ -28,8 +28,9 @@ reference does (on a GPU that gives the reference's noise, which differs between
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +47,10 @@ StepFn = Callable[[int, int, torch.Tensor], None]  # (step, total, predicted cle
 
 #: Where the starting noise is drawn: a CPU generator (default) or one on the sampling device (the reference's).
 NOISE_DEVICES = ("cpu", "device")
+StageFn = Callable[[str], None]
+
+#: The most steps the CLI and the Sampler node accept (every count up to it runs: see ``denoise``).
+MAX_STEPS = 1000
 
 
 class VaceInputsLike(Protocol):
@@ -78,14 +83,18 @@ class SamplingOptions:
     batch_cfg: bool = True
     fps: int | None = None
     noise_device: str = "cpu"
+    vae_tiling: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise UnisonError(f"sampling option steps={self.steps!r}: expected an integer >= 1")
-        if not self.shift > 0:
-            raise UnisonError(f"sampling option shift={self.shift!r}: expected a positive number")
-        if self.guidance < 0:
-            raise UnisonError(f"sampling option guidance={self.guidance!r}: expected >= 0 (1 = no guidance)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise UnisonError(f"sampling option steps={self.steps!r}: expected an integer from 1 to {MAX_STEPS}")
+        if not _finite(self.shift) or not self.shift > 0:
+            raise UnisonError(f"sampling option shift={self.shift!r}: expected a finite positive number")
+        if not _finite(self.guidance) or self.guidance < 0:
+            raise UnisonError(f"sampling option guidance={self.guidance!r}: expected a finite number >= 0 "
+                              "(1 = no guidance)")
+        if not _finite(self.context_scale):
+            raise UnisonError(f"sampling option context_scale={self.context_scale!r}: expected a finite number")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise UnisonError(f"sampling option seed={self.seed!r}: expected an integer in [0, 2**64)")
         if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
@@ -99,6 +108,10 @@ class SamplingOptions:
     def uses_guidance(self) -> bool:
         """Classifier-free guidance runs when the scale is above 1, as in diffusers."""
         return self.guidance > 1.0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -320,6 +333,10 @@ def denoise(
                        device=models.device, dtype=transformer.dtype)
     scheduler = make_scheduler(models, options.shift)
     scheduler.set_timesteps(options.steps, device=models.device)
+    # The timesteps are sigmas * 1000 cast to int64: from ~300 steps on, neighbours near sigma = 1
+    # share an integer, and UniPC's first step would look its index up by value, land on the second
+    # copy and run one step past the end (`assert self.this_order > 0`). Start at index 0 explicitly.
+    scheduler.set_begin_index(0)
     latents = prepared.noise
     control = prepared.control
     total = len(scheduler.timesteps)
@@ -377,6 +394,21 @@ def _empty_cache(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def vae_tiling(vae: Any, on: bool) -> Iterator[None]:
+    """diffusers' ``AutoencoderKLWan`` tiling switched on for the block (and back as it was after)."""
+    if not on or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    was = bool(getattr(vae, "use_tiling", False))
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if not was:
+            vae.disable_tiling()
+
+
 def decode(models: VaceModels, latents: torch.Tensor, num_references: int) -> torch.Tensor:
     """Drop the reference frames, undo the latent normalisation, decode: float32 [T, H, W, 3] in 0..1 on the CPU."""
     vae = models.vae
@@ -400,6 +432,7 @@ def sample(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     on_step: StepFn | None = None,
+    on_stage: StageFn | None = None,
 ) -> Generation:
     """Generate the plan's image or video from VACE inputs and the two text contexts.
 
@@ -410,9 +443,12 @@ def sample(
     for a given seed on a given device.
 
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
-    to lower, after the latents of this call were let go; the models stay usable.
+    to lower, after the latents of this call were let go; the models stay usable. ``on_stage(text)``
+    is told when encoding, sampling and decoding start (for a host's progress display).
+    ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole.
     """
     options = options or SamplingOptions()
+    announce = on_stage or (lambda text: None)
     check_inputs(models, plan, inputs)
     if options.uses_guidance and neg_context is None:
         raise UnisonError(f"guidance {options.guidance} needs a negative context (or set guidance to 1)")
@@ -424,12 +460,18 @@ def sample(
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
+        announce(stage[0])
         prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
         stage[0] = "sampling"
+        announce(f"sampling {options.steps} steps")
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
                           notes=notes, state=state, on_step=on_step)
         stage[0] = "decoding with the VAE"
-        return decode(models, latents, prepared.num_references)
+        frames = plan.num_frames
+        announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
+                 + (" (tiled)" if options.vae_tiling else ""))
+        with vae_tiling(models.vae, options.vae_tiling):
+            return decode(models, latents, prepared.num_references)
 
     def where() -> str:
         return f"sampling, step {state['step']} of {options.steps}" if stage[0] == "sampling" else stage[0]
