@@ -140,7 +140,8 @@ def record_stages(monkeypatch, rc, vace) -> list[dict]:
     monkeypatch.setattr(runtime_module("vace.text"), "text_contexts", contexts)
     monkeypatch.setattr(runtime_module("vace.sampler"), "sample", sample)
     monkeypatch.setattr(runtime_module("vace.sources"), "prepare_vace_inputs",
-                        lambda plan, media: SimpleNamespace(references=torch.zeros(0, 1, 1, 3), notes=[]))
+                        lambda plan, media, salient=None: SimpleNamespace(
+                            references=torch.zeros(0, 1, 1, 3), notes=[], used_plan=lambda given: given))
     return seen
 
 

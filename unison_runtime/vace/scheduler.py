@@ -81,8 +81,8 @@ class WanGridUniPCScheduler(UniPCMultistepScheduler):
         # diffusers shifts the given sigmas (flow_shift) exactly as Wan's set_timesteps does.
         super().set_timesteps(device=device, sigmas=np.asarray(sigmas, dtype=np.float64), mu=mu)
         # Sampling always starts at the first sigma. (Left unset, the first step is found by looking its
-        # timestep up, which picks the *second* of two equal int timesteps: with many steps and a large
-        # shift, e.g. 100 steps at shift 12, Wan's own scheduler then skips a sigma and fails an assert.)
+        # timestep up, which picks the *second* of two equal int timesteps: from 212 steps at shift 5, or
+        # 89 at shift 12, Wan's own scheduler then skips a sigma and fails an assert.)
         self.set_begin_index(0)
 
 
