@@ -393,7 +393,7 @@ def sample(
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
     to lower, after the latents of this call were let go; the models stay usable. ``on_stage(text)``
     is told when encoding, sampling and decoding start (for a host's progress display).
-    ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole.
+    ``options.vae_tiling`` encodes and decodes in tiles, for frames too large for the VAE whole.
     """
     options = options or SamplingOptions()
     announce = on_stage or (lambda text: None)
@@ -408,17 +408,17 @@ def sample(
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
-        announce(stage[0])
-        prepared = prepare_latents(models, inputs, options.seed)
-        stage[0] = "sampling"
-        announce(f"sampling {options.steps} steps")
-        latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress,
-                          cancel=cancel, notes=notes, state=state)
-        stage[0] = "decoding with the VAE"
-        frames = plan.num_frames
-        announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
-                 + (" (tiled)" if options.vae_tiling else ""))
         with vae_tiling(models.vae, options.vae_tiling):
+            announce(stage[0] + (" (tiled)" if options.vae_tiling else ""))
+            prepared = prepare_latents(models, inputs, options.seed)
+            stage[0] = "sampling"
+            announce(f"sampling {options.steps} steps")
+            latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress,
+                              cancel=cancel, notes=notes, state=state)
+            stage[0] = "decoding with the VAE"
+            frames = plan.num_frames
+            announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
+                     + (" (tiled)" if options.vae_tiling else ""))
             return decode(models, latents, prepared.num_references)
 
     def where() -> str:
