@@ -12,6 +12,12 @@ same size, frames, steps, guidance, shift, seed and negative prompt, timed in tu
 * ``unison sampler`` / ``diffusers sampler``: only sampling + decoding, both given the *same*
   precomputed contexts (``prompt_embeds``): the strict apples-to-apples engine comparison.
 
+Sigma grids: every timed arm samples on **Wan's** grid (``linspace(0.999, 0)``, then shifted), the
+reference's: the diffusers arms are given the pack's scheduler (``vace.scheduler``, a diffusers
+``UniPCMultistepScheduler`` whose default grid is Wan's), so the engines do the same work. One extra,
+untimed run of ``diffusers sampler`` with diffusers' own ``UniPCMultistepScheduler`` (its default
+flow grid ``linspace(1, 1/1000)``) shows how far the grid alone moves the frames.
+
 Reported: the median of per-round time ratios (target <= 1.03), the median denoising-step time of
 each (from the step callbacks: the loop without VAE and text encoding), and how far the frames of
 the two are apart (same seed, same inputs).
@@ -140,6 +146,17 @@ def build_arms(models, geometry: Geometry, seed: int = 0):
         frames["diffusers sampler"] = out.permute(0, 2, 3, 1).float().cpu()
         synchronize(models.device)
 
+    def run_diffusers_own_grid() -> None:
+        from diffusers import UniPCMultistepScheduler
+
+        own = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT)
+        plain = WanVACEPipeline(tokenizer=models.tokenizer, text_encoder=models.text_encoder, vae=models.vae,
+                                transformer=models.transformer, scheduler=own)
+        plain.set_progress_bar_config(disable=True)
+        out = plain(prompt_embeds=contexts.cond, negative_prompt_embeds=contexts.neg, **diffusers_kwargs()).frames[0]
+        frames["diffusers sampler, diffusers' grid"] = out.permute(0, 2, 3, 1).float().cpu()
+
+    frames_only = {"diffusers sampler, diffusers' grid": run_diffusers_own_grid}
     arms = {
         "unison": run_unison(two_pass, "unison"),
         "unison (batched cfg)": run_unison(batched, "unison (batched cfg)"),
@@ -147,11 +164,11 @@ def build_arms(models, geometry: Geometry, seed: int = 0):
         "unison sampler": run_unison_sampler,
         "diffusers sampler": run_diffusers_sampler,
     }
-    return arms, frames, clocks
+    return arms, frames, clocks, frames_only
 
 
 def measure(models, geometry: Geometry, rounds: int, warmup: int = 1) -> list[Row]:
-    arms, frames, clocks = build_arms(models, geometry)
+    arms, frames, clocks, frames_only = build_arms(models, geometry)
     step_times = {name: [] for name in clocks}
 
     def with_steps(name):
@@ -178,11 +195,18 @@ def measure(models, geometry: Geometry, rounds: int, warmup: int = 1) -> list[Ro
                     "x", len(step_times["unison sampler"]), f"<= {TARGET_RATIO}", step_a / step_b <= TARGET_RATIO,
                     f"median step {step_a * 1000:.1f} ms vs {step_b * 1000:.1f} ms, fastest {fast_a * 1000:.1f} vs "
                     f"{fast_b * 1000:.1f} ms (step-to-step gaps)"))
+    for run in frames_only.values():
+        run()
     for a, b, tolerance in (("unison", "diffusers", 1e-3), ("unison sampler", "diffusers sampler", 1e-4),
                             ("unison (batched cfg)", "unison", 1e-3)):
         difference = float((frames[a] - frames[b]).abs().max())
-        rows.append(Row(f"frames {a} vs {b} ({shape})", difference, "max abs diff (0..1)", 1, f"<= {tolerance:g}",
-                        difference <= tolerance, f"frames {tuple(frames[a].shape)}"))
+        rows.append(Row(f"frames {a} vs {b}, both on Wan's grid ({shape})", difference, "max abs diff (0..1)", 1,
+                        f"<= {tolerance:g}", difference <= tolerance, f"frames {tuple(frames[a].shape)}"))
+    grid = "diffusers sampler, diffusers' grid"
+    difference = float((frames[grid] - frames["diffusers sampler"]).abs().max())
+    rows.append(Row(f"frames diffusers sampler on diffusers' own grid vs on Wan's grid ({shape})", difference,
+                    "max abs diff (0..1)", 1, "(informative)", True,
+                    "what the grid alone changes; the reference samples on Wan's grid"))
     return rows
 
 

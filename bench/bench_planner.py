@@ -78,6 +78,17 @@ PROMPTS: tuple[str, ...] = (
     "Make a clip following the canny edges of ###edges.mp4###, a neon city at night.",
     "Create a 832*480 video of a cat playing with a red ball in the garden.",
     "Produce a 4:3 video of a train crossing a bridge lasting four seconds.",
+    # issue 14: bare descriptions, numbers in words and named sizes, Chinese, first + last frame
+    "a red barn in a snowy field",
+    "an astronaut riding a horse on mars, widescreen, Full HD",
+    "a hummingbird drinking nectar, half a second at 30 fps",
+    "a video that starts with ###day.jpg### and ends with ###night.jpg###",
+    "###room.png### ###sel.png### put a christmas tree in the white area",
+    "生成一段五秒的竖屏视频，海浪拍打礁石，每秒16帧",
+    "一只橘猫趴在窗台上晒太阳",
+    "这张照片是在哪里拍的？###trip.jpg###",
+    "把###photo.png###中的天空替换成星空",
+    "以###a.png###开头，以###b.png###结尾，生成一段视频",
     "Paint a picture of a quiet harbour in the morning fog.",
 )
 

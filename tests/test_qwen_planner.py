@@ -289,3 +289,28 @@ def test_hidden_states_drop_the_first_token_of_the_planning_prompt(planner):
     assert hidden.dtype == torch.float32 and hidden.device.type == "cpu"
     torch.testing.assert_close(hidden, direct[:, 1:, :].float())
     assert not torch.allclose(hidden, direct[:, :-1, :].float())
+
+
+def test_lora_plans_get_the_rule_planners_media_checks(planner, forced):
+    """A medium the LoRA's task leaves without a role is named in the notes, as the rule planner does."""
+    forced("<BORES>832,480<EORES><BONF>80<EONF><BOFIDX>0<EOFIDX><CFV>")
+    plan = planner.plan(parse_instruction("Animate ###a.png### and ###b.png###"))
+    assert plan.task is Task.IMAGE_TO_VIDEO and plan.source == "lora"
+    assert [m.role for m in plan.media] == ["frame", "context"]
+    assert any("'b.png'" in note and "not used" in note for note in plan.notes)
+
+
+def test_lora_plan_whose_media_are_missing_falls_back_to_the_rules(planner, forced):
+    forced("<BORES>832,480<EORES><REF><CFI>")
+    instruction = parse_instruction("a lighthouse on a cliff")
+    with pytest.raises(PlannerOutputError) as info:
+        planner.plan(instruction)
+    assert "reference image" in info.value.reason
+    assert info.value.fallback is not None and info.value.fallback.task is Task.TEXT_TO_IMAGE
+
+
+def test_an_empty_instruction_is_refused_before_the_model_runs(planner):
+    from unison_runtime.errors import InstructionError
+
+    with pytest.raises(InstructionError):
+        planner.plan(parse_instruction("  "))

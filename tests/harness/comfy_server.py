@@ -93,9 +93,9 @@ def stop_server(server: Server, timeout: float = 20) -> None:
 
 @contextmanager
 def serving(comfyui: Path, python: str, base: Path, port: int, *, keep: bool = False,
-            say: Callable[[str], object] = print) -> Iterator[Server]:
+            say: Callable[[str], object] = print, extra_args: Sequence[str] = ()) -> Iterator[Server]:
     """``start_server`` for a ``with`` block; on leaving it, ``stop_server`` (or, with ``keep``, say the pid)."""
-    server = start_server(comfyui, python, base, port, say=say)
+    server = start_server(comfyui, python, base, port, say=say, extra_args=extra_args)
     try:
         yield server
     finally:

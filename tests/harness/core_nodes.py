@@ -150,6 +150,7 @@ class SaveImage:
     def save_images(self, images: torch.Tensor, filename_prefix: str = "ComfyUI", **_: Any) -> dict[str, Any]:
         from PIL import Image
 
+        _width, _height = images[0].shape[1], images[0].shape[0]  # as ComfyUI's: get_save_image_path(.., images[0]..)
         results = []
         for image in images:
             path, sub = _counter_path(filename_prefix, ".png")

@@ -83,7 +83,7 @@ def queue(server: str, prompt: dict[str, Any], timeout: float = 600) -> dict[str
 
 
 def build_layout(base: Path) -> None:
-    from harness.fixtures import write_example_media
+    from harness.example_media import write_example_media
     from unison_runtime.testing.tiny_projector import build_tiny_projector
     from unison_runtime.testing.tiny_qwen import build_tiny_merged_planner, build_tiny_qwen, build_tiny_unison_lora
     from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
@@ -242,7 +242,7 @@ def run_checks(server: str, base: Path, log: Path) -> None:
     classes = classes_from_object_info(info)
     workflow = json.loads((REPO / "workflows" / "unison_auto.json").read_text(encoding="utf-8"))
     say("3. unison_auto.json converted from /object_info and queued:")
-    small = {"width": 32, "height": 32, "frames": 5}
+    small = {"width": 32, "height": 32, "frames": "5"}
     branch = {"SaveImage", "SaveVideo", "PreviewAny"}
 
     prompt = prompt_for(workflow, classes, rule_planner=True, instruction="What is the capital of France?")
@@ -289,6 +289,14 @@ def run_checks(server: str, base: Path, log: Path) -> None:
     say("    Planner node text: " + planner_text.replace("\n", " | "))
 
 
+PACK_WARNINGS = ("unison", "scripts/widgets.js", "inputEl")  # the pack's name, or what the old unison.js triggered
+
+
+def from_the_pack(line: str) -> bool:
+    """A console line the pack caused: it names the pack or its script, or an API the pack used to misuse."""
+    return any(marker.lower() in line.lower() for marker in PACK_WARNINGS)
+
+
 def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> None:
     """Convert every shipped workflow with the real frontend and compare with our converter."""
     files = sorted((REPO / "workflows").glob("*.json"))
@@ -300,9 +308,11 @@ def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> N
     report = json.loads(done.stdout.strip().splitlines()[-1])
     if "unison.planDisplay" not in report["extensions"]:
         raise Check(f"the pack's JS extension is not registered: {report['extensions']}")
-    ours = [e for e in report["consoleErrors"] if "Unison" in e or "unison.js" in e]
+    ours = [e for e in report["consoleErrors"] + report["consoleWarnings"] if from_the_pack(e)]
     if ours:
-        raise Check(f"browser console errors from the pack: {ours}")
+        raise Check(f"browser console errors/warnings from the pack: {ours}")
+    for line in report["consoleWarnings"][:10]:
+        say(f"    console warning (not the pack's): {line[:200]}")
     say(f"4. real frontend (headless Chromium): extension 'unison.planDisplay' registered; "
         f"{len(report['consoleErrors'])} console errors, none from the pack")
     for line in report["consoleErrors"][:20]:
@@ -311,7 +321,8 @@ def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> N
     shipped_planner = next(n for n in json.loads(files[0].read_text(encoding="utf-8"))["nodes"]
                            if n["type"] == "UnisonPlanner")
     if display["value"] != "task: text_to_video → video\ndecided by: rules" or display["inPrompt"] \
-            or display["saved"] != shipped_planner["widgets_values"] or display["after"] != display["before"] + 1:
+            or display["saved"] != shipped_planner["widgets_values"] or display["after"] != display["before"] \
+            or not display["readOnly"] or display["label"] != "Unison decided":
         raise Check(f"plan display on the Planner node misbehaves: {display}")
     say("  Planner node shows the executed plan text in a read-only box that is neither saved nor queued")
     classes = classes_from_object_info(info)
@@ -341,6 +352,119 @@ def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> N
             "links unchanged")
 
 
+# --------------------------------------------------------------------------- previews and the editor
+
+
+def check_previews(server: str, workflow: dict[str, Any], classes: dict[str, type], steps: int = 3) -> None:
+    """Queue an image run and count the sampler's preview frames on the websocket (one per step).
+
+    ComfyUI sends previews as binary frames: a 4-byte event type (1 = PREVIEW_IMAGE, 4 = with
+    metadata), then the image (JPEG for Latent2RGB). Needs ``--preview-method latent2rgb``.
+    """
+    import asyncio
+
+    import aiohttp
+
+    prompt = prompt_for(workflow, classes, rule_planner=True, instruction="A watercolor painting of a harbor.",
+                        router={"width": 32, "height": 32})
+    for node in prompt.values():
+        if node["class_type"] == "UnisonVaceSampler":
+            node["inputs"]["steps"] = steps
+    client = f"unison-previews-{uuid.uuid4()}"
+
+    async def run() -> list[bytes]:
+        frames: list[bytes] = []
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.replace('http', 'ws', 1)}/ws?clientId={client}") as ws:
+            prompt_id = str(uuid.uuid4())
+            async with session.post(f"{server}/prompt", json={"prompt": prompt, "prompt_id": prompt_id,
+                                                                "client_id": client}) as response:
+                if response.status != 200:
+                    raise Check(f"POST /prompt refused: {await response.text()}")
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    kind = int.from_bytes(message.data[:4], "big")
+                    if kind in (1, 4):
+                        frames.append(message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    if data["type"] == "executing" and data["data"].get("node") is None \
+                            and data["data"].get("prompt_id") == prompt_id:
+                        return frames
+                    if data["type"] == "execution_error":
+                        raise Check(f"preview run failed: {json.dumps(data)[:2000]}")
+        return frames
+
+    frames = asyncio.run(asyncio.wait_for(run(), timeout=600))
+    jpegs = [f for f in frames if b"\xff\xd8\xff" in f[:64]]
+    if len(jpegs) < steps:
+        raise Check(f"expected a JPEG preview per step ({steps}), got {len(jpegs)} of {len(frames)} preview frames")
+    say(f"5. live previews (--preview-method latent2rgb): {len(jpegs)} JPEG previews for {steps} sampler steps")
+
+
+def boxes_overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[2] - 1 and b[0] < a[2] - 1 and a[1] < b[3] - 1 and b[1] < a[3] - 1
+
+
+def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> None:
+    """Drive the editor (frontend_drive.mjs): type widget values, queue, look at the display boxes."""
+    shots.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NODE_PATH": str(playwright_dir / "node_modules")}
+    done = subprocess.run(["node", str(HERE.parent / "frontend_drive.mjs"), server, str(shots),
+                           str(REPO / "workflows" / "unison_auto.json")], capture_output=True, text=True, env=env,
+                          timeout=900)
+    if done.returncode != 0:
+        raise Check(f"driving the editor failed: {done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    version = report.get("frontendVersion")
+    say(f"6. the editor (frontend {version}) driven as a user:")
+    for step in report["steps"]:
+        say(f"    {step}")
+    if report.get("error"):
+        raise Check(f"editor: {report['error']}")
+    values = report["values"]
+    router, sampler = values["Unison Task Router"], values["Unison VACE Sampler (video)"]
+    wanted = {"width": 32, "height": 32, "frames": "9"}
+    if {k: router[k] for k in wanted} != wanted or (sampler["steps"], sampler["guidance"]) != (2, 1) \
+            or values["Unison Planner Loader"]["mode"] != BYPASSED:
+        raise Check(f"widgets after typing: router {router}, sampler steps/guidance "
+                    f"{sampler['steps']}/{sampler['guidance']}, loader mode {values['Unison Planner Loader']['mode']}")
+    history = report["history"]
+    if not history or history["status"].get("status_str") != "success":
+        raise Check(f"the queued run: {json.dumps(history)[:2000]}")
+    videos = [o["images"][0] for o in history["outputs"].values() if o.get("animated")]
+    from unison_runtime.media import read_video
+
+    medium = read_video(base / "output" / videos[0]["subfolder"] / videos[0]["filename"])
+    if medium.frames.shape[:3] != (9, 32, 32):
+        raise Check(f"the editor's run wrote {medium.frames.shape}, expected 9 frames of 32x32")
+    say(f"    the run: success; {videos[0]['filename']} has {medium.frames.shape[0]} frames of 32x32")
+    views = {"classic": report["classic"], "Nodes 2.0": report.get("vue")}
+    for view, displays in views.items():
+        if displays is None:
+            say(f"    {view} view: not in this frontend")
+            continue
+        shown = [d for d in displays if d["visible"]]
+        bad = [d for d in shown if not (d["inside"] and d["readOnly"] and d["shownLabel"]) or d["clipped"]]
+        if bad:
+            raise Check(f"{view} view: plan display boxes misplaced, editable or unlabelled: {bad}")
+        say(f"    {view} view: {len(shown)} of {len(displays)} plan display boxes on screen, all read-only, "
+            f"labelled '{LABEL}' and inside their nodes" + ("" if shown else " (this view does not draw DOM widgets)"))
+    overlaps = [(a["id"], b["id"]) for i, a in enumerate(report.get("vueNodes") or [])
+                for b in (report.get("vueNodes") or [])[i + 1:] if boxes_overlap(a["box"], b["box"])]
+    if overlaps:
+        raise Check(f"Nodes 2.0 view: nodes overlap: {overlaps}")
+    ours = [line for line in report["console"]["errors"] + report["console"]["warnings"] if from_the_pack(line)]
+    if ours:
+        raise Check(f"console errors/warnings from the pack while editing: {ours}")
+    say(f"    console: {len(report['console']['errors'])} errors, {len(report['console']['warnings'])} warnings, "
+        "none from the pack")
+    say("    screenshots: " + ", ".join(report["screenshots"]))
+
+
+LABEL = "Unison decided"
+
+
 def server_arguments(description: str, port: int) -> argparse.ArgumentParser:
     """The options both live checks take: where ComfyUI and its Python are, the port, the base folder."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -356,16 +480,26 @@ def main() -> int:
     parser = server_arguments(__doc__, port=8190)
     parser.add_argument("--frontend", type=Path, default=None,
                         help="folder whose node_modules holds playwright-core: also convert with the real frontend "
-                             "in headless Chromium (/usr/bin/chromium)")
+                             "in headless Chromium (/usr/bin/chromium) and drive the editor")
+    parser.add_argument("--front-end-root", type=Path, default=None,
+                        help="serve this frontend build (e.g. comfyui-frontend-package's static folder)")
+    parser.add_argument("--screenshots", type=Path, default=None, help="where the editor screenshots go")
     args = parser.parse_args()
     base = args.base or Path(tempfile.mkdtemp(prefix="unison-live-"))
     say(f"base folder {base}")
     build_layout(base)
+    extra = ["--preview-method", "latent2rgb"]
+    if args.front_end_root is not None:
+        extra += ["--front-end-root", str(args.front_end_root)]
     try:
-        with serving(args.comfyui, args.python, base, args.port, keep=args.keep, say=say) as server:
+        with serving(args.comfyui, args.python, base, args.port, keep=args.keep, say=say, extra_args=extra) as server:
             run_checks(server.url, base, server.log)
+            info = request(f"{server.url}/object_info", timeout=60)[1]
+            workflow = json.loads((REPO / "workflows" / "unison_auto.json").read_text(encoding="utf-8"))
+            check_previews(server.url, workflow, classes_from_object_info(info))
             if args.frontend is not None:
-                check_frontend(server.url, request(f"{server.url}/object_info", timeout=60)[1], args.frontend)
+                check_frontend(server.url, info, args.frontend)
+                check_editor(server.url, base, args.frontend, args.screenshots or base / "screenshots")
         say("all checks passed")
         return 0
     except (Check, ServerError) as exc:

@@ -1,0 +1,208 @@
+// Drive ComfyUI's editor as a user would (headless Chromium), then report what happened as JSON.
+//
+//   NODE_PATH=<dir with node_modules/playwright-core> node frontend_drive.mjs http://127.0.0.1:8190 OUTDIR auto.json
+//
+// 1. opens the workflow and takes a screenshot at its saved view;
+// 2. bypasses the Planner Loader (click its title, Ctrl+B), then sets widgets by clicking them and
+//    typing: Router width/height (number prompt: type, Enter), Router frames (the list's filter box:
+//    type, Enter), the video Sampler's steps and guidance; reads the values back;
+// 3. queues with Ctrl+Enter, waits for the run, takes a screenshot with the Router in view, and
+//    measures the plan display box against its node;
+// 4. with the frontend's "Nodes 2.0" view (Comfy.VueNodes.Enabled, where it exists) reloads the
+//    workflow, takes a screenshot and measures the display boxes against their nodes again.
+// Console errors and warnings are collected throughout. Run by tests/harness/live_comfyui.py --frontend.
+
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { join } from "node:path";
+
+const require = createRequire(import.meta.url);
+const { chromium } = require(require.resolve("playwright-core", { paths: (process.env.NODE_PATH || "").split(":") }));
+
+const [server, outdir, file] = process.argv.slice(2);
+const workflow = JSON.parse(readFileSync(file, "utf8"));
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+const console_ = { errors: [], warnings: [] };
+page.on("console", (msg) => {
+  const line = `${msg.text()} @ ${msg.location()?.url ?? ""}`;
+  if (msg.type() === "error") console_.errors.push(line);
+  if (msg.type() === "warning") console_.warnings.push(line);
+});
+page.on("pageerror", (err) => console_.errors.push(String(err)));
+const report = { steps: [], screenshots: [], console: console_ };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const shot = async (name) => {
+  const path = join(outdir, name);
+  await page.screenshot({ path });
+  report.screenshots.push(path);
+};
+
+await page.goto(server, { waitUntil: "load", timeout: 120000 });
+await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
+report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+const VUE = "Comfy.VueNodes.Enabled"; // the "Nodes 2.0" view; absent from frontends without it
+const hasVue = await page.evaluate((key) => {
+  try { return window.app.extensionManager.setting.get(key) !== undefined; } catch { return false; }
+}, VUE);
+await page.evaluate(async ({ key, hasVue }) => {
+  const settings = window.app.extensionManager.setting;
+  await settings.set("Comfy.Workflow.ShowMissingModelsWarning", false);
+  if (hasVue) await settings.set(key, false); // start in the classic view
+}, { key: VUE, hasVue });
+await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
+await sleep(1500);
+await shot("1-saved-view.png");
+
+// Where a widget (or a node's title) is on the screen, with the node centred at scale 1.
+async function point(title, widget, fx = 0.5) {
+  return await page.evaluate(({ title, widget, fx }) => {
+    const app = window.app;
+    const node = app.graph._nodes.find((n) => n.title === title || n.type === title);
+    app.canvas.ds.scale = 1;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    app.canvas.ds.offset = [rect.width / 2 - node.pos[0] - node.size[0] / 2, rect.height / 2 - node.pos[1] - node.size[1] / 2];
+    app.canvas.setDirty(true, true);
+    let y = -15; // the title bar
+    if (widget) {
+      const w = node.widgets.find((x) => x.name === widget);
+      y = (w.last_y ?? w.y) + 10;
+    }
+    const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] * fx, node.pos[1] + y]);
+    return [rect.left + cx, rect.top + cy];
+  }, { title, widget, fx });
+}
+
+async function typeNumber(title, widget, value) {
+  const [x, y] = await point(title, widget);
+  await sleep(300);
+  await page.mouse.click(x, y);
+  await sleep(400);
+  await page.keyboard.press("Control+A");
+  await page.keyboard.type(String(value));
+  await page.keyboard.press("Enter");
+  await sleep(300);
+  report.steps.push(`typed ${value} into ${title}.${widget}`);
+}
+
+async function pickFromList(title, widget, value) {
+  const [x, y] = await point(title, widget);
+  await sleep(300);
+  await page.mouse.click(x, y);
+  await sleep(500);
+  await page.keyboard.type(String(value)); // the list's filter box has the focus
+  await sleep(300);
+  await page.keyboard.press("Enter");
+  await sleep(300);
+  report.steps.push(`picked ${value} from ${title}.${widget}`);
+}
+
+const values = async () => await page.evaluate(() => {
+  const out = {};
+  for (const n of window.app.graph._nodes) {
+    out[n.title] = { mode: n.mode, ...Object.fromEntries((n.widgets ?? []).map((w) => [w.name, w.value])) };
+  }
+  return out;
+});
+
+try {
+  const [tx, ty] = await point("Unison Planner Loader");
+  await page.mouse.click(tx + 60, ty);
+  await page.keyboard.press("Control+b");
+  report.steps.push("bypassed the Unison Planner Loader with Ctrl+B");
+  await typeNumber("Unison Task Router", "width", 32);
+  await typeNumber("Unison Task Router", "height", 32);
+  await pickFromList("Unison Task Router", "frames", 9);
+  await typeNumber("Unison VACE Sampler (video)", "steps", 2);
+  await typeNumber("Unison VACE Sampler (video)", "guidance", 1);
+  report.values = await values();
+  await shot("2-widgets-set.png");
+
+  const before = await page.evaluate(async () => Object.keys(await (await fetch("/history")).json()).length);
+  await page.mouse.click(5, 450); // focus the canvas, nothing selected
+  await page.keyboard.press("Control+Enter");
+  report.steps.push("queued with Ctrl+Enter");
+  report.history = await page.evaluate(async (before) => {
+    for (let i = 0; i < 600; i++) {
+      const history = await (await fetch("/history")).json();
+      const ids = Object.keys(history);
+      if (ids.length > before) return history[ids[ids.length - 1]];
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    return null;
+  }, before);
+  await sleep(1000);
+  await point("Unison Task Router");
+  await sleep(500);
+  await shot("3-after-run-router.png");
+  await point("Unison VACE Sampler (video)");
+  await sleep(500);
+  await shot("4-after-run-sampler.png");
+} catch (err) {
+  report.error = String(err?.stack ?? err);
+}
+
+// The plan display boxes against their nodes, on the screen, in the view that is on.
+async function measureDisplays() {
+  return await page.evaluate(() => {
+    const app = window.app;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    const out = [];
+    for (const node of app.graph._nodes) {
+      const widget = node.widgets?.find((w) => w.name === "unison_display");
+      if (!widget) continue;
+      const el = widget.element;
+      const box = el?.getBoundingClientRect();
+      const vueNode = el?.closest?.("[data-node-id]");
+      let nodeBox;
+      if (vueNode) {
+        const r = vueNode.getBoundingClientRect();
+        nodeBox = [r.left, r.top, r.right, r.bottom];
+      } else {
+        const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - 30]);
+        const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
+        nodeBox = [rect.left + x0, rect.top + y0, rect.left + x1, rect.top + y1];
+      }
+      const shownLabel = vueNode ? vueNode.innerText.includes(widget.label) : widget.label === "Unison decided";
+      const visible = !!box && box.width > 0 && box.height > 0 && getComputedStyle(el).display !== "none";
+      out.push({
+        node: node.title, label: widget.label, shownLabel, visible,
+        readOnly: !!el && !el.isContentEditable && !["INPUT", "TEXTAREA"].includes(el.tagName) && !el.querySelector("input,textarea,[contenteditable=true]"),
+        clipped: !!el && el.scrollHeight > el.clientHeight && getComputedStyle(el).overflowY === "visible",
+        box: box ? [box.left, box.top, box.right, box.bottom] : null, nodeBox,
+        inside: !visible || (box.left >= nodeBox[0] - 1 && box.top >= nodeBox[1] - 1 && box.right <= nodeBox[2] + 1 && box.bottom <= nodeBox[3] + 1),
+      });
+    }
+    return out;
+  });
+}
+await page.evaluate(() => { window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [40, 80]; window.app.canvas.setDirty(true, true); });
+await sleep(800);
+report.classic = await measureDisplays();
+await shot("5-classic-view.png");
+
+if (hasVue) {
+  await page.evaluate(async ({ wf, key }) => {
+    await window.app.extensionManager.setting.set(key, true);
+    await window.app.loadGraphData(wf);
+  }, { wf: workflow, key: VUE });
+  await sleep(2500);
+  await page.evaluate(() => { window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [-560, 80]; window.app.canvas.setDirty(true, true); });
+  await sleep(1500);
+  report.vue = await measureDisplays();
+  report.vueNodes = await page.evaluate(() => {
+    const boxes = [...document.querySelectorAll("[data-node-id]")].map((e) => {
+      const r = e.getBoundingClientRect();
+      return { id: e.getAttribute("data-node-id"), box: [r.left, r.top, r.right, r.bottom] };
+    });
+    return boxes;
+  });
+  await shot("6-nodes-2.0-view.png");
+  await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
+}
+console.log(JSON.stringify(report));
+await browser.close();
