@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,7 +161,8 @@ def test_run_out_dir_writes_inside_with_progress_and_quiet(models_dir, tmp_path)
     report = json.loads(out)
     assert report["path"] == str(folder / "text_to_image.png") and Path(report["path"]).is_file()
     assert "Traceback" not in err
-    for words in ("planning with the rule planner", "estimated peak about", "loading Wan2.1-VACE", "KB)",
+    assert re.search(r"loading Wan2\.1-VACE \(transformer, VAE, umT5\) from \S+, \d+ (KB|MB) \.\.\.", err), err
+    for words in ("planning with the rule planner", "estimated peak about", "loaded Wan2.1-VACE",
                   "encoding the prompt with umT5", "sampling [", "3/3", "s/step, ETA 0:00", "decoding 1 frame",
                   f"wrote image: {folder / 'text_to_image.png'}"):
         assert words in err, (words, err)

@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake said in one line (the usage text is one --help away)."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        self.exit(EXIT_REFUSED, f"error: {message} (see: {self.prog} --help)\n")
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # keep it one line
+        self.exit(EXIT_REFUSED, f"error: {shown} (see: {self.prog} --help)\n")
 
 
 def _finite(text: str) -> float:
