@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UnisonError
+from .errors import OutOfMemory, UnisonError
 from .progress import human_size
 
 CONFIGS = Path(__file__).with_name("configs")
@@ -51,12 +51,12 @@ CONTEXT_TOKENS = 2048  # both branches are zero-padded to this (DESIGN section 8
 VAE_TILE = 256
 
 
-class MemoryWontFit(UnisonError, MemoryError):
+class MemoryWontFit(OutOfMemory):
     """The plan's estimated peak is larger than what the device has free; raised before any work."""
 
     def __init__(self, message: str, estimate: MemoryEstimate) -> None:
         self.estimate = estimate
-        super().__init__(message)
+        super().__init__(message, stage="memory check before loading")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -480,6 +480,10 @@ def wont_fit_message(plan: Any, models: ModelFootprint, estimate: MemoryEstimate
     if smaller is not None and smaller != (plan.width, plan.height, plan.num_frames):
         w, h, n = smaller
         ways.append(f"a smaller size or length (e.g. {w}x{h}, {n} frame{'s' if n != 1 else ''})")
+    elif smaller is None:
+        weights = sum(size for name, size in estimate.parts.items() if name.startswith(("weights", "runtime")))
+        ways.append(f"smaller weights: the models alone need {human_size(weights)} here (lower-precision files "
+                    "or dtypes, or another device)")
     else:
         ways.append("a smaller size or length")
     cli = where == "cli"
