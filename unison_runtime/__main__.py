@@ -367,7 +367,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     from .progress import make_progress
 
-    progress = make_progress(getattr(args, "quiet", False))
+    quiet = bool(getattr(args, "quiet", False))
+    progress = make_progress(quiet)
+    # --quiet silences the libraries' own bars too (transformers' "Loading weights", diffusers'):
+    # tqdm reads TQDM_DISABLE whenever a bar is made. Restored afterwards for in-process callers.
+    saved = os.environ.get("TQDM_DISABLE")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return COMMANDS[args.command](args, out, progress)
     except KeyboardInterrupt:
@@ -393,6 +399,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} (a bug; please report it; "
               "UNISON_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        if quiet:
+            if saved is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = saved
 
 
 if __name__ == "__main__":
