@@ -360,6 +360,15 @@ def _one_line(exc: BaseException | str) -> str:
     return head + (" " + "; ".join(rest) if rest else "")
 
 
+def _library_bars(on: bool) -> None:
+    """transformers' and diffusers' own progress bars (they pass ``disable=`` explicitly, past TQDM_DISABLE)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for module in (transformers_logging, diffusers_logging):
+        (module.enable_progress_bar if on else module.disable_progress_bar)()
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     import os
 
@@ -372,8 +381,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     # --quiet silences the libraries' own bars too (transformers' "Loading weights", diffusers'):
     # tqdm reads TQDM_DISABLE whenever a bar is made. Restored afterwards for in-process callers.
     saved = os.environ.get("TQDM_DISABLE")
+    loads_models = args.command in ("run", "ask", "selftest") or getattr(args, "model", None) is not None
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
+        if loads_models:
+            _library_bars(False)
     try:
         return COMMANDS[args.command](args, out, progress)
     except KeyboardInterrupt:
@@ -401,6 +413,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_BUG
     finally:
         if quiet:
+            if loads_models:
+                _library_bars(True)
             if saved is None:
                 os.environ.pop("TQDM_DISABLE", None)
             else:
