@@ -110,7 +110,8 @@ def _check(argv: list[str], code: int, out: str, err: str) -> None:
         assert not errors[0].startswith("internal error"), (argv, err)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_argv_never_ends_in_a_traceback(places, data):
     argv = data.draw(_argv(places))
@@ -119,7 +120,8 @@ def test_random_argv_never_ends_in_a_traceback(places, data):
     _check(argv, code, out, err)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(content=st.one_of(
     st.binary(max_size=400),
     st.lists(st.one_of(

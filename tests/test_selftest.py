@@ -17,10 +17,15 @@ SUFFIX = {"text": ".txt", "image": ".png", "video": ".mp4"}
 
 
 @pytest.mark.slow
-def test_selftest_runs_all_12_tasks_and_writes_outputs(tmp_path):
+def test_selftest_runs_all_12_tasks_and_writes_outputs(tmp_path, capsys):
     out = io.StringIO()
     code = main(["selftest", "--out", str(tmp_path)], out=out)
     report = json.loads(out.getvalue())
+    # One progress line per task on stderr (time and output), the inputs kept beside the outputs.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) == 12 and all(" s  " in line and str(tmp_path) in line for line in lines), lines
+    assert report["inputs"] == str(tmp_path / "inputs")
+    assert {p.name for p in (tmp_path / "inputs").iterdir()} >= {"photo.png", "clip.mp4", "mask.png", "depth.mp4"}
     assert code == 0, report
     assert report["ok"] is True and report["failed"] == []
     assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8")) == report

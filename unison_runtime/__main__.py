@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake said in one line (the usage text is one --help away)."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        self.exit(EXIT_REFUSED, f"error: {message} (see: {self.prog} --help)\n")
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # keep it one line
+        self.exit(EXIT_REFUSED, f"error: {shown} (see: {self.prog} --help)\n")
 
 
 def _finite(text: str) -> float:
@@ -359,6 +360,15 @@ def _one_line(exc: BaseException | str) -> str:
     return head + (" " + "; ".join(rest) if rest else "")
 
 
+def _library_bars(on: bool) -> None:
+    """transformers' and diffusers' own progress bars (they pass ``disable=`` explicitly, past TQDM_DISABLE)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for module in (transformers_logging, diffusers_logging):
+        (module.enable_progress_bar if on else module.disable_progress_bar)()
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     import os
 
@@ -366,7 +376,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     from .progress import make_progress
 
-    progress = make_progress(getattr(args, "quiet", False))
+    quiet = bool(getattr(args, "quiet", False))
+    progress = make_progress(quiet)
+    # --quiet silences the libraries' own bars too (transformers' "Loading weights", diffusers'):
+    # tqdm reads TQDM_DISABLE whenever a bar is made. Restored afterwards for in-process callers.
+    saved = os.environ.get("TQDM_DISABLE")
+    loads_models = args.command in ("run", "ask", "selftest") or getattr(args, "model", None) is not None
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        if loads_models:
+            _library_bars(False)
     try:
         return COMMANDS[args.command](args, out, progress)
     except KeyboardInterrupt:
@@ -392,6 +411,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} (a bug; please report it; "
               "UNISON_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        if quiet:
+            if loads_models:
+                _library_bars(True)
+            if saved is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = saved
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UnisonError
+from .errors import OutOfMemory, UnisonError
 from .progress import human_size
 
 CONFIGS = Path(__file__).with_name("configs")
@@ -37,21 +37,26 @@ MAX_HEADER = 100 * 1024 * 1024
 # Fitted on measured peaks (see the module docstring): live copies of each part's unit tensor.
 TRANSFORMER_FACTOR = 1.0
 VAE_WORK_FACTOR = 6.0
+#: Videos go through the VAE in 4-frame chunks, and a fresh process pays the causal 3D convolutions'
+#: workspaces for each new shape on top: measured 3.5-5.5x the single-frame accounting on the CPU
+#: (bench_memory_estimate), so the larger value is used (an estimate that under-counts lets the OOM
+#: killer in).
+VAE_VIDEO_FACTOR = 5.5
 OUTPUT_COPIES = 3.0  # decoded video: torch.cat of the chunks, then scaling/clamping, then the CPU copy
 SOURCE_COPIES = 5.0  # source video in [-1, 1], its mask, the two masked copies, and the float input frames
 #: Libraries, kernels and allocator pools a first job adds to the process (measured: bench_memory_estimate).
-RUNTIME_OVERHEAD = {"cpu": 640 * 1024**2, "cuda": 512 * 1024**2}  # CUDA: the context and cuBLAS/cuDNN workspaces
+RUNTIME_OVERHEAD = {"cpu": 448 * 1024**2, "cuda": 512 * 1024**2}  # CUDA: the context and cuBLAS/cuDNN workspaces
 CONTEXT_TOKENS = 2048  # both branches are zero-padded to this (DESIGN section 8)
 #: The tile diffusers' AutoencoderKLWan decodes at a time with tiling on (tile_sample_min_height/width).
 VAE_TILE = 256
 
 
-class MemoryWontFit(UnisonError, MemoryError):
+class MemoryWontFit(OutOfMemory):
     """The plan's estimated peak is larger than what the device has free; raised before any work."""
 
     def __init__(self, message: str, estimate: MemoryEstimate) -> None:
         self.estimate = estimate
-        super().__init__(message)
+        super().__init__(message, stage="memory check before loading")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -277,7 +282,8 @@ def transformer_parts(tokens: int, config: Mapping[str, Any], *, batch: int, dty
     return parts
 
 
-def vae_work(width: int, height: int, vae_config: Mapping[str, Any], dtype_bytes: int, tiled: bool) -> int:
+def vae_work(width: int, height: int, vae_config: Mapping[str, Any], dtype_bytes: int, tiled: bool,
+             video: bool = False) -> int:
     """Working set of decoding one latent frame (4 output frames) with diffusers' AutoencoderKLWan.
 
     The decoder upsamples level by level; each level's activations (channels x frames x area) and
@@ -296,7 +302,7 @@ def vae_work(width: int, height: int, vae_config: Mapping[str, Any], dtype_bytes
         total += channels * (height // scale) * (width // scale) * (frames + 2)
         if level < len(up_time) and up_time[level]:
             frames *= 2
-    return int(total * dtype_bytes * VAE_WORK_FACTOR)
+    return int(total * dtype_bytes * VAE_WORK_FACTOR * (VAE_VIDEO_FACTOR if video else 1.0))
 
 
 def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None = None, *,
@@ -349,7 +355,7 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
     parts.update(sampling)
 
     pixels = 3 * frames * width * height
-    work = vae_work(width, height, models.vae_config, v_bytes, settings.vae_tiling)
+    work = vae_work(width, height, models.vae_config, v_bytes, settings.vae_tiling, video=frames > 1)
     parts["encoding: source frames"] = int(pixels * 4 * SOURCE_COPIES)
     parts["encoding: VAE"] = work
     parts["decoding: VAE"] = work
@@ -474,6 +480,10 @@ def wont_fit_message(plan: Any, models: ModelFootprint, estimate: MemoryEstimate
     if smaller is not None and smaller != (plan.width, plan.height, plan.num_frames):
         w, h, n = smaller
         ways.append(f"a smaller size or length (e.g. {w}x{h}, {n} frame{'s' if n != 1 else ''})")
+    elif smaller is None:
+        weights = sum(size for name, size in estimate.parts.items() if name.startswith(("weights", "runtime")))
+        ways.append(f"smaller weights: the models alone need {human_size(weights)} here (lower-precision files "
+                    "or dtypes, or another device)")
     else:
         ways.append("a smaller size or length")
     cli = where == "cli"

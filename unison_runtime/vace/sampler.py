@@ -492,9 +492,9 @@ def sample(
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
     to lower, after the latents of this call were let go; the models stay usable. ``on_stage(text)``
     is told when encoding, sampling and decoding start (for a host's progress display).
-    ``options.vae_tiling`` decodes in tiles, for frames too large to decode whole. A decode that runs
-    out of memory is first retried in tiles, after ``free_for_decode()`` freed what decoding does not
-    need (see :func:`decode`), so finished latents are not lost to the decode.
+    ``options.vae_tiling`` encodes and decodes in tiles, for frames too large for the VAE whole. A
+    decode that runs out of memory is first retried in tiles, after ``free_for_decode()`` freed what
+    decoding does not need (see :func:`decode`), so finished latents are not lost to the decode.
     """
     options = options or SamplingOptions()
     announce = on_stage or (lambda text: None)
@@ -509,19 +509,19 @@ def sample(
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
-        announce(stage[0])
-        prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
-        stage[0] = "sampling"
-        announce(f"sampling {options.steps} steps")
-        latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
-                          notes=notes, state=state, on_step=on_step)
-        stage[0] = "decoding with the VAE"
-        num_references = prepared.num_references
-        del prepared  # the control latents are not needed to decode
-        frames = plan.num_frames
-        announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
-                 + (" (tiled)" if options.vae_tiling else ""))
         with vae_tiling(models.vae, options.vae_tiling):
+            announce(stage[0] + (" (tiled)" if options.vae_tiling else ""))
+            prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
+            stage[0] = "sampling"
+            announce(f"sampling {options.steps} steps")
+            latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress,
+                              cancel=cancel, notes=notes, state=state, on_step=on_step)
+            stage[0] = "decoding with the VAE"
+            num_references = prepared.num_references
+            del prepared  # the control latents are not needed to decode
+            frames = plan.num_frames
+            announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
+                     + (" (tiled)" if options.vae_tiling else ""))
             return decode(models, latents, num_references, free_memory=free_for_decode, notes=notes)
 
     def where() -> str:

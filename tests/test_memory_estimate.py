@@ -1,0 +1,111 @@
+"""The memory preflight: its accounting, its decisions, and how it compares with measured peaks.
+
+The comparison runs tiny random models in fresh processes (bench.bench_memory_estimate's child:
+peak RSS via the kernel's high-water mark) and requires the estimate to be at least 0.9x and at
+most 2x the measured peak, at an image size and a video size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from unison_runtime import memory_estimate as memory
+from unison_runtime.plan import default_plan
+from unison_runtime.testing.tiny_wan import build_tiny_vace_diffusers
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_vace_diffusers(tmp_path_factory.mktemp("vace") / "vace")
+
+
+REAL = memory.ModelFootprint(
+    transformer=1_420_000_000 * 2, vae=127_000_000 * 4, text_encoder=5_680_000_000 * 2,
+    transformer_config=memory._json_config(None, "wan2.1-vace-1.3b-transformer"),
+    vae_config=memory._json_config(None, "wan2.1-vae"), stage_one=3_750_000_000 * 2)
+
+
+def test_weight_bytes_from_headers_match_the_loaded_parameters(tiny_dir):
+    from unison_runtime.models_dir import ModelPaths
+    from unison_runtime.vace.loading import load_vace_diffusers
+
+    models = load_vace_diffusers(tiny_dir, device="cpu")
+    loaded = memory.footprint_from_models(models)
+    read = memory.footprint_from_paths(ModelPaths(diffusers_dir=tiny_dir), transformer_dtype="fp32")
+    stored = sum(t.numel() * t.element_size() for t in models.transformer.state_dict().values())
+    assert read.transformer == stored <= loaded.transformer  # loaded adds the rotary tables (not in the file)
+    assert read.vae == loaded.vae
+    assert read.text_encoder == pytest.approx(loaded.text_encoder, rel=0.02)  # tied embeddings are stored once
+    half = memory.footprint_from_paths(ModelPaths(diffusers_dir=tiny_dir), transformer_dtype="bf16")
+    assert half.transformer * 2 == read.transformer
+
+
+def test_latent_tokens_follow_wan_geometry():
+    config, vae = REAL.transformer_config, REAL.vae_config
+    assert memory.latent_tokens(832, 480, 81, config, vae) == 21 * 30 * 52
+    assert memory.latent_tokens(832, 480, 1, config, vae, num_references=1) == 2 * 30 * 52
+
+
+def test_parts_grow_with_what_they_depend_on():
+    settings = memory.RunSettings(device="cuda:0", transformer_dtype="bf16", text_device="cpu")
+    small = memory.estimate_run(default_plan("text_to_video", width=832, height=480), REAL, settings)
+    large = memory.estimate_run(default_plan("text_to_video", width=1280, height=720), REAL, settings)
+    for part in ("sampling: VACE hints", "sampling: block activations", "decoding: VAE", "decoding: frames"):
+        assert large.parts[part] > small.parts[part]
+    assert small.other_devices == {"cpu": REAL.text_encoder}  # umT5 on the CPU is not counted on the GPU
+    two_pass = memory.estimate_run(default_plan("text_to_video"), REAL, dataclasses.replace(settings, batch_cfg=False))
+    assert two_pass.parts["sampling: VACE hints"] * 2 == small.parts["sampling: VACE hints"]
+    math_attention = memory.estimate_run(default_plan("text_to_video"), REAL,
+                                         dataclasses.replace(settings, attention="math"))
+    assert math_attention.parts["sampling: attention scores"] > 100 * 1024**3  # 32760 tokens squared, 12 heads
+    tiled = memory.estimate_run(default_plan("text_to_video"), REAL, dataclasses.replace(settings, vae_tiling=True))
+    assert tiled.parts["decoding: VAE"] < small.parts["decoding: VAE"]
+    low = memory.estimate_run(default_plan("text_to_video"), REAL,
+                              dataclasses.replace(settings, text_device=None, low_memory=True))
+    assert low.phases["sampling"] < low.phases["loading"] + low.parts["sampling: block activations"]
+
+
+def test_2048_video_is_refused_with_a_size_that_fits_and_the_flags():
+    plan = default_plan("text_to_video", width=2048, height=2048, num_frames=121)
+    settings = memory.RunSettings(device="cpu", transformer_dtype="fp32")
+    with pytest.raises(memory.MemoryWontFit) as refused:
+        memory.check_fits(plan, REAL, settings, free=48 * 1024**3)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("2048x2048, 121 frames needs about")
+    assert refused.value.estimate.peak > 100 * 1024**3
+    size = message.split("(e.g. ")[1].split(")")[0]
+    w, rest = size.split("x")
+    h, frames = rest.split(", ")
+    fitting = default_plan("text_to_video", width=int(w), height=int(h), num_frames=int(frames.split()[0]))
+    memory.check_fits(fitting, REAL, dataclasses.replace(settings, vae_tiling=True, low_memory=True),
+                      free=48 * 1024**3)  # the advice is a size that really passes the same check
+    for flag in ("--low-memory", "--vae-tiling", "guidance 1"):
+        assert flag in message
+    with pytest.raises(memory.MemoryWontFit, match="VAE tiling"):
+        memory.check_fits(plan, REAL, settings, free=24 * 1024**3, where="comfyui")
+
+
+def test_tiling_is_switched_on_when_only_the_decode_does_not_fit():
+    plan = default_plan("text_to_video", width=832, height=480, num_frames=81)
+    settings = memory.RunSettings(device="cuda", transformer_dtype="bf16", text_device="cpu", low_memory=True)
+    whole = memory.estimate_run(plan, REAL, settings)
+    tiled = memory.estimate_run(plan, REAL, dataclasses.replace(settings, vae_tiling=True))
+    assert whole.peak_phase in ("decoding", "encoding") and tiled.peak < whole.peak
+    free = int((tiled.peak + whole.peak) / 2 / 0.9)
+    decision = memory.check_fits(plan, REAL, settings, free=free)
+    assert decision.tiling_switched_on and decision.estimate.settings.vae_tiling
+    assert not memory.check_fits(plan, REAL, settings, free=whole.peak * 2).tiling_switched_on
+
+
+@pytest.mark.parametrize("width,height,frames", [(256, 256, 1), (128, 128, 9)])
+def test_estimate_is_within_0_9x_and_2x_of_the_measured_peak(tiny_dir, width, height, frames):
+    from bench.bench_memory_estimate import HIGH, LOW
+    from bench.common import run_child
+
+    result = run_child(["-m", "bench.bench_memory_estimate", "--child", str(tiny_dir), str(width), str(height),
+                        str(frames), "2", "0"], timeout=900)
+    ratio = result["estimate"] / result["measured"]
+    assert LOW <= ratio <= HIGH, result
+    assert result["runtime_measured"] <= memory.RUNTIME_OVERHEAD["cpu"] * 1.1  # the fixed cost added for a cold run
