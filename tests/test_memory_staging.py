@@ -224,6 +224,8 @@ def test_memory_choice_from_free_memory():
     # Staging frees room for batched guidance that would not fit with everything resident.
     mid = choose_memory_mode(available=20 * GIB, width=832, height=480, num_frames=17, **sizes)
     assert mid.staged and mid.batch_cfg
+    one_job = choose_memory_mode(available=96 * GIB, width=64, height=64, num_frames=1, single_job=True, **sizes)
+    assert one_job.staged and one_job.batch_cfg and "one job" in one_job.reason
 
 
 def _cli(*argv, capsys=None):
@@ -244,9 +246,43 @@ def test_cli_default_says_what_it_chose_and_staging_changes_nothing(comfy_dir, t
     assert "memory: staged" in err and "two-pass guidance" in err and "1.0 GiB free" in err
     assert any(note.startswith("memory: staged") for note in tight["notes"])
     monkeypatch.setattr(memory_plan, "available_bytes", lambda device=None: 512 * GIB)
-    code, roomy = _cli(*base, "--out", str(tmp_path / "roomy"), "--no-batch-cfg")
-    assert code == 0 and "memory: all models resident, two-pass guidance" in capsys.readouterr().err
+    code, roomy = _cli(*base, "--out", str(tmp_path / "roomy"), "--no-batch-cfg", "--no-low-memory")
+    assert code == 0 and "memory: all models resident, two-pass guidance (as asked)" in capsys.readouterr().err
+    code, _ = _cli(*base, "--out", str(tmp_path / "auto"))  # one job: staged anyway; roomy: batched
+    assert code == 0 and "memory: staged" in (err := capsys.readouterr().err) and "batched guidance" in err
     with Image.open(tight["path"]) as a, Image.open(roomy["path"]) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))  # staged or not: the same image
     code, _ = _cli(*base, "--out", str(tmp_path / "x"), "--low-memory", "--batch-cfg", "--text-dtype", "fp32")
     assert code == 0 and "(as asked)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- lean LoRA merge
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_lora_merge_equals_peft_direct_merge(tmp_path, dtype):
+    """The merge that never copies a vocabulary matrix twice gives peft's own merge, bit for bit."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from unison_runtime.planner.qwen import load_planner
+    from unison_runtime.testing.tiny_qwen import build_tiny_qwen, build_tiny_unison_lora
+
+    base = build_tiny_qwen(tmp_path / "qwen")
+    lora = build_tiny_unison_lora(base, tmp_path / "lora")
+    planner = load_planner(base, lora, device="cpu", dtype=dtype)
+    assert any("merged in memory" in note for note in planner.notes)
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, local_files_only=True, dtype=dtype)
+    rows = planner.model.get_input_embeddings().weight.shape[0]  # the adapter's vocabulary (padded)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(tie_word_embeddings|is_gradient_checkpointing).*")
+        direct = PeftModel.from_pretrained(model, lora).merge_and_unload()
+    got, want = planner.model.state_dict(), direct.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    lean = planner.model
+    assert lean.lm_head.weight.data_ptr() != lean.get_input_embeddings().weight.data_ptr()  # untied, as trained

@@ -116,10 +116,13 @@ def choose_memory_mode(
     num_frames: int,
     staged: bool | None = None,
     batch_cfg: bool | None = None,
+    single_job: bool = False,
 ) -> MemoryChoice:
     """Staging and guidance batching for one job; an explicit ``staged`` / ``batch_cfg`` wins.
 
     ``stage_one`` / ``text_encoder`` / ``sampler_weights``: bytes each holds once loaded.
+    ``single_job`` (the CLI): each model is loaded once whether staged or not, so staging only
+    lowers the peak and is chosen whatever the free memory; batching still follows it.
     """
     branch = sampling_activation_bytes(width, height, num_frames)
     work = max(branch, decode_bytes(width, height, num_frames))
@@ -129,7 +132,7 @@ def choose_memory_mode(
         auto_staged, auto_batched = True, False
     else:
         free = f"{available / GIB:.1f} GiB free"
-        auto_staged = everything + work + HEADROOM_BYTES > available
+        auto_staged = single_job or everything + work + HEADROOM_BYTES > available
         resident = sampler_weights if (auto_staged if staged is None else staged) else everything
         auto_batched = resident + max(2 * branch, work) + HEADROOM_BYTES <= available
     chosen_staged = auto_staged if staged is None else staged
@@ -139,7 +142,8 @@ def choose_memory_mode(
     guidance = "batched guidance" if chosen_batched else "two-pass guidance"
     said = []
     if staged is None:
-        said.append(f"models {everything / GIB:.1f} GiB")
+        said.append(f"models {everything / GIB:.1f} GiB" + (", one job: staging costs no extra loading"
+                                                            if single_job else ""))
     if batch_cfg is None:
         said.append(f"sampler work ~{branch / GIB:.1f} GiB per branch")
     basis = f" (chosen from {free}; {', '.join(said)})" if said else " (as asked)"

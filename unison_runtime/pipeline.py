@@ -642,7 +642,7 @@ def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan) -> Any:
     return choose_memory_mode(
         available=available_bytes(device), stage_one=qwen, text_encoder=text, sampler_weights=sampler,
         width=plan.width, height=plan.height, num_frames=plan.num_frames,
-        staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None))
+        staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None), single_job=True)
 
 
 def stage_pipeline(pipeline: UnisonPipeline, locations: ModelLocations, args: Any) -> None:
