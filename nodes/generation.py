@@ -6,11 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from . import comfy_bridge as comfy
+from . import previews
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 
+NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The editor holds numbers as JS doubles: above 2**53 a typed seed is not what is sent (ComfyUI's
+# own 0xFFFFFFFFFFFFFFFF maximum even rounds up to 2**64, past the maximum), so the range stops there.
+MAX_SEED = 2**53 - 1
 _GENERATE_INSTEAD = "there is nothing to generate (wire the Task Router's image or video output here)"
 
 
@@ -146,6 +150,11 @@ class UnisonVaceSampler:
                 "tokens": (TOKENS, {"lazy": True,
                                     "tooltip": "Projector tokens from the Unison Projector; appended to the "
                                                "instruction's embedding. Not connected: umT5 alone."}),
+                "noise_device": (list(NOISE_DEVICES), {
+                    "default": "cpu",
+                    "tooltip": "Where the starting noise is drawn. cpu: the same noise for a seed on every machine "
+                               "(as ComfyUI's own samplers). device: a generator on the sampling device, as the "
+                               "Unison reference does (its exact noise on that GPU, different on another GPU)."}),
             },
         }
 
@@ -161,20 +170,26 @@ class UnisonVaceSampler:
         return [name for name in ("vace", "tokens") if name in inputs and inputs[name] is None]
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
-               negative_prompt: str, tokens: Any = None) -> dict[str, Any]:
+               negative_prompt: str, tokens: Any = None, noise_device: str = "cpu") -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Sampler", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media())
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                          negative_prompt=negative_prompt)
+                                          negative_prompt=negative_prompt, noise_device=noise_device)
         comfy.load_for_use(vace.patchers)
         bar = comfy.progress_bar(steps)
+        to_preview = previews.previewer(int(inputs.references.shape[0])) if bar is not None else None
+        latest: list[Any] = [None]  # the preview of the step just computed, sent with its progress
+
+        def on_step(step: int, total: int, x0: Any) -> None:
+            latest[0] = to_preview(x0)
 
         def progress(step: int, total: int) -> None:
             if bar is not None:
-                bar.update_absolute(step, total)
+                bar.update_absolute(step, total, latest[0])
+                latest[0] = None
 
         def cancel() -> bool:
             comfy.throw_if_interrupted()  # raises ComfyUI's InterruptProcessingException
@@ -187,7 +202,7 @@ class UnisonVaceSampler:
             # The contexts live in this frame: an out-of-memory error clears it before travelling on.
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
-                                  cancel=cancel)
+                                  cancel=cancel, on_step=on_step if to_preview is not None else None)
 
         def advice(exc: BaseException) -> str:
             return faults.memory_advice(exc, stage="encoding the prompt with umT5", width=p.width, height=p.height,

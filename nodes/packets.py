@@ -82,7 +82,10 @@ def describe_plan(plan: plan_mod.Plan, extra: Iterable[str] = ()) -> str:
             seconds = plan.num_frames / plan.fps
             size += f", {plan.num_frames} frames @ {plan.fps} fps ({seconds:.1f} s)"
         lines.append(size)
-    if plan.frame_index:
+    if plan.frame_index in ("first_last", "last_first"):
+        order = "first, then last" if plan.frame_index == "first_last" else "last, then first"
+        lines.append(f"images as the first and last frames ({order} in media order)")
+    elif plan.frame_index:
         lines.append(f"image as the {plan.frame_index} frame")
     if plan.source_index is not None:
         mask = "none (whole frame editable)" if plan.mask_index is None else f"#{plan.mask_index}"

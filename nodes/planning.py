@@ -41,6 +41,20 @@ EXAMPLE_INSTRUCTION = "A red fox trotting through fresh snow at dawn, cinematic,
 # --------------------------------------------------------------------------- media from the graph
 
 
+INPUT_FOLDER_ROLE = "ComfyUI's input folder"
+
+
+def _input_folder() -> Any:
+    """ComfyUI's input folder (``None`` outside ComfyUI), named by its role in error messages.
+
+    Messages reach a possibly remote user: "ComfyUI's input folder/cat.png", not the server's path.
+    """
+    folder = comfy.input_directory()
+    if folder is not None:
+        runtime_module("paths").name_folder(folder, INPUT_FOLDER_ROLE)
+    return folder
+
+
 def _graph_media(inputs: dict[str, Any]) -> dict[str, Any]:
     """Decode the connected image/video/mask inputs into runtime media, named after their slot."""
     sources = runtime_module("vace.sources")
@@ -89,7 +103,7 @@ def validate_instruction_text(text: Any) -> str | bool:
         return "instruction is empty; write what you want (reference media as ###image1### or ###file.png###)"
     try:
         parsed = instruction_mod.parse_instruction(text, kinds=dict.fromkeys(_named_references(text)[0], "image"))
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         if input_dir is not None:
             for ref in parsed.media:
                 if not SLOT_PATTERN.match(ref.path):
@@ -160,7 +174,7 @@ class UnisonPlanner:
 
         (ComfyUI caches a node by its inputs; without this a new ``cat.png`` would keep the old plan.)
         """
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         if not isinstance(instruction, str) or input_dir is None:
             return ""
         paths = []
@@ -175,7 +189,7 @@ class UnisonPlanner:
             **media_inputs: Any) -> dict[str, Any]:
         graph_media = _graph_media(media_inputs)
         notes = _check_graph_references(instruction, set(graph_media))
-        input_dir = comfy.input_directory()
+        input_dir = _input_folder()
         roots = [input_dir] if input_dir is not None else []  # outside ComfyUI no file may be named
         kinds = {name: medium.kind for name, medium in graph_media.items()}
         parsed = instruction_mod.parse_instruction(instruction, roots, must_exist=True, kinds=kinds)
@@ -294,8 +308,29 @@ def override_plan(
     return new.with_changes(planner_text=plan_mod.format_planner_text(new)), notes
 
 
+MIN_VIDEO_FRAMES = 5  # the plan's shortest video (4k+1, k >= 1)
+FRAME_CHOICES = (AUTO, *(str(n) for n in range(MIN_VIDEO_FRAMES, plan_mod.MAX_FRAMES + 1, 4)))
+
+
+def parse_frames(value: Any) -> int | None:
+    """The Router's ``frames`` choice as a length (``None`` = auto).
+
+    The widget is a list of the valid lengths (``"auto"``, ``"5"``, ``"9"``, ... ``"1025"``): an
+    INT widget with ``step 4`` would offer multiples of 4 from its minimum (the editor rounds typed
+    values to ``min + k*step``), none of which Wan accepts. Integers are read too (older saved
+    workflows and API prompts wrote ``0`` for auto or the length itself).
+    """
+    if value is None or value == AUTO or value == 0:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise errors.PlanError("frames", f"{value!r} is not 'auto' or a number of frames")
+
+
 def validate_overrides(width: Any = None, height: Any = None, frames: Any = None, fps: Any = None) -> str | bool:
-    """Submit-time checks of the Router's number widgets (0 = auto); ``None`` means linked, checked at run."""
+    """Submit-time checks of the Router's number widgets (0 / auto = keep); ``None`` means linked, checked at run."""
     problems = []
     for name, value in (("width", width), ("height", height)):
         if value is None or value == 0:
@@ -304,10 +339,12 @@ def validate_overrides(width: Any = None, height: Any = None, frames: Any = None
                 or value % plan_mod.SIZE_STEP:
             problems.append(f"{name} {value!r} must be 0 (auto) or a multiple of {plan_mod.SIZE_STEP} "
                             f"within [{plan_mod.MIN_SIDE}, {plan_mod.MAX_SIDE}]")
-    if frames is not None and frames != 0 and (
-        not isinstance(frames, int) or not 1 <= frames <= plan_mod.MAX_FRAMES or (frames - 1) % 4
-    ):
-        problems.append(f"frames {frames!r} must be 0 (auto) or of the form 4k+1 (1, 5, 9, ..., 81, ..., "
+    try:
+        length = parse_frames(frames)
+    except errors.PlanError:
+        length = -1
+    if length is not None and (not MIN_VIDEO_FRAMES <= length <= plan_mod.MAX_FRAMES or (length - 1) % 4):
+        problems.append(f"frames {frames!r} must be auto or of the form 4k+1 (5, 9, ..., 81, ..., "
                         f"{plan_mod.MAX_FRAMES})")
     if fps is not None and fps != 0 and (not isinstance(fps, int) or not 1 <= fps <= plan_mod.MAX_FPS):
         problems.append(f"fps {fps!r} must be 0 (auto) or within [1, {plan_mod.MAX_FPS}]")
@@ -336,8 +373,8 @@ class UnisonTaskRouter:
         "Height in pixels (multiple of 16); wire into WanVaceToVideo.",
         "Number of frames (1 for images, 4k+1 for videos); wire into WanVaceToVideo's length.",
         "Frames per second for saving the video (e.g. Create Video).",
-        "The instruction with its media references removed: the text stage two encodes (e.g. for CLIP Text "
-        "Encode with umT5 on the native Wan path).",
+        "The text stage two's umT5 encodes, as Unison does: the instruction with each media reference replaced "
+        "by <IMGPAD> / <VIDPAD> (e.g. for CLIP Text Encode with umT5 on the native Wan path).",
         "Text branch: the answer of an understanding task. Blocked for image and video tasks.",
         "Image branch: the plan, only for image tasks (feed a Unison VACE Sampler → Save Image).",
         "Video branch: the plan, only for video tasks (feed a Unison VACE Sampler → Create Video → Save Video).",
@@ -354,9 +391,10 @@ class UnisonTaskRouter:
                                   "tooltip": "Override the width (multiple of 16); 0 = auto."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": plan_mod.MAX_SIDE, "step": plan_mod.SIZE_STEP,
                                    "tooltip": "Override the height (multiple of 16); 0 = auto."}),
-                "frames": ("INT", {"default": 0, "min": 0, "max": plan_mod.MAX_FRAMES, "step": 4,
-                                   "tooltip": "Override the video length in frames (4k+1: 5, 9, ..., 81); 0 = auto. "
-                                              "Ignored for image tasks."}),
+                "frames": (list(FRAME_CHOICES), {
+                    "default": AUTO,
+                    "tooltip": "Override the video length in frames (Wan takes 4k+1: 5, 9, ..., 81); 'auto' keeps "
+                               "the planner's length. Ignored for image tasks."}),
                 "frame_index": ([AUTO, *plan_mod.FRAME_INDICES], {
                     "default": AUTO,
                     "tooltip": "image_to_video: use the image as the first or the last frame; 'auto' keeps the "
@@ -370,14 +408,14 @@ class UnisonTaskRouter:
     def VALIDATE_INPUTS(cls, width: Any = None, height: Any = None, frames: Any = None, fps: Any = None) -> str | bool:
         return validate_overrides(width, height, frames, fps)
 
-    def route(self, plan: PlanPacket, task: str = AUTO, width: int = 0, height: int = 0, frames: int = 0,
+    def route(self, plan: PlanPacket, task: str = AUTO, width: int = 0, height: int = 0, frames: str | int = AUTO,
               frame_index: str = AUTO, fps: int = 0) -> dict[str, Any]:
         new_plan, notes = override_plan(
             plan.plan,
             task=None if task == AUTO else task,
             width=width or None,
             height=height or None,
-            num_frames=frames or None,
+            num_frames=parse_frames(frames),
             frame_index=None if frame_index == AUTO else frame_index,
             fps=fps or None,
         )

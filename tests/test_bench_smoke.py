@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 
 import pytest
 
@@ -102,8 +103,45 @@ def test_gpu_bench_quick_prints_published_numbers_and_runs_its_measuring_code(ca
     assert "| published: Wan2.1 T2V-1.3B, 480P (832x480x81, 50 steps), 1x RTX 4090 | 261 s |" in out
     assert "Wan-Video/Wan2.1 README.md" in out
     check_table(rows, out.split("### GPU: measured here")[1], "", "bench_gpu")
-    assert by_case(rows, "denoising step, batched guidance").value > 0
-    assert by_case(rows, "Wan VAE decode").value > 0
+    # the pack's own path: loader (with its dtype / attention decision), encode, sampler steps, decode
+    assert by_case(rows, "pack: load (float32, attention native)").value > 0
+    assert by_case(rows, "pack: umT5 encode").value > 0
+    assert by_case(rows, "pack: denoising step, guidance 5 batched (32x32x5)").value > 0
+    assert by_case(rows, "pack: VAE decode, fp32").value > 0
+    end_to_end = by_case(rows, "pack: end to end, encode + 2 steps + decode")
+    assert "published beside it: Wan2.1 T2V-1.3B, 480P (832x480x81, 50 steps), 1x RTX 4090: 261.4 s" in end_to_end.note
+    assert not any(row.case.startswith("ComfyUI nodes") for row in rows)  # only with --comfyui
+
+
+def test_gpu_bench_without_a_gpu_says_so_in_one_line(capsys):
+    import torch
+
+    from bench import bench_gpu
+
+    assert not torch.cuda.is_available()
+    rows = bench_gpu.main([])
+    out = capsys.readouterr().out
+    assert [row.case for row in rows] == ["GPU measurements"]
+    assert "no CUDA device here (torch.cuda.is_available() is False): GPU parts skipped, nothing measured" in out
+    assert "| published: Wan2.1 T2V-1.3B, 480P (832x480x81, 50 steps), 1x RTX 4090 | 261 s |" in out
+
+
+def test_gpu_bench_decisions_name_the_card_and_its_choices(monkeypatch):
+    from bench import bench_gpu
+    from unison_runtime.testing.fake_gpu import T4, FakeCuda
+
+    FakeCuda((T4,)).install(monkeypatch)
+    monkeypatch.setattr("unison_runtime.attention.flash_attention_available", lambda: False)
+    assert bench_gpu.gpu_decisions("cuda:0") == ("cuda:0 (Tesla T4, sm75); VACE float16 + native, umT5 float32, "
+                                                 "Qwen float32 + sdpa")
+
+
+@pytest.mark.skipif(not os.environ.get("UNISON_TEST_COMFYUI"),
+                    reason="set UNISON_TEST_COMFYUI to a ComfyUI folder (a copy: importing writes __pycache__)")
+def test_gpu_bench_quick_through_the_comfyui_nodes(capsys):
+    rows, _ = run_quick("bench_gpu", capsys, "--comfyui", os.environ["UNISON_TEST_COMFYUI"])
+    assert by_case(rows, "ComfyUI nodes: denoising step").value > 0
+    assert by_case(rows, "ComfyUI nodes: end to end").value > 0
 
 
 # --------------------------------------------------------------------------- helpers

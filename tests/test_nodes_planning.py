@@ -286,7 +286,7 @@ def test_router_rejects_invalid_overrides_at_submit_and_run_time(video_packet) -
     assert validate(width=512, height=1024, frames=81, fps=30) is True
     message = validate(width=100, height=4096, frames=8, fps=500)
     assert "width 100 must be 0 (auto) or a multiple of 16" in message
-    assert "height 4096" in message and "frames 8 must be 0 (auto) or of the form 4k+1" in message
+    assert "height 4096" in message and "frames 8 must be auto or of the form 4k+1" in message
     assert "fps 500" in message
     with pytest.raises(PlanError, match=r"'width'.*multiple of 16"):
         route(video_packet, width=100)  # e.g. a linked value that bypassed submit-time checks

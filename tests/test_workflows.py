@@ -240,7 +240,7 @@ def test_family_workflow_wires_its_media(name: str, comfy, tiny_models, classes)
     write_example_media(comfy)
     task, extension = FAMILIES[name]
     prompt = prepare(load(name), classes, rule_planner=True,
-                     set_inputs={"UnisonTaskRouter": {"width": 32, "height": 32, "frames": 5}})
+                     set_inputs={"UnisonTaskRouter": {"width": 32, "height": 32, "frames": "5"}})
     run = execute_prompt(prompt, classes)
     (router,) = run.of_type(prompt, "UnisonTaskRouter")
     plan = run.outputs[router][0].plan

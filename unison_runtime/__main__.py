@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shift", type=float, default=None)
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--negative-prompt", default=None)
+    run.add_argument("--noise-device", default=None, choices=["cpu", "device"],
+                     help="where the starting noise is drawn: cpu (default; the same noise for a seed on every "
+                          "machine) or device (a generator on the sampling device, as the reference does)")
     run.add_argument("--vace-dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
                      help="stage-two transformer dtype (default: bf16 on a GPU, fp32 on the CPU)")
     run.add_argument("--text-device", default=None,

@@ -40,6 +40,10 @@ class PlannerOutputError(UnisonError, ValueError):
         super().__init__(f"cannot read planner output {text!r}: {reason}{hint}")
 
 
+class InstructionError(UnisonError, ValueError):
+    """An instruction that cannot be read at all: empty, or a ``###`` reference that is never closed."""
+
+
 class PathError(UnisonError, ValueError):
     """A media reference that points outside the allowed folders, or is not a usable file."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import stat
 import sys
 import traceback
@@ -40,8 +41,22 @@ PathLike = str | os.PathLike
 
 # How torch and its backends word an allocation failure that is not a torch.OutOfMemoryError:
 # the CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
-# and so do MPS and some kernels ("MPS backend out of memory").
-_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate memory")
+# and so do MPS ("MPS backend out of memory"), ROCm ("HIP out of memory", "hipErrorOutOfMemory")
+# and a kernel launch that cannot get memory ("CUDA error: out of memory", an AcceleratorError).
+_OUT_OF_MEMORY_WORDS = ("out of memory", "outofmemory", "can't allocate memory", "not enough memory",
+                        "failed to allocate memory")
+# The CUDA/ROCm libraries name theirs *_ALLOC_FAILED: cuBLAS creating its handle or workspace
+# (CUBLAS_STATUS_ALLOC_FAILED), cuDNN (CUDNN_STATUS_ALLOC_FAILED), cuFFT, cuSOLVER, cuSPARSE,
+# hipBLAS; MIOpen says miopenStatusAllocFailed, rocBLAS rocblas_status_memory_error.
+_LIBRARY_ALLOCATION_FAILURES = re.compile(r"_ALLOC_FAILED|STATUS_ALLOC|statusallocfailed|status_memory_error",
+                                          re.IGNORECASE)
+# cuDNN reports a conv3d it cannot fit a workspace for as CUDNN_STATUS_NOT_SUPPORTED (it tried
+# every algorithm, none had memory): the Wan VAE's 3D convolutions near a full card. The same
+# status also means a truly unsupported input, so it counts as out of memory only while the card
+# is nearly full (less than this fraction of it free), where freeing memory is the fix.
+_CUDNN_NOT_SUPPORTED = "CUDNN_STATUS_NOT_SUPPORTED"
+NEARLY_FULL_FRACTION = 0.10
+
 
 #: A folder with more files than this is not a model folder; stamping stops there.
 MAX_STAMPED_FILES = 4096
@@ -51,16 +66,51 @@ MAX_STAMPED_FILES = 4096
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for an allocation failure on any device (CUDA, CPU, MPS), whatever type torch gave it."""
+    """True for an allocation failure on any device (CUDA, ROCm, CPU, MPS), whatever type and words torch gave it.
+
+    Besides ``torch.OutOfMemoryError`` and ``MemoryError``: RuntimeErrors saying "out of memory"
+    (CUDA kernel launches, HIP, MPS, the CPU allocator), the CUDA libraries' allocation failures
+    (``CUBLAS_STATUS_ALLOC_FAILED``, ``CUDNN_STATUS_ALLOC_FAILED``, ...), and cuDNN's
+    ``CUDNN_STATUS_NOT_SUPPORTED`` while a CUDA device is nearly full (see
+    :func:`cuda_nearly_full`). An error raised *from* an allocation failure counts too.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _is_allocation_failure(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, OutOfMemory)):
         return True
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     if oom is not None and isinstance(exc, oom):
         return True
-    if isinstance(exc, RuntimeError):
-        text = str(exc).lower()
-        return any(words in text for words in _OUT_OF_MEMORY_WORDS)
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    lowered = text.lower()
+    if any(words in lowered for words in _OUT_OF_MEMORY_WORDS) or _LIBRARY_ALLOCATION_FAILURES.search(text):
+        return True
+    return _CUDNN_NOT_SUPPORTED in text and cuda_nearly_full()
+
+
+def cuda_nearly_full(fraction: float = NEARLY_FULL_FRACTION) -> bool:
+    """True when some CUDA device has less than ``fraction`` of its memory free (``torch.cuda.mem_get_info``)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return False
+    for index in range(torch.cuda.device_count()):
+        try:
+            free, total = torch.cuda.mem_get_info(index)
+        except RuntimeError:
+            continue
+        if total and free < fraction * total:
+            return True
     return False
 
 

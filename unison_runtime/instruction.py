@@ -1,7 +1,9 @@
 """Reading a user's instruction: ``###path###`` media references, the planning text, the prompt.
 
-Stage one plans from a text where each reference is replaced by ``<IMGPAD>`` or ``<VIDPAD>``;
-stage two's umT5 sees the instruction with the references removed. Both come from here.
+Each reference is replaced by ``<IMGPAD>`` or ``<VIDPAD>``; stage one plans from that text and
+stage two's umT5 encodes the same text, as Unison's ``inference.py`` does (it rewrites ``prompt``
+once and passes it to both Qwen2.5-VL and ``WanVaceProj.generate``). Wan's own prompt cleaning
+(whitespace, HTML entities) happens right before umT5, in :func:`unison_runtime.vace.text.clean_prompt`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
-from .errors import PathError
+from .errors import InstructionError, PathError
 from .paths import check_reference_text, resolve_reference
 from .plan import IMAGE_PAD, VIDEO_PAD, MediaKind, MediaRef
+
+if TYPE_CHECKING:
+    from .media_probe import MediaInfo
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".webm", ".mkv"})
@@ -27,8 +33,12 @@ REFERENCE_PATTERN = re.compile(r"###(.*?)###", re.DOTALL)
 class Instruction:
     """An instruction split into what each stage reads.
 
+    ``prompt`` is what stage two's umT5 encodes: the reference's text, identical to ``planning_text``
+    (a separate name so plans and overrides say which use they mean).
     ``media`` keeps the references as written (role ``context`` until a planner assigns one);
-    ``resolved`` holds their real paths when allowed roots were given, else is empty.
+    ``resolved`` holds their real paths when allowed roots were given, else is empty;
+    ``media_info`` what is known of each medium's shape (one entry per medium, or empty), for
+    planners that look at the media where the words are silent.
     """
 
     text: str
@@ -36,6 +46,7 @@ class Instruction:
     planning_text: str
     media: tuple[MediaRef, ...]
     resolved: tuple[Path, ...] = ()
+    media_info: tuple[MediaInfo | None, ...] = ()
 
 
 def media_kind(reference: str) -> MediaKind:
@@ -49,15 +60,15 @@ def media_kind(reference: str) -> MediaKind:
     raise PathError(f"media reference {reference!r} has an unsupported extension; expected one of {accepted}")
 
 
-def close_reference_gaps(text: str) -> str:
-    """Collapse the gaps left by removed references: no double spaces, no space before punctuation.
-
-    (Not Wan's prompt cleaning, which :func:`unison_runtime.vace.text.clean_prompt` does before umT5.)
-    """
-    text = re.sub(r"\(\s*\)", "", text)  # first, so "a (###x###) b" does not keep a double space
-    text = re.sub(r"[ \t]+", " ", text)
-    text = re.sub(r" +([,.;:!?])", r"\1", text)
-    return re.sub(r" *\n *", "\n", text).strip()
+def check_references_closed(text: str) -> None:
+    """A ``###`` left over once every ``###reference###`` pair is read opens a reference that never closes."""
+    rest = REFERENCE_PATTERN.sub(" ", text)
+    at = rest.find("###")
+    if at >= 0:
+        shown = rest[at : at + 40].strip()
+        raise InstructionError(
+            f"the instruction has a '###' that is never closed (near {shown!r}); write each medium as ###file.png###"
+        )
 
 
 def parse_instruction(
@@ -67,7 +78,7 @@ def parse_instruction(
     must_exist: bool = False,
     kinds: dict[str, MediaKind] | None = None,
 ) -> Instruction:
-    """Split ``text`` into media references, the ``<IMGPAD>``/``<VIDPAD>`` text and the prompt.
+    """Split ``text`` into media references and the ``<IMGPAD>``/``<VIDPAD>`` text both stages read.
 
     With ``roots``, every reference must resolve inside them (see :mod:`.paths`). ``kinds``
     names references whose kind is known without an extension (media wired in a graph).
@@ -90,8 +101,9 @@ def parse_instruction(
             resolved.append(resolve_reference(reference, roots, must_exist=must_exist))
         return IMAGE_PAD if kind == "image" else VIDEO_PAD
 
+    # Unison inference.py: prompt.replace(f"###{path}###", "<IMGPAD>" / "<VIDPAD>"), then used by both stages.
     planning_text = REFERENCE_PATTERN.sub(to_pad, text)
-    prompt = close_reference_gaps(REFERENCE_PATTERN.sub(" ", text))
+    check_references_closed(text)
     return Instruction(
-        text=text, prompt=prompt, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)
+        text=text, prompt=planning_text, planning_text=planning_text, media=tuple(media), resolved=tuple(resolved)
     )

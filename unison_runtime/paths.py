@@ -60,8 +60,29 @@ def check_reference_text(reference: str, *, what: str = "media reference") -> st
     return reference.strip()
 
 
+#: Folders named by their role in messages (real path → e.g. "ComfyUI's input folder"). A ComfyUI
+#: user may be remote: errors must not reveal the server's directory layout (see :func:`name_folder`).
+_FOLDER_ROLES: dict[str, str] = {}
+
+
+def name_folder(folder: str | os.PathLike[str], role: str) -> None:
+    """Show ``folder`` (and paths inside it) as ``role`` in this module's error messages."""
+    _FOLDER_ROLES[os.path.normcase(os.path.realpath(os.path.abspath(folder)))] = role
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` as errors show it: below a named folder as ``<role>/<relative path>``, else as is."""
+    text = os.path.normcase(os.path.realpath(os.path.abspath(path)))
+    for root, role in _FOLDER_ROLES.items():
+        if text == root:
+            return role
+        if text.startswith(root.rstrip(os.sep) + os.sep):
+            return f"{role}/{Path(os.path.relpath(text, root)).as_posix()}"
+    return str(path)
+
+
 def _roots_text(roots: Sequence[Path]) -> str:
-    return ", ".join(str(r) for r in roots) or "(none)"
+    return ", ".join(shown(r) for r in roots) or "(none)"
 
 
 def _real_roots(roots: Sequence[str | Path]) -> list[Path]:
@@ -157,9 +178,10 @@ def resolve_reference(
             missing.append(real)
             continue
         except OSError as exc:  # symlink loop, name too long, permission denied...
-            raise PathError(f"{what} {text!r} cannot be used ({real}): {exc.strerror or exc}") from None
+            raise PathError(f"{what} {text!r} cannot be used ({shown(real)}): {exc.strerror or exc}") from None
         if not stat.S_ISREG(mode):
-            raise PathError(f"{what} {text!r} is {_file_kind(mode)} ({real}); expected a regular image or video file")
+            raise PathError(f"{what} {text!r} is {_file_kind(mode)} ({shown(real)}); expected a regular image or "
+                          "video file")
         return real  # the first root holding the name decides
     if not missing:
         raise outside_error
@@ -202,14 +224,14 @@ def open_within(path: str | Path, root: str | Path, *, what: str = "media refere
     """
     path, root = Path(path), Path(root)
     if not _is_within(path, root) or path == root:
-        raise PathError(f"{what} {str(path)!r} is not a file inside the allowed folder {root}")
+        raise PathError(f"{what} {shown(path)!r} is not a file inside the allowed folder {shown(root)}")
     if not (_O_NOFOLLOW and _O_DIRECTORY and os.open in os.supports_dir_fd):
         return open_regular_file(path, what=what)
     parts = path.relative_to(root).parts
     try:
         dir_fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
     except OSError as exc:
-        raise PathError(f"allowed folder {root} cannot be opened: {exc.strerror or exc}") from None
+        raise PathError(f"allowed folder {shown(root)} cannot be opened: {exc.strerror or exc}") from None
     try:
         for part in parts[:-1]:
             next_fd = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
@@ -219,9 +241,9 @@ def open_within(path: str | Path, root: str | Path, *, what: str = "media refere
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             raise PathError(
-                f"{what} {str(path)!r} changed while it was being opened (a symlink appeared); refused"
+                f"{what} {shown(path)!r} changed while it was being opened (a symlink appeared); refused"
             ) from None
-        raise PathError(f"{what} {str(path)!r} cannot be opened: {exc.strerror or exc}") from None
+        raise PathError(f"{what} {shown(path)!r} cannot be opened: {exc.strerror or exc}") from None
     finally:
         os.close(dir_fd)
     return _checked_file(fd, what, path.name)

@@ -22,6 +22,7 @@ small function, :func:`locate_models`.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import sys
@@ -34,6 +35,7 @@ from .errors import PathError, UnisonError, WeightsError
 from .faults import FileSignature, call_freeing_memory, file_signature, memory_advice, stage_one_advice
 from .instruction import Instruction, parse_instruction
 from .media import Medium, read_reference
+from .media_probe import info_from_medium
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -284,6 +286,8 @@ class UnisonPipeline:
                 raise PathError(f"media reference {ref.path!r} was neither given nor found: pass it in the media "
                                 "mapping, or give the folder it is in (--input-dir)")
             decoded.append(read_reference(ref.path, self.roots))  # re-opened without a check-then-use gap
+        if not instruction.media_info:  # what planners may look at where the words are silent
+            instruction = dataclasses.replace(instruction, media_info=tuple(info_from_medium(m) for m in decoded))
         return instruction, decoded
 
     def make_plan(self, instruction: Instruction) -> Plan:
@@ -565,7 +569,7 @@ def sampling_options_from_args(args: Any) -> SamplingOptions:
 
     values = {name: getattr(args, attr, None) for name, attr in
               (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
-               ("negative_prompt", "negative_prompt"))}
+               ("negative_prompt", "negative_prompt"), ("noise_device", "noise_device"))}
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 

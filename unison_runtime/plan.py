@@ -37,6 +37,9 @@ MAX_FPS = 120
 MEDIA_ROLES = ("source", "mask", "reference", "control", "frame", "context")
 PLAN_SOURCES = ("rules", "lora", "override")
 FRAME_INDICES = ("first", "last")
+#: Where image_to_video places its frame image(s). With two images both ends are set: the frame
+#: media, in plan.media order, go to the first and last frame ("first_last") or the other way round.
+FRAME_PLACEMENTS = (*FRAME_INDICES, "first_last", "last_first")
 
 
 class Task(str, Enum):
@@ -271,8 +274,11 @@ def _validate(plan: Plan) -> None:
             raise PlanError("media", f"expected MediaRef entries, got {m!r}", m)
 
     if plan.task is Task.IMAGE_TO_VIDEO:
-        if plan.frame_index not in FRAME_INDICES:
-            raise PlanError("frame_index", f"image_to_video needs 'first' or 'last', got {plan.frame_index!r}")
+        if plan.frame_index not in FRAME_PLACEMENTS:
+            raise PlanError(
+                "frame_index", f"image_to_video needs one of {FRAME_PLACEMENTS}, got {plan.frame_index!r}"
+            )
+        _validate_frame_media(plan)
     elif plan.frame_index is not None:
         raise PlanError("frame_index", f"only image_to_video has one, not {plan.task.value}", plan.frame_index)
 
@@ -287,6 +293,27 @@ def _validate(plan: Plan) -> None:
     if plan.answer is not None and plan.output != "text":
         raise PlanError("answer", f"only understanding tasks carry an answer, not {plan.task.value}")
     _validate_media_kinds(plan)
+
+
+def frame_positions(plan: Plan) -> list[tuple[int, int]]:
+    """(media index, frame number) for each frame image of an image_to_video plan, in plan.media order."""
+    frames = [i for i, m in enumerate(plan.media) if m.role == "frame"]
+    last = plan.num_frames - 1
+    order = {"first": [0], "last": [last], "first_last": [0, last], "last_first": [last, 0]}[str(plan.frame_index)]
+    return list(zip(frames, order, strict=False))
+
+
+def _validate_frame_media(plan: Plan) -> None:
+    """Both ends need exactly two frame images (once roles are assigned: all 'context' means not yet)."""
+    if plan.frame_index not in ("first_last", "last_first") or all(m.role == "context" for m in plan.media):
+        return
+    frames = [i for i, m in enumerate(plan.media) if m.role == "frame"]
+    if len(frames) != 2:
+        raise PlanError(
+            "frame_index",
+            f"{plan.frame_index!r} places 2 images (first and last frame), but {len(frames)} media have role 'frame'",
+            plan.frame_index,
+        )
 
 
 def _validate_media_kinds(plan: Plan) -> None:
@@ -322,10 +349,14 @@ def assign_roles(
     *,
     mask_index: int | None = None,
     source_index: int | None = None,
+    frame_count: int = 1,
 ) -> tuple[MediaRef, ...]:
-    """Give every medium the role it plays in ``task`` (what the engine will read it as)."""
+    """Give every medium the role it plays in ``task`` (what the engine will read it as).
+
+    image_to_video places the first ``frame_count`` images (1, or 2 for first + last frame).
+    """
     roles: list[str] = []
-    frame_taken = False
+    frames_taken = 0
     for i, m in enumerate(media):
         if task in EDITING_TASKS:
             role = "mask" if i == mask_index else "source" if i == source_index else "context"
@@ -335,8 +366,8 @@ def assign_roles(
             role = "control" if m.kind == "image" else "context"
         elif task is Task.VIDEO_CONTROLLABLE:
             role = "control" if m.kind == "video" else "context"
-        elif task is Task.IMAGE_TO_VIDEO and m.kind == "image" and not frame_taken:
-            role, frame_taken = "frame", True
+        elif task is Task.IMAGE_TO_VIDEO and m.kind == "image" and frames_taken < frame_count:
+            role, frames_taken = "frame", frames_taken + 1
         else:
             role = "context"
         roles.append(role)
@@ -382,7 +413,9 @@ def format_planner_text(plan: Plan) -> str:
     if plan.output == "video":
         parts.append(f"<BONF>{plan.num_frames - 1}<EONF>")
     if plan.task is Task.IMAGE_TO_VIDEO:
-        parts.append(f"<BOFIDX>{FRAME_INDICES.index(plan.frame_index)}<EOFIDX>")
+        # One index as the LoRA writes it; first + last frame (our extension) lists one per frame image.
+        positions = {"first": "0", "last": "1", "first_last": "0,1", "last_first": "1,0"}
+        parts.append(f"<BOFIDX>{positions[str(plan.frame_index)]}<EOFIDX>")
     if plan.task in EDITING_TASKS:
         # The LoRA always names both; an unmasked edit is written as mask == source, which
         # parse_planner_text reads back as "no mask" (the whole frame is editable).
@@ -511,11 +544,18 @@ def _parse(text: str, media: Sequence[MediaRef], *, prompt: str, source: str) ->
         if task.output == "image" and n != 0:
             raise PlannerOutputError(text, f"an image plan asks for {n + 1} frames")
         values["num_frames"] = n + 1
+    frame_count = 1
     if "BOFIDX" in tokens.values:
-        (i,) = _ints(text, "BOFIDX", tokens.values["BOFIDX"], 1)
-        if i not in (0, 1):
-            raise PlannerOutputError(text, f"<BOFIDX> is {i}; expected 0 (first frame) or 1 (last frame)")
-        values["frame_index"] = FRAME_INDICES[i]
+        raw = tokens.values["BOFIDX"]
+        indices = _ints(text, "BOFIDX", raw, 2 if "," in raw else 1)
+        if any(i not in (0, 1) for i in indices) or indices in ([0, 0], [1, 1]):
+            raise PlannerOutputError(
+                text, f"<BOFIDX> is {raw!r}; expected 0 (first frame) or 1 (last frame), or 0,1 / 1,0 for both ends"
+            )
+        values["frame_index"] = {(0,): "first", (1,): "last", (0, 1): "first_last", (1, 0): "last_first"}[
+            tuple(indices)
+        ]
+        frame_count = len(indices)
     if "BOEDIT" in tokens.values:
         mask, src = _ints(text, "BOEDIT", tokens.values["BOEDIT"], 2)
         for name, index in (("mask", mask), ("source", src)):
@@ -525,7 +565,13 @@ def _parse(text: str, media: Sequence[MediaRef], *, prompt: str, source: str) ->
                 )
         values["mask_index"] = None if mask == src else mask
         values["source_index"] = src
-    roles = assign_roles(task, media, mask_index=values.get("mask_index"), source_index=values.get("source_index"))
+    roles = assign_roles(
+        task,
+        media,
+        mask_index=values.get("mask_index"),
+        source_index=values.get("source_index"),
+        frame_count=frame_count,
+    )
     try:
         return default_plan(
             task, roles, prompt=prompt, planner_text=_CHAT_NOISE.sub("", text).strip(), source=source, **values

@@ -36,6 +36,40 @@ EXAMPLE_VIDEO = "unison_pose.mp4"
 
 CORE = {"cnr_id": "comfy-core", "ver": "0.3.64"}
 
+# Where the default files are published (README "Where model files go"; unison_runtime/download.py).
+# The frontend reads node.properties.models = [{name, url, directory}] and offers an entry when a
+# widget of the node holds ``name`` and the file is missing from ``directory`` (1.27:
+# getSelectedModelsMetadata + MissingModelsWarning; 1.58: missingModelScan). It only knows files:
+# a folder (the Qwen base, the LoRA adapter) is never in a folder's file list, so an entry for it
+# would be shown as missing even when installed; those two are named in the notes instead.
+WAN_URL = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+UNISON_URL = "https://huggingface.co/ali-vilab/Unison"
+MODEL_FILES = {
+    TRANSFORMER: {"url": f"{WAN_URL}/diffusion_models/{TRANSFORMER}", "directory": "diffusion_models"},
+    VAE: {"url": f"{WAN_URL}/vae/{VAE}", "directory": "vae"},
+    TEXT_ENCODER: {"url": f"{WAN_URL}/text_encoders/{TEXT_ENCODER}", "directory": "text_encoders"},
+    PROJECTOR: {"url": UNISON_URL, "directory": "unison"},
+}
+FOLDER_MODELS = {QWEN: "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct", LORA: UNISON_URL}
+
+# Layout (litegraph units): a node's title bar sits above its pos; a group's title band at its top.
+NODE_TITLE_HEIGHT = 30
+GROUP_TITLE_HEIGHT = 50  # font_size 24 plus the band's padding, with room for the node badges below it
+GROUP_PADDING = 20
+GAP = 40
+VIEW = {"scale": 0.6, "width": 1280, "height": 720}  # the saved view shows the note at this window size
+# Nodes whose plan text the web extension shows in a box of this height (web/unison.js DISPLAY_HEIGHT).
+DISPLAY_HEIGHT = 140
+SHOWS_TEXT = {"UnisonPlanner", "UnisonTaskRouter", "UnisonProjector", "UnisonVaceInputs", "UnisonVaceSampler"}
+
+
+def pack_version() -> dict[str, str]:
+    """``cnr_id`` / ``ver`` for the pack's own nodes: the registry id and version from pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return {"cnr_id": project["name"], "ver": project["version"]}
+
 
 def _classes() -> dict[str, type]:
     """The node classes, with the fake ComfyUI modules installed over an empty temp layout (script use)."""
@@ -75,7 +109,7 @@ class Graph:
         self.classes = classes
         self.nodes: list[Node] = []
         self.links: list[list[Any]] = []
-        self.groups: list[dict[str, Any]] = []
+        self.groups: list[tuple[str, list[Node], str]] = []
 
     # ------------------------------------------------------------------ building
 
@@ -101,9 +135,30 @@ class Graph:
         target.inputs[input_name] = link_id
         source.outputs.setdefault(slot, []).append(link_id)
 
-    def group(self, title: str, bounding: tuple[int, int, int, int], color: str = "#3f789e") -> None:
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
-                            "font_size": 24, "flags": {}})
+    def group(self, title: str, members: list[Node], color: str = "#3f789e") -> None:
+        """A group around ``members`` (bounds computed from their sizes and title bars when serialising)."""
+        self.groups.append((title, members, color))
+
+    def box(self, node: Node) -> tuple[int, int, int, int]:
+        """The node's outline with its title bar: x, y, width, height."""
+        width, height = self._size(node)
+        return node.pos[0], node.pos[1] - NODE_TITLE_HEIGHT, width, height + NODE_TITLE_HEIGHT
+
+    def _group_json(self, index: int, title: str, members: list[Node], color: str) -> dict[str, Any]:
+        boxes = [self.box(n) for n in members]
+        left = min(b[0] for b in boxes) - GROUP_PADDING
+        top = min(b[1] for b in boxes) - GROUP_TITLE_HEIGHT
+        right = max(b[0] + b[2] for b in boxes) + GROUP_PADDING
+        bottom = max(b[1] + b[3] for b in boxes) + GROUP_PADDING
+        return {"id": index, "title": title, "bounding": [left, top, right - left, bottom - top], "color": color,
+                "font_size": 24, "flags": {}}
+
+    def _view(self) -> dict[str, Any]:
+        """The saved view: the graph's top-left corner (the note) at the window's top-left."""
+        boxes = [self.box(n) for n in self.nodes]
+        left = min(b[0] for b in boxes) - GAP
+        top = min(b[1] for b in boxes) - GROUP_TITLE_HEIGHT - GAP
+        return {"scale": VIEW["scale"], "offset": [-left, -top]}
 
     # ------------------------------------------------------------------ serialising
 
@@ -183,6 +238,8 @@ class Graph:
                 height += 110 if options.get("multiline") else 26
                 if options.get("image_upload") or options.get("video_upload"):
                     height += 260
+        if node.type in SHOWS_TEXT:
+            height += DISPLAY_HEIGHT + 10
         return [340, height]
 
     def _order(self) -> dict[int, int]:
@@ -211,6 +268,12 @@ class Graph:
             properties: dict[str, Any] = {} if node.type == "MarkdownNote" else {"Node name for S&R": node.type}
             if node.type in _core_types():
                 properties.update(CORE)
+            elif node.type != "MarkdownNote":
+                properties.update(pack_version())
+            models = [{"name": value, **MODEL_FILES[value]} for value in node.widgets.values()
+                      if isinstance(value, str) and value in MODEL_FILES]
+            if models:
+                properties["models"] = models
             data["properties"] = properties
             data["widgets_values"] = self._widgets_values(node)
             if node.color:
@@ -228,9 +291,9 @@ class Graph:
             "last_link_id": len(self.links),
             "nodes": nodes,
             "links": links,
-            "groups": self.groups,
+            "groups": [self._group_json(i, *group) for i, group in enumerate(self.groups, start=1)],
             "config": {},
-            "extra": {"ds": {"scale": 0.7, "offset": [80, 120]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": self._view(), "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
 
@@ -244,38 +307,54 @@ def _core_types() -> set[str]:
 # --------------------------------------------------------------------------- the graphs
 
 
+def stack(g: Graph, nodes: list[Node], x: int, y: int) -> int:
+    """Place ``nodes`` one under the other from (x, y), title bars included; returns the next free y."""
+    for node in nodes:
+        node.pos = (x, y)
+        y += g.box(node)[3] + GAP
+    return y
+
+
 @dataclass
 class StageOne:
     planner: Node
     router: Node
     projector: Node
+    right: int  # the x where the next group may start
 
 
-def stage_one(g: Graph, instruction: str, *, x: int = 0, y: int = 0) -> StageOne:
-    """Loaders + Planner + Router + Projector: the part every Unison workflow shares."""
-    planner_loader = g.add("UnisonPlannerLoader", (x, y), model=QWEN, lora=LORA)
-    projector_loader = g.add("UnisonProjectorLoader", (x, y + 260), projector=PROJECTOR)
-    planner = g.add("UnisonPlanner", (x + 380, y), size=(420, 420), instruction=instruction)
-    router = g.add("UnisonTaskRouter", (x + 840, y), size=(360, 420))
-    projector = g.add("UnisonProjector", (x + 840, y + 480))
+def stage_one(g: Graph, instruction: str, *, x: int, y: int = 0, projector_here: bool = True) -> StageOne:
+    """Loaders + Planner + Router (+ Projector): the part every Unison workflow shares."""
+    planner_loader = g.add("UnisonPlannerLoader", (0, 0), model=QWEN, lora=LORA)
+    projector_loader = g.add("UnisonProjectorLoader", (0, 0), projector=PROJECTOR)
+    planner = g.add("UnisonPlanner", (0, 0), size=(420, 560), instruction=instruction)
+    router = g.add("UnisonTaskRouter", (0, 0), size=(360, 560))
+    projector = g.add("UnisonProjector", (0, 0))
+    stack(g, [planner_loader, projector_loader], x, y)
+    stack(g, [planner], x + 380, y)
+    stack(g, [router, projector] if projector_here else [router], x + 840, y)
     g.connect(planner_loader, "planner", planner, "planner")
     g.connect(planner, "plan", router, "plan")
     g.connect(projector_loader, "projector", projector, "projector")
     g.connect(planner, "hidden", projector, "hidden")
-    g.group("Stage one: plan (bypass the Planner Loader with Ctrl+B to use the rule planner)",
-            (x - 20, y - 60, 1240, 480))
-    return StageOne(planner, router, projector)
+    members = [planner_loader, projector_loader, planner, router] + ([projector] if projector_here else [])
+    g.group("Stage one: plan (Ctrl+B on the Planner Loader: rule planner)", members)
+    return StageOne(planner, router, projector, right=x + 840 + 360 + GROUP_PADDING * 2 + GAP)
 
 
-def unison_outputs(g: Graph, one: StageOne, *, x: int = 1300, y: int = 0) -> None:
+def unison_outputs(g: Graph, one: StageOne, *, y: int = 0) -> None:
     """Router branches → answer preview / image sampler + save / video sampler + save."""
-    vace = g.add("UnisonVaceLoader", (x, y + 700), transformer=TRANSFORMER, vae=VAE, text_encoder=TEXT_ENCODER)
-    preview = g.add("PreviewAny", (x, y), title="Answer (understanding tasks)", size=(420, 200))
-    image_sampler = g.add("UnisonVaceSampler", (x, y + 260), title="Unison VACE Sampler (image)")
-    save_image = g.add("SaveImage", (x + 460, y + 260), size=(420, 420), filename_prefix="unison/image")
-    video_sampler = g.add("UnisonVaceSampler", (x + 460, y + 700), title="Unison VACE Sampler (video)")
-    create_video = g.add("CreateVideo", (x + 920, y + 700), fps=24.0)
-    save_video = g.add("SaveVideo", (x + 920, y + 820), size=(420, 420), filename_prefix="unison/video")
+    x = one.right + GROUP_PADDING
+    vace = g.add("UnisonVaceLoader", (0, 0), transformer=TRANSFORMER, vae=VAE, text_encoder=TEXT_ENCODER)
+    preview = g.add("PreviewAny", (0, 0), title="Answer (understanding tasks)", size=(340, 200))
+    image_sampler = g.add("UnisonVaceSampler", (0, 0), title="Unison VACE Sampler (image)")
+    save_image = g.add("SaveImage", (0, 0), size=(400, 420), filename_prefix="unison/image")
+    video_sampler = g.add("UnisonVaceSampler", (0, 0), title="Unison VACE Sampler (video)")
+    create_video = g.add("CreateVideo", (0, 0), fps=24.0)
+    save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/video")
+    stack(g, [preview, vace], x, y)
+    stack(g, [image_sampler, video_sampler], x + 380, y)
+    stack(g, [save_image, create_video, save_video], x + 760, y)
     g.connect(one.router, "text", preview, "source")
     g.connect(one.router, "image", image_sampler, "plan")
     g.connect(one.router, "video", video_sampler, "plan")
@@ -286,7 +365,15 @@ def unison_outputs(g: Graph, one: StageOne, *, x: int = 1300, y: int = 0) -> Non
     g.connect(video_sampler, "frames", create_video, "images")
     g.connect(video_sampler, "fps", create_video, "fps")
     g.connect(create_video, "VIDEO", save_video, "video")
-    g.group("Stage two: only the branch the plan picks runs", (x - 20, y - 60, 1400, 1300), color="#8A8")
+    g.group("Stage two: only the branch the plan picks runs",
+            [vace, preview, image_sampler, save_image, video_sampler, create_video, save_video], color="#8A8")
+
+
+MODELS_NOTE = f"""
+* Models: `models/unison/` ([Qwen2.5-VL-3B-Instruct]({FOLDER_MODELS[QWEN]}) folder, the Unison LoRA
+  folder and projector.pth from [the Unison release]({UNISON_URL})), and Comfy-Org's Wan 2.1 files in
+  `models/diffusion_models/`, `models/vae/`, `models/text_encoders/` (the missing-models dialog offers
+  those; `python -m unison_runtime download` fetches everything, see the README)."""
 
 
 AUTO_NOTE = """## Unison: one instruction, the right output
@@ -294,75 +381,81 @@ Write what you want in the **Unison Planner**. Stage one decides the task (12 ki
 video generation, editing, reference, control, image-to-video) and its size and length; the **Task
 Router** opens only the matching branch: the answer preview, the image sampler, or the video sampler.
 
-* Models: `models/unison/` (Qwen2.5-VL-3B-Instruct, the Unison LoRA, projector.pth),
-  `models/diffusion_models/`, `models/vae/`, `models/text_encoders/` (see the README).
 * No Qwen? Select **Unison Planner Loader** and press Ctrl+B: the embedded rule planner decides
   (it cannot answer questions).
 * Reference files from ComfyUI's `input/` folder as `###photo.png###`, or wire images into the
   Planner and write `###image1###`.
-* Override any decision on the Router (0 / auto = keep)."""
+* Override any decision on the Router (0 / auto = keep).""" + MODELS_NOTE
+
+NOTE_WIDTH = 440
 
 
 def unison_auto(classes: dict[str, type]) -> Graph:
     g = Graph("unison_auto", classes)
-    g.note(AUTO_NOTE, (-500, 0), size=(440, 520))
-    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.")
+    g.note(AUTO_NOTE, (0, 0), size=(NOTE_WIDTH, 560))
+    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.", x=NOTE_WIDTH + 80)
     unison_outputs(g, one)
     return g
 
 
-def _family(name: str, note: str, instruction: str, classes: dict[str, type]) -> tuple[Graph, StageOne]:
+def _family(name: str, note: str, instruction: str, classes: dict[str, type],
+            media: list[tuple[str, dict[str, Any]]]) -> tuple[Graph, StageOne, list[Node]]:
+    """Note, a group with the media loaders, then stage one and stage two."""
     g = Graph(name, classes)
-    g.note(note, (-500, 0), size=(440, 420))
-    one = stage_one(g, instruction)
+    g.note(note + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 480))
+    loaders = [g.add(type_, (0, 0), **widgets) for type_, widgets in media]
+    x = NOTE_WIDTH + 80
+    stack(g, loaders, x, 0)
+    g.group("Your media", loaders, color="#a1309b")
+    one = stage_one(g, instruction, x=x + 340 + GROUP_PADDING * 2 + GAP + GROUP_PADDING)
     unison_outputs(g, one)
-    return g, one
+    return g, one, loaders
 
 
 def unison_edit(classes: dict[str, type]) -> Graph:
-    g, one = _family("unison_edit", """## Unison: edit an image with a mask
+    g, one, (image,) = _family("unison_edit", """## Unison: edit an image with a mask
 Load your photo and paint the area to change with ComfyUI's mask editor (right click the Load
 Image node → Open in MaskEditor). Its IMAGE is `###image1###` and its MASK `###mask1###`: white
 (painted) = regenerate, the rest is kept.
 
 For a video edit, name files instead: `Replace the car in ###clip.mp4### with a bus, mask
 ###clip_mask.mp4###`.""", "Replace the masked area of ###image1### with a bouquet of sunflowers, using ###mask1### "
-                            "as the mask.", classes)
-    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_MASKED)
+                               "as the mask.", classes, [("LoadImage", {"image": EXAMPLE_MASKED})])
+    image.size = (340, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     g.connect(image, "MASK", one.planner, "mask1")
     return g
 
 
 def unison_reference(classes: dict[str, type]) -> Graph:
-    g, one = _family("unison_reference", """## Unison: generate from a reference image
+    g, one, (image,) = _family("unison_reference", """## Unison: generate from a reference image
 The person, character or product in `###image1###` is kept; the instruction says what to make of
 it. Ask for a video ("a 3 second clip of ...") and the same graph makes a video.""",
-                     "Generate a photo of the person in ###image1### as reference, reading a book in a sunny cafe.",
-                     classes)
-    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_IMAGE)
+                               "Generate a photo of the person in ###image1### as reference, reading a book in a sunny "
+                               "cafe.", classes, [("LoadImage", {"image": EXAMPLE_IMAGE})])
+    image.size = (340, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     return g
 
 
 def unison_frame_to_video(classes: dict[str, type]) -> Graph:
-    g, one = _family("unison_frame_to_video", """## Unison: image to video, first or last frame
+    g, one, (image,) = _family("unison_frame_to_video", """## Unison: image to video, first or last frame
 `###image1###` becomes the first frame ("starting from this frame") or the last ("ending on this
 frame"); the Router's frame_index overrides it.""",
-                     "Turn ###image1### into a 3 second video of the scene slowly coming to life, starting from "
-                     "this frame.", classes)
-    image = g.add("LoadImage", (-40, 560), size=(340, 420), image=EXAMPLE_IMAGE)
+                               "Turn ###image1### into a 3 second video of the scene slowly coming to life, starting "
+                               "from this frame.", classes, [("LoadImage", {"image": EXAMPLE_IMAGE})])
+    image.size = (340, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     return g
 
 
 def unison_control(classes: dict[str, type]) -> Graph:
-    g, one = _family("unison_control", """## Unison: follow a control video
+    g, one, (video, components) = _family(
+        "unison_control", """## Unison: follow a control video
 A pose, depth or edge video (`###video1###`, from Load Video → Get Video Components) guides the
 motion. For one image, wire a depth/edge/pose map into image1 and ask for an image.""",
-                     "Generate a video of a robot dancing, following the pose in ###video1###.", classes)
-    video = g.add("LoadVideo", (-40, 560), size=(340, 420), file=EXAMPLE_VIDEO)
-    components = g.add("GetVideoComponents", (-40, 1020))
+        "Generate a video of a robot dancing, following the pose in ###video1###.", classes,
+        [("LoadVideo", {"file": EXAMPLE_VIDEO}), ("GetVideoComponents", {})])
     g.connect(video, "VIDEO", components, "video")
     g.connect(components, "images", one.planner, "video1")
     return g
@@ -378,34 +471,41 @@ Generation tasks only (a question stops at VACE Inputs with a message)."""
 
 def unison_native_wan(classes: dict[str, type]) -> Graph:
     g = Graph("unison_native_wan", classes)
-    g.note(NATIVE_NOTE, (-500, 0), size=(440, 380))
-    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.")
-    x, y = 1300, 0
-    vace_inputs = g.add("UnisonVaceInputs", (x, y))
-    unet = g.add("UNETLoader", (x, y + 560), unet_name=TRANSFORMER)
-    sampling = g.add("ModelSamplingSD3", (x + 380, y + 560), shift=5.0)
-    clip = g.add("CLIPLoader", (x, y + 700), clip_name=TEXT_ENCODER, type="wan")
-    vae = g.add("VAELoader", (x, y + 860), vae_name=VAE)
-    positive = g.add("CLIPTextEncode", (x + 380, y + 700), title="umT5: the plan's prompt", text="")
-    negative = g.add("CLIPTextEncode", (x + 380, y + 900), title="umT5: negative prompt",
+    g.note(NATIVE_NOTE + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 520))
+    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.", x=NOTE_WIDTH + 80,
+                    projector_here=False)
+    x = one.right + GROUP_PADDING
+    vace_inputs = g.add("UnisonVaceInputs", (0, 0))
+    clip = g.add("CLIPLoader", (0, 0), clip_name=TEXT_ENCODER, type="wan")
+    vae = g.add("VAELoader", (0, 0), vae_name=VAE)
+    unet = g.add("UNETLoader", (0, 0), unet_name=TRANSFORMER)
+    positive = g.add("CLIPTextEncode", (0, 0), title="umT5: the plan's prompt", size=(400, 160), text="")
+    negative = g.add("CLIPTextEncode", (0, 0), title="umT5: negative prompt", size=(400, 200),
                      text=_wan_negative_prompt())
-    wan = g.add("WanVaceToVideo", (x + 840, y))
-    ksampler = g.add("KSampler", (x + 1260, y), steps=30, cfg=5.0, sampler_name="uni_pc", scheduler="simple")
-    trim = g.add("TrimVideoLatent", (x + 1260, y + 480))
-    decode = g.add("VAEDecode", (x + 1260, y + 600))
-    switch = g.add("UnisonOutputSwitch", (x + 1680, y))
-    save_image = g.add("SaveImage", (x + 2080, y), size=(420, 420), filename_prefix="unison/native_image")
-    create_video = g.add("CreateVideo", (x + 2080, y + 480), fps=24.0)
-    save_video = g.add("SaveVideo", (x + 2080, y + 600), size=(420, 420), filename_prefix="unison/native_video")
+    projector = one.projector
+    sampling = g.add("ModelSamplingSD3", (0, 0), shift=5.0)
+    wan = g.add("WanVaceToVideo", (0, 0))
+    ksampler = g.add("KSampler", (0, 0), steps=30, cfg=5.0, sampler_name="uni_pc", scheduler="simple")
+    trim = g.add("TrimVideoLatent", (0, 0))
+    decode = g.add("VAEDecode", (0, 0))
+    switch = g.add("UnisonOutputSwitch", (0, 0))
+    save_image = g.add("SaveImage", (0, 0), size=(400, 420), filename_prefix="unison/native_image")
+    create_video = g.add("CreateVideo", (0, 0), fps=24.0)
+    save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/native_video")
+    stack(g, [vace_inputs, clip, vae, unet], x, 0)
+    stack(g, [positive, negative, sampling], x + 380, 0)
+    stack(g, [projector, wan], x + 820, 0)
+    stack(g, [ksampler, trim, decode, switch], x + 1200, 0)
+    stack(g, [save_image, create_video, save_video], x + 1580, 0)
 
     g.connect(one.router, "plan", vace_inputs, "plan")
     g.connect(one.router, "prompt", positive, "text")
     g.connect(clip, "CLIP", positive, "clip")
     g.connect(clip, "CLIP", negative, "clip")
-    g.connect(positive, "CONDITIONING", one.projector, "positive")
-    g.connect(negative, "CONDITIONING", one.projector, "negative")
-    g.connect(one.projector, "positive", wan, "positive")
-    g.connect(one.projector, "negative", wan, "negative")
+    g.connect(positive, "CONDITIONING", projector, "positive")
+    g.connect(negative, "CONDITIONING", projector, "negative")
+    g.connect(projector, "positive", wan, "positive")
+    g.connect(projector, "negative", wan, "negative")
     g.connect(vae, "VAE", wan, "vae")
     g.connect(vace_inputs, "control_video", wan, "control_video")
     g.connect(vace_inputs, "control_masks", wan, "control_masks")
@@ -427,7 +527,9 @@ def unison_native_wan(classes: dict[str, type]) -> Graph:
     g.connect(switch, "video", create_video, "images")
     g.connect(one.router, "fps", create_video, "fps")
     g.connect(create_video, "VIDEO", save_video, "video")
-    g.group("ComfyUI's Wan VACE path, fed by the plan", (x - 20, y - 60, 2540, 1160), color="#8A8")
+    g.group("ComfyUI's Wan VACE path, fed by the plan",
+            [vace_inputs, clip, vae, unet, positive, negative, sampling, projector, wan, ksampler, trim, decode,
+             switch, save_image, create_video, save_video], color="#8A8")
     return g
 
 
@@ -456,11 +558,32 @@ def dumps(workflow: dict[str, Any]) -> str:
     return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
 
 
+CAPTIONS = {
+    "unison_auto": "Unison: one instruction -> answer, image or video",
+    "unison_edit": "Unison: edit a masked image",
+    "unison_reference": "Unison: generate from a reference image",
+    "unison_frame_to_video": "Unison: image to video (first or last frame)",
+    "unison_control": "Unison: follow a pose / depth / edge video",
+    "unison_native_wan": "Unison plan + ComfyUI's own Wan VACE nodes",
+}
+THUMBNAIL_SIZE = (640, 360)
+
+
+def thumbnail(name: str, workflow: dict[str, Any]) -> Any:
+    """The template card picture: the graph itself, drawn (tests/harness/thumbnails.py)."""
+    import nodes
+    from harness import thumbnails
+
+    names = {**nodes.NODE_DISPLAY_NAME_MAPPINGS}
+    return thumbnails.render(workflow, names, CAPTIONS[name])
+
+
 def main() -> None:
     WORKFLOWS.mkdir(exist_ok=True)
     for name, workflow in build_all().items():
         (WORKFLOWS / f"{name}.json").write_text(dumps(workflow), encoding="utf-8")
-        print(f"wrote workflows/{name}.json ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")
+        thumbnail(name, workflow).save(WORKFLOWS / f"{name}.jpg", quality=90)
+        print(f"wrote workflows/{name}.json ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links) + .jpg")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class ComfyEnv:
 
     base: Path
     progress: list[tuple[int, int]] = field(default_factory=list)
+    previews: list[tuple[int, Any]] = field(default_factory=list)  # (step, preview) sent with a progress tick
     loads: list[list[Any]] = field(default_factory=list)
     interrupt_after_checks: int | None = None  # raise the interrupt on the n-th check (1-based)
     interrupt_checks: int = 0
@@ -176,6 +177,8 @@ def _utils(env: ComfyEnv) -> types.ModuleType:
                 self.total = total
             self.current = min(value, self.total)
             env.progress.append((self.current, self.total))
+            if preview is not None:
+                env.previews.append((self.current, preview))
 
         def update(self, value: int) -> None:
             self.update_absolute(self.current + value)

@@ -20,6 +20,7 @@ from .build_workflows import QWEN as QWEN_NAME
 from .build_workflows import TEXT_ENCODER as TEXT_ENCODER_NAME
 from .build_workflows import TRANSFORMER as TRANSFORMER_NAME
 from .build_workflows import VAE as VAE_NAME
+from .example_media import write_example_media  # noqa: F401 - re-exported for the tests
 
 # The shipped workflows' loader choices (above) plus a diffusers folder for the diffusers loader.
 DIFFUSERS_NAME = "Wan2.1-VACE-1.3B-diffusers"
@@ -75,22 +76,3 @@ def install_models(env: comfy_env.ComfyEnv, tiny: TinyModels, *, planner: Path |
     link(env.models / "diffusion_models" / TRANSFORMER_NAME, tiny.comfy_files["transformer"])
     link(env.models / "vae" / VAE_NAME, tiny.comfy_files["vae"])
     link(env.models / "text_encoders" / TEXT_ENCODER_NAME, tiny.comfy_files["text_encoder"])
-
-
-def write_example_media(input_dir: Path) -> None:
-    """The example media the family workflows load, under their names: a photo, a photo whose alpha
-    channel is a painted mask (transparent square = regenerate), and a short video."""
-    import numpy as np
-    from PIL import Image
-
-    from unison_runtime.media import write_video
-
-    from . import build_workflows
-
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(input_dir / build_workflows.EXAMPLE_IMAGE)
-    rgba = rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)
-    rgba[..., 3] = 255
-    rgba[8:24, 8:24, 3] = 0
-    Image.fromarray(rgba, "RGBA").save(input_dir / build_workflows.EXAMPLE_MASKED)
-    write_video(rng.random((7, 32, 32, 3)), input_dir / build_workflows.EXAMPLE_VIDEO, fps=8)

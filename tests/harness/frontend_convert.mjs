@@ -21,8 +21,11 @@ const browser = await chromium.launch({
 });
 const page = await browser.newPage();
 const consoleErrors = [];
+const consoleWarnings = [];
 page.on("console", (msg) => {
-  if (msg.type() === "error") consoleErrors.push(`${msg.text()} @ ${msg.location()?.url ?? ""}`);
+  const line = `${msg.text()} @ ${msg.location()?.url ?? ""}`;
+  if (msg.type() === "error") consoleErrors.push(line);
+  if (msg.type() === "warning") consoleWarnings.push(line);
 });
 page.on("response", (r) => { if (r.status() >= 400) consoleErrors.push(`HTTP ${r.status()} ${r.url()}`); });
 page.on("pageerror", (err) => consoleErrors.push(String(err)));
@@ -49,8 +52,10 @@ const display = await page.evaluate(async (wf) => {
   const widget = node.widgets.find((w) => w.name === "unison_display");
   const saved = window.app.graph.serialize().nodes.find((n) => n.id === node.id).widgets_values;
   const prompt = await window.app.graphToPrompt();
-  return { before, after: node.widgets.length, value: widget?.value, saved,
+  const element = widget?.element;
+  return { before, after: node.widgets.length, value: widget?.value, saved, label: widget?.label,
+           readOnly: !!element && !element.isContentEditable && !["INPUT", "TEXTAREA"].includes(element.tagName),
            inPrompt: "unison_display" in prompt.output[String(node.id)].inputs };
 }, JSON.parse(readFileSync(files[0], "utf8")));
-console.log(JSON.stringify({ results, consoleErrors, extensions, display }));
+console.log(JSON.stringify({ results, consoleErrors, consoleWarnings, extensions, display }));
 await browser.close();

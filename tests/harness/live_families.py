@@ -56,7 +56,7 @@ from harness.live_comfyui import (  # noqa: E402
     use_scripted_planner,
 )
 
-SMALL = {"width": 32, "height": 32, "frames": 5}
+SMALL = {"width": 32, "height": 32, "frames": "5"}
 NATIVE_LOADERS = ("VAELoader", "UNETLoader", "CLIPLoader")
 OUTPUT_TYPES = {"PreviewAny", "SaveImage", "SaveVideo"}
 IMAGE_SAMPLER = "Unison VACE Sampler (image)"
@@ -281,7 +281,7 @@ def family_cases() -> list[Case]:
              "video", planner_has=("media #0: video1 (video, control)",),
              sampler_has=("has 7 frames; the first 5 are used",)),
         Case("unison_control", f"own pose video {POSE} (9 frames), Router frames=9", "video_controllable", "video",
-             widgets={"LoadVideo": {"file": POSE}}, router={**SMALL, "frames": 9}, frames=9,
+             widgets={"LoadVideo": {"file": POSE}}, router={**SMALL, "frames": "9"}, frames=9,
              planner_has=("media #0: video1 (video, control)",), router_has=("9 frames @ 24 fps",),
              sampler_lacks=("frames; the first",)),
         Case("unison_control", "replacing the dancer routes to video editing", "video_editing", "video",

@@ -34,6 +34,7 @@ from .qwen_inputs import (
 )
 from .qwen_loading import LoadedQwen, load_qwen
 from .rules import RulePlanner
+from .rules_checks import check_instruction_text, check_plan_media, media_info
 
 if TYPE_CHECKING:
     from ..instruction import Instruction
@@ -124,14 +125,17 @@ class QwenPlanner:
         """
         if not self.has_planning_lora:
             return _rule_plan(instruction)
+        check_instruction_text(instruction.text)
         text = self.planner_text(instruction)
         if not any(token in text for token in _OUTPUT_TOKENS):
             plan = parse_planner_text("", instruction.media, prompt=instruction.prompt, source="lora")
             return plan.with_changes(notes=(f"stage one answered without planner tokens: {text[:200]!r}",))
         try:
-            return parse_planner_text(text, instruction.media, prompt=instruction.prompt, source="lora")
+            plan = parse_planner_text(text, instruction.media, prompt=instruction.prompt, source="lora")
         except PlannerOutputError as exc:
             raise PlannerOutputError(text, exc.reason, _fallback_plan(instruction)) from None
+        # The rule planner's checks on media count and roles: no medium is dropped without a note.
+        return check_plan_media(plan, media_info(instruction))
 
     # ------------------------------------------------------------------ understanding
 

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from ..attention import HALF_DTYPES, flash_attention_available
+from ..attention import HALF_DTYPES, qwen_attention
+from ..devices import default_compute_dtype
 from ..errors import UnisonError, WeightsError, first_line
 from ..plan import PLANNER_TOKENS
 from ..weights import DTYPE_NAMES, SAFETENSORS_DTYPES, load_state_dict, read_safetensors_header
@@ -85,13 +86,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU, unless asked otherwise."""
+    """The user's dtype, else the policy of :mod:`unison_runtime.devices` for ``device`` (bf16 where native)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return default_compute_dtype(device, "planner")
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
@@ -99,26 +98,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_attention(attention: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """sdpa by default; flash_attention_2 when flash-attn is installed and the model runs half precision on CUDA."""
-    half = dtype in HALF_DTYPES
-    if attention is None or attention == "auto":
-        if flash_attention_available() and device.type == "cuda" and half:
-            return "flash_attention_2"
-        return "sdpa"
-    if attention not in ATTENTION_CHOICES:
+    """sdpa by default; flash_attention_2 where flash-attn works on ``device`` in ``dtype`` (see attention.py).
+
+    Asked for by name, flash_attention_2 that cannot run is a clear error naming why (not a
+    failure inside the first forward pass).
+    """
+    if attention not in (None, "auto") and attention not in ATTENTION_CHOICES:
         raise UnisonError(f"attention {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
-    if attention == "flash_attention_2":
-        if not flash_attention_available():
+    choice, status = qwen_attention(attention, device, dtype)
+    if choice == "flash_attention_2" and not status.usable:
+        if status.reason == "flash-attn is not installed":
             raise UnisonError(
                 "attention 'flash_attention_2' was requested but the flash-attn package is not installed; "
                 "install it (pip install flash-attn) or use --attention sdpa"
             )
-        if device.type != "cuda" or not half:
+        if device.type != "cuda" or dtype not in HALF_DTYPES:
             raise UnisonError(
                 f"attention 'flash_attention_2' needs a CUDA device and bf16/fp16, got {device} / {dtype}; "
                 "use --attention sdpa"
             )
-    return attention
+        raise UnisonError(f"attention 'flash_attention_2' cannot run here: {status.reason}; use --attention sdpa")
+    return choice
 
 
 # --------------------------------------------------------------------------- directory checks

@@ -31,20 +31,27 @@ from ..plan import (
     format_planner_text,
     understanding_task,
 )
+from .rules_checks import check_instruction_text, check_plan_media, media_info, shape_from_media
 from .rules_meta import (
     asks_for_length,
-    asks_for_size_or_length,
     edit_indices,
+    frame_cue_gaps,
+    has_first_and_last_cues,
+    mask_named,
+    mentions_frame_position,
     mentions_mask,
+    parse_fps,
     parse_frame_index,
     parse_length,
     parse_size,
 )
 from .rules_text import REF_MARK, RuleText, as_rule_text, read_rule_text
+from .rules_zh import QUESTION_MARK
 
 if TYPE_CHECKING:
     from ..instruction import Instruction
     from ..media import Medium
+    from ..media_probe import MediaInfo
 
 # --------------------------------------------------------------------------- cue words
 
@@ -52,9 +59,14 @@ if TYPE_CHECKING:
 _WH_START = re.compile(r"^[\W_]*(?:what|what's|whats|how|why|which|who|whom|whose|where|when)\b")
 # An inverted yes/no question ("Is this photo real") when no verb asks for anything else; not
 # "###m.png### is the mask", where the reference is the subject.
+# The auxiliary must be followed by a subject ("Is this...", "Can you..."): "Will Smith eating
+# spaghetti" and "Can of soda on a table" are descriptions.
 _AUX_START = re.compile(
     "^[^\\w" + REF_MARK + "]*"
-    r"(?:is|are|was|were|do|does|did|can|could|would|will|should|shall|has|have|had|may|might)\b"
+    r"(?:is|are|was|were|do|does|did|can|could|would|will|should|shall|has|have|had|may|might|isn't|aren't"
+    r"|doesn't|don't|didn't|can't|won't)\s+(?:not\s+)?(?:this|that|these|those|it|there|the|a|an|he|she|they|you"
+    r"|i|we|my|your|his|her|its|our|their|any|anyone|anything|someone|something|some|all|both|either|each"
+    r"|image|photo|picture|video|" + REF_MARK + ")(?!\\w)"
 )
 # Generation verbs in their base form only: "AI-generated", "made of", "created by" describe, not ask.
 _GENERATION_VERB = re.compile(
@@ -74,6 +86,16 @@ _EDIT_VERB = re.compile(
     r"\b(?:replace|change|alter|modify|edit|remove|erase|delete|add|insert|swap|recolou?r|colou?ri[sz]e"
     r"|inpaint|retouch|restore|fix|fill|apply|place|put(?!\s+(?:simply|differently|briefly|another\s+way)\b)|make\s+(?:it|this|that|them|him|her|the|these|those)\b"
     r"|(?:turn|convert|transform)\b(?=[^.!?;]*?\b(?:into|to)\b))\b"
+)
+# Arithmetic asks for an answer: "add 17 and 25", "multiply 6 by 7", "17 + 25 =".
+_ARITHMETIC = re.compile(
+    r"\b(?:add|subtract|multiply|divide|sum\s+up|sum)\s+-?\d|\d\s*[-+*/×÷^]\s*\d[\d\s.+*/×÷^()-]*=\s*\??\s*$"
+)
+# A question after a comma ("put simply, what is this"), or a wish to know ("I want to know how to...").
+_WH_CLAUSE = re.compile(
+    r"(?:^|[,:;]\s*)(?:what|how|why|which|who|where|when)\s+(?:is|are|was|were|do|does|did|can|could|would|will"
+    r"|should|kind|type|colou?r|many|much|to)\b|\b(?:want|like|need)\s+to\s+know\b|\bi\s+wonder\b"
+    r"|\bhow\s+(?:to|do\s+i|can\s+i|should\s+i)\b"
 )
 _HOW_TO = re.compile(r"\bhow\s+(?:to|do\s+i|can\s+i|should\s+i|would\s+i|do\s+you)\s+$")
 # Verbs that can produce text ("generate a caption") and the text they produce.
@@ -106,15 +128,6 @@ _MOTION = re.compile(
 )
 # With a given image, naming it the first/last frame asks for image_to_video.
 _FRAME_POSITION = re.compile(r"\b(?:first|opening|starting|initial|last|final|ending)\s+frame\b")
-# The vocabulary of text-to-image prompts ("..., highly detailed, 8k, cinematic lighting"): a
-# bare description in this style is a generation request even without an image noun.
-_PROMPT_STYLE = re.compile(
-    r"\b(?:photorealistic|hyperrealistic|highly\s+detailed|ultra[- ]detailed|intricate\s+details?|[248]k|uhd|hdr"
-    r"|cinematic|bokeh|masterpiece|best\s+quality|concept\s+art|digital\s+art|octane\s+render|unreal\s+engine"
-    r"|studio\s+lighting|volumetric\s+lighting|trending\s+on\s+artstation|shot\s+on|35\s?mm|8[05]\s?mm"
-    r"|wide[- ]angle|close-up|watercolou?r|oil\s+on\s+canvas|pixel\s+art|low\s+poly|isometric|anime\s+style)\b"
-)
-
 _CONTROL = re.compile(
     r"\b(?:skeletons?|openpose|canny|scribbles?|line\s*-?art|depth\s*maps?|edge\s*maps?|pose\s*maps?"
     r"|segmentation\s*maps?|control\s*(?:map|image|video|signal|condition)s?)\b"
@@ -133,6 +146,39 @@ _REFERENCE = re.compile(
     r"|women|girl|boy|lady|guy|child|kid|baby|face|faces|character|characters|product|products|subject"
     r"|individual|celebrity|model|figure|item|object|toy|dog|cat|pet|logo|mascot)\b"
 )
+
+
+_SUBJECT = (
+    r"(?:person|people|man|men|woman|women|girl|boy|lady|guy|child|kid|baby|face|character|product|subject"
+    r"|model|figure|dog|cat|pet|toy|item|object|bottle|car|outfit|dress|jacket|shirt|hat|shoes?|bag|logo|mascot)"
+)
+# "the person in ###a###", "the woman from this photo", "the jacket from ###b###": a subject taken
+# out of a given image is a reference, whatever is done with it.
+_SUBJECT_FROM_MEDIUM = re.compile(
+    rf"\b{_SUBJECT}s?\s+(?:(?:in|from|of|shown\s+in|seen\s+in)\s+)(?:the\s+|this\s+|that\s+|my\s+|our\s+|first\s+"
+    rf"|second\s+|given\s+|provided\s+)?(?:(?:image|photo|picture|pic|selfie|portrait|reference)s?\b|{REF_MARK})"
+    rf"|\bthe\s+(?:[\w-]+\s+){{0,2}}from\s+(?:the\s+|this\s+|my\s+)?(?:(?:image|photo|picture)\s+)?{REF_MARK}"
+)
+# Putting a given subject into a new scene: "place ###p.png### on a marble table", "put this person
+# in a castle". The placed thing is the medium or a subject, not a new object ("put a hat on him").
+_PLACE_GIVEN = re.compile(
+    rf"\b(?:place|put|set|insert|position|drop|bring|take|transport|move)\s+(?:{REF_MARK}|(?:this|that|these|the"
+    rf"|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?\b|it|him|her|them)\s*(?:{REF_MARK}\s*)?"
+    r"(?:in|into|on|onto|inside|at|against|to|under|next\s+to|in\s+front\s+of)\b"
+    rf"|(?:{REF_MARK}|\b(?:this|that|the|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?)\s*(?:{REF_MARK}\s*)?place\s+into\b"
+)
+# Edit verbs that change the given medium itself (a second image is then not a reference).
+_STRONG_EDIT = re.compile(
+    r"\b(?:replace|change|alter|modify|edit|remove|erase|delete|swap|recolou?r|colou?ri[sz]e|inpaint|retouch"
+    r"|restore|fix|fill)\b"
+)
+# Both ends of a video from two images: "from ###a### to ###b###", "between ###a### and ###b###".
+_FROM_TO = re.compile(
+    rf"\b(?:from|between)\s+(?:the\s+)?(?:(?:image|photo|picture|frame)\s+)?{REF_MARK}\s*(?:[\w-]+\s+){{0,3}}?"
+    rf"(?:to|and|into|until)\s+(?:the\s+)?(?:(?:image|photo|picture|frame)\s+)?{REF_MARK}"
+)
+# The words of a request for an answer that no sentence form gives away ("caption this").
+_NO_WORDS = re.compile(r"[\w\u4e00-\u9fff]")
 
 
 # --------------------------------------------------------------------------- intent
@@ -170,8 +216,11 @@ def _asks_for_text(sentence: str, verb: re.Match[str]) -> bool:
 
 
 def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit", "understand"] | None:
-    """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks."""
-    if _WH_START.match(sentence):
+    """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks.
+
+    A Chinese question word (什么, 为什么, 怎么, 多少, 哪, 谁, 是否) asks wherever it stands.
+    """
+    if _WH_START.match(sentence) or QUESTION_MARK in sentence:
         return "understand"
     found: list[tuple[int, Literal["generate", "edit", "understand"]]] = []
     generation = _first_generation_verb(sentence)
@@ -181,20 +230,23 @@ def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit
         found.append((edit.start(), "edit"))
     if understanding := _UNDERSTANDING_VERB.search(sentence):
         found.append((understanding.start(), "understand"))
+    if not has_media and (sums := _ARITHMETIC.search(sentence)):
+        found.append((sums.start(), "understand"))
     if found:
         # On a tie ("turn ... into" is both), edit wins over generate: it names a given medium.
         order = {"edit": 0, "generate": 1, "understand": 2}
         return min(found, key=lambda item: (item[0], order[item[1]]))[1]
-    return "understand" if sentence.rstrip().endswith("?") or _AUX_START.match(sentence) else None
+    asks = sentence.rstrip().endswith("?") or _AUX_START.match(sentence) or _WH_CLAUSE.search(sentence)
+    return "understand" if asks else None
 
 
 def read_intent(text: str | RuleText, media_count: int = 0) -> Intent:
     """Understanding or generation for the whole instruction.
 
     Multiple-choice markers make it a question. Otherwise the first sentence with a lead verb
-    or a question mark decides. With none, a bare description that names an image/video noun,
-    asks for a size or length, is worded like a text-to-image prompt or describes camera motion,
-    or names a mask among two or more media, is a generation request; anything else is a question.
+    or a question form decides. With none, the instruction is a description, and a description
+    is a generation request (the most common way prompts are written), unless it has no words
+    at all besides its media ("###photo.jpg###" alone asks what is in it).
     """
     rule_text = as_rule_text(text)
     if _MULTIPLE_CHOICE.search(rule_text.text):
@@ -203,14 +255,11 @@ def read_intent(text: str | RuleText, media_count: int = 0) -> Intent:
         kind = sentence_intent(sentence, media_count > 0)
         if kind is not None:
             return Intent(kind, start)
-    t = rule_text.text
-    if _OUTPUT_NOUN.search(t) or _MOTION.search(t) or _PROMPT_STYLE.search(t) or asks_for_size_or_length(rule_text):
-        return Intent("describe", 0)
-    if media_count and _FRAME_POSITION.search(t):
-        return Intent("describe", 0)
+    if media_count and not _NO_WORDS.search(rule_text.text.replace(REF_MARK, "")):
+        return Intent("understand", 0)
     if media_count >= 2 and mentions_mask(rule_text):
         return Intent("edit", 0)
-    return Intent("understand", 0)
+    return Intent("describe", 0)
 
 
 def wants_video(text: str | RuleText, start: int = 0, *, image_given: bool = False) -> bool:
@@ -238,86 +287,186 @@ def wants_video(text: str | RuleText, start: int = 0, *, image_given: bool = Fal
 # --------------------------------------------------------------------------- task
 
 
-def decide_task(text: str | RuleText, media: Sequence[MediaRef]) -> tuple[Task, tuple[str, ...]]:
-    """The task and any notes explaining a choice the user may not expect (see :func:`detect_task`)."""
+@dataclass(frozen=True)
+class Reading:
+    """The task and what else the planner read on the way: mask candidate, frame placement, notes."""
+
+    task: Task
+    notes: tuple[str, ...] = ()
+    mask: int | None = None
+    frame_index: str | None = None
+
+
+def _mask_candidates(media: Sequence[MediaRef], info: Sequence[MediaInfo | None]) -> list[int]:
+    """Media that look like a mask: two-level single-channel images/videos (only with media info)."""
+    if len(info) != len(media):
+        return []
+    return [i for i, m in enumerate(info) if m is not None and m.two_level]
+
+
+def _frame_placement(rule_text: RuleText, media: Sequence[MediaRef]) -> tuple[str, int]:
+    """(frame_index, how many images it places) for image_to_video from the words around each image."""
+    images = [i for i, m in enumerate(media) if m.kind == "image"]
+    offsets = rule_text.ref_offsets
+    if len(images) < 2 or len(offsets) != len(media):
+        near = offsets[images[0]] if images and len(offsets) == len(media) else None
+        return parse_frame_index(rule_text, near=near), 1
+    a, b = images[0], images[1]
+    if _FROM_TO.search(rule_text.text):
+        return "first_last", 2
+    if has_first_and_last_cues(rule_text):
+        # The cheaper way to pair the two images with the two cues wins (nearest words, both ends set).
+        first_a, last_a = frame_cue_gaps(rule_text, offsets[a])
+        first_b, last_b = frame_cue_gaps(rule_text, offsets[b])
+        assert None not in (first_a, last_a, first_b, last_b)
+        forward = first_a + last_b  # type: ignore[operator]
+        backward = last_a + first_b  # type: ignore[operator]
+        return ("first_last" if forward <= backward else "last_first"), 2
+    return parse_frame_index(rule_text, near=offsets[a]), 1
+
+
+def decide(
+    text: str | RuleText, media: Sequence[MediaRef], info: Sequence[MediaInfo | None] = ()
+) -> Reading:
+    """The task for ``text`` and ``media`` (see :func:`detect_task`), with the choices it made."""
     rule_text = as_rule_text(text)
     t = rule_text.text
     intent = read_intent(rule_text, len(media))
     if intent.kind == "understand":
-        return understanding_task(media), ()
+        return Reading(understanding_task(media))
 
-    kinds = {m.kind for m in media}
+    kinds = [m.kind for m in media]
+    images = kinds.count("image")
+    candidates = _mask_candidates(media, info)
     control = bool(media) and _CONTROL.search(t) is not None
-    reference = "image" in kinds and _REFERENCE.search(t) is not None
-    mask = len(media) >= 2 and mentions_mask(rule_text)
+    subject_taken = "image" in kinds and (
+        _REFERENCE.search(t) is not None or _SUBJECT_FROM_MEDIUM.search(t) is not None
+    )
+    placed = "image" in kinds and _PLACE_GIVEN.search(t) is not None
+    worded_mask = len(media) >= 2 and (mentions_mask(rule_text) or mask_named(media))
+    mask = worded_mask or (len(media) >= 2 and bool(candidates) and len(candidates) < len(media))
     edit_lead = intent.kind == "edit"
+    strong_edit = _STRONG_EDIT.search(t) is not None
+    notes: list[str] = []
+    if mask and not worded_mask:
+        notes.append("no mask was named, but a two-level single-channel medium was given: it is read as the mask")
 
     if "video" in kinds:
-        if control:
-            return Task.VIDEO_CONTROLLABLE, ()
-        if reference and not (mask or edit_lead):
-            return Task.VIDEO_REFERENCE, ()
-        return Task.VIDEO_EDITING, ()
+        if control and not mask:
+            return Reading(Task.VIDEO_CONTROLLABLE, tuple(notes))
+        if subject_taken and not (mask or edit_lead or strong_edit):
+            return Reading(Task.VIDEO_REFERENCE, tuple(notes))
+        return Reading(Task.VIDEO_EDITING, tuple(notes))
     if "image" in kinds:
-        if wants_video(rule_text, intent.position, image_given=True):
+        if not mask and wants_video(rule_text, intent.position, image_given=True):
             if control:
-                return Task.IMAGE_CONTROLLABLE, (
+                notes.append(
                     "a video was asked for, but following a pose/depth/edge map over time needs a control "
-                    "video; the image was used as an image condition map instead",
+                    "video; the image was used as an image condition map instead"
                 )
-            return (Task.VIDEO_REFERENCE if reference else Task.IMAGE_TO_VIDEO), ()
+                return Reading(Task.IMAGE_CONTROLLABLE, tuple(notes))
+            placement, count = _frame_placement(rule_text, media)
+            framed = count == 2 or mentions_frame_position(rule_text) or _ANIMATE.search(t) is not None
+            if (subject_taken or placed) and not framed:
+                return Reading(Task.VIDEO_REFERENCE, tuple(notes))
+            if images >= 2 and not framed:
+                notes.append(f"{images} images and no first/last frame named: all are used as references")
+                return Reading(Task.VIDEO_REFERENCE, tuple(notes))
+            return Reading(Task.IMAGE_TO_VIDEO, tuple(notes), frame_index=placement)
         if mask:
-            return Task.IMAGE_EDITING, ()
+            return Reading(Task.IMAGE_EDITING, tuple(notes))
         if control:
-            return Task.IMAGE_CONTROLLABLE, ()
-        if edit_lead:
-            return Task.IMAGE_EDITING, ()
-        if reference or not _EDIT_VERB.search(t):
-            return Task.IMAGE_REFERENCE, ()
-        return Task.IMAGE_EDITING, ()
-    return (Task.TEXT_TO_VIDEO if wants_video(rule_text, intent.position) else Task.TEXT_TO_IMAGE), ()
+            return Reading(Task.IMAGE_CONTROLLABLE, tuple(notes))
+        if placed or (subject_taken and not (edit_lead and (images == 1 or strong_edit))):
+            if edit_lead or strong_edit:
+                notes.append("the given subject is placed into a new picture (image_reference), not edited in place")
+            return Reading(Task.IMAGE_REFERENCE, tuple(notes))
+        if images >= 2 and not strong_edit:
+            notes.append(f"{images} images and no mask: all are used as references for one new picture")
+            return Reading(Task.IMAGE_REFERENCE, tuple(notes))
+        if edit_lead or _EDIT_VERB.search(t):
+            return Reading(Task.IMAGE_EDITING, tuple(notes))
+        return Reading(Task.IMAGE_REFERENCE, tuple(notes))
+    video = wants_video(rule_text, intent.position)
+    if intent.kind == "describe":
+        notes.append(
+            f"no question was asked, so the description is {'a video' if video else 'an image'} generation request"
+        )
+    return Reading(Task.TEXT_TO_VIDEO if video else Task.TEXT_TO_IMAGE, tuple(notes))
+
+
+def decide_task(text: str | RuleText, media: Sequence[MediaRef]) -> tuple[Task, tuple[str, ...]]:
+    """The task and any notes explaining a choice the user may not expect (see :func:`detect_task`)."""
+    reading = decide(text, media)
+    return reading.task, reading.notes
 
 
 def detect_task(text: str | RuleText, media: Sequence[MediaRef] = ()) -> Task:
     """Which of the 12 tasks ``text`` (the instruction, ``###references###`` included) asks for.
 
-    Understanding tasks follow the media kinds (video > image > text). Generation: a given
-    video is edited, or drives a controllable video when control cues apply; given images
-    with a video requested make image_to_video unless reference or control cues apply; given
-    images for an image are edited (mask, or an edit verb leads), follow a condition map
-    (control cues) or serve as references; no media: text_to_image or text_to_video.
+    Understanding needs a question form or a verb that asks for text; anything else is a
+    generation request. A given video is edited, drives a controllable video (control cues) or
+    lends its subject (reference cues); given images with a video requested make image_to_video
+    (one image, or two as first and last frame) unless reference or control cues apply; given
+    images for an image are edited (a mask, or an edit verb on one image), follow a condition map
+    (control cues) or serve as references (a subject placed in a new scene, several images);
+    no media: text_to_image or text_to_video.
     """
-    return decide_task(text, media)[0]
+    return decide(text, media).task
 
 
 # --------------------------------------------------------------------------- planner
 
 
 class RulePlanner:
-    """The embedded default planner (DESIGN section 6): no model, no answers, no hidden states."""
+    """The embedded default planner (DESIGN section 6): no model, no answers, no hidden states.
+
+    ``probe_files``: with an instruction whose references were resolved to files but that carries
+    no ``media_info``, read each file's header (Pillow / PyAV) so the media can inform the plan.
+    """
 
     name = "rules"
 
+    def __init__(self, *, probe_files: bool = True) -> None:
+        self.probe_files = probe_files
+
     def plan(self, instruction: Instruction) -> Plan:
         """The validated plan for ``instruction``; a requested value out of range is a PlanError naming it."""
+        check_instruction_text(instruction.text)
         rule_text = read_rule_text(instruction.text)
         media = instruction.media
-        task, notes = decide_task(rule_text, media)
+        info = media_info(instruction, probe=self.probe_files)
+        reading = decide(rule_text, media, info)
+        task, notes = reading.task, list(reading.notes)
         values: dict[str, object] = {}
+        frame_count = 1
         if task.is_generation:
             values["width"], values["height"] = parse_size(rule_text)
         if task.output == "video":
-            values["num_frames"] = parse_length(rule_text)
+            fps = parse_fps(rule_text)
+            if fps is not None:
+                values["fps"] = fps
+            values["num_frames"] = parse_length(rule_text, fps=fps)
         if task is Task.IMAGE_TO_VIDEO:
-            values["frame_index"] = parse_frame_index(rule_text, near=_first_offset(rule_text, media, "image"))
+            values["frame_index"] = reading.frame_index or "first"
+            frame_count = 2 if values["frame_index"] in ("first_last", "last_first") else 1
         if task in EDITING_TASKS:
-            mask, source = edit_indices(rule_text, media, "image" if task is Task.IMAGE_EDITING else "video")
+            mask, source = edit_indices(
+                rule_text, media, "image" if task is Task.IMAGE_EDITING else "video",
+                candidates=_mask_candidates(media, info),
+            )  # fmt: skip
             values["mask_index"], values["source_index"] = mask, source
             if mask is None:
-                notes += ("no mask was referenced: the whole frame is editable",)
-        roles = assign_roles(task, media, mask_index=values.get("mask_index"), source_index=values.get("source_index"))
-        plan = default_plan(task, roles, prompt=instruction.prompt, source="rules", notes=notes, **values)
-        return plan.with_changes(planner_text=format_planner_text(plan))
+                notes.append("no mask was referenced: the whole frame is editable")
+        roles = assign_roles(
+            task, media, mask_index=values.get("mask_index"), source_index=values.get("source_index"),
+            frame_count=frame_count,
+        )  # fmt: skip
+        if task.is_generation and info:
+            values.update(shape_from_media(rule_text, task, roles, info, notes))
+        plan = default_plan(task, roles, prompt=instruction.prompt, source="rules", notes=tuple(notes), **values)
+        plan = plan.with_changes(planner_text=format_planner_text(plan))
+        return check_plan_media(plan, info)
 
     def answer(self, instruction: Instruction, media: Sequence[Medium]) -> str | None:
         """No model, no answer: understanding tasks need the Qwen2.5-VL planner."""
@@ -326,9 +475,3 @@ class RulePlanner:
     def hidden_states(self, instruction: Instruction) -> None:
         """No model, no hidden states: stage two runs without the 4 projector tokens."""
         return None
-
-
-def _first_offset(rule_text: RuleText, media: Sequence[MediaRef], kind: str) -> int | None:
-    if len(rule_text.ref_offsets) != len(media):
-        return None
-    return next((rule_text.ref_offsets[i] for i, m in enumerate(media) if m.kind == kind), None)

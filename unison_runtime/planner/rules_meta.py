@@ -15,9 +15,11 @@ from pathlib import PurePath
 
 from ..errors import PlanError
 from ..plan import (
+    DEFAULT_FPS,
     DEFAULT_HEIGHT,
     DEFAULT_VIDEO_FRAMES,
     DEFAULT_WIDTH,
+    MAX_FPS,
     MAX_FRAMES,
     MAX_SIDE,
     MIN_SIDE,
@@ -46,6 +48,8 @@ def _number(text: str) -> Fraction:
     """
     if text in _NUMBER_WORDS:
         return Fraction(_NUMBER_WORDS[text])
+    if text.startswith("-"):
+        return -_number(text[1:])
     whole, _, fraction = text.partition(".")
     if len(whole) > _MAX_DIGITS:
         return Fraction(10**_MAX_DIGITS)
@@ -70,25 +74,52 @@ def round_to_step(value: Fraction | int) -> int:
 
 # --------------------------------------------------------------------------- size
 
-# "1280x720", "1280 × 720", "1280*720", "1280 x 720" (two digits at least: "a 3x3 grid" is no size).
-_EXPLICIT_SIZE = re.compile(r"(?<![\w.])(\d{2,})\s*[x×*]\s*(\d{2,})(?![\d]|\.\d)")
-# "1280 by 720 pixels": "by" alone is too common ("12 by 12 inch"), so a pixel unit is required.
-_EXPLICIT_BY = re.compile(r"(?<![\w.])(\d{2,})\s+by\s+(\d{2,})\s*(?:px|pixels?)\b")
+# "1280x720", "1280 × 720", "1280*720", "0x0" (a side of two digits, or a zero: "a 3x3 grid" is no size).
+_EXPLICIT_SIZE = re.compile(r"(?<![\w.\-])(-?\d+)\s*[x×*]\s*(-?\d+)(?![\d]|\.\d)")
+# "640 by 480", "1280 by 720 pixels"; not "12 by 12 inches" or "a 10 by 10 grid".
+_EXPLICIT_BY = re.compile(
+    r"(?<![\w.])(\d{2,})\s+by\s+(\d{2,})(?!\s*(?:-\s*)?(?:inch|inches|in\b|cm|mm|m\b|meters?|metres?|feet|foot|ft"
+    r"|yards?|miles?|km|tiles?|grid|squares?|blocks?|cells?|rows?|columns?|units?|boxes)\b)"
+)
 _WIDTH = re.compile(
-    r"\bwidth\s*(?:of|is|=|:|to|at)?\s*(\d+)(?!\d)|(?<![\w.])(\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:wide|width)\b"
+    r"\bwidth\s*(?:of|is|=|:|to|at|should\s+be)?\s*(-?\d+)(?!\d)"
+    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:wide|width)\b"
 )
 _HEIGHT = re.compile(
-    r"\bheight\s*(?:of|is|=|:|to|at)?\s*(\d+)(?!\d)"
-    r"|(?<![\w.])(\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:tall|high|height)\b"
+    r"\bheight\s*(?:of|is|=|:|to|at|should\s+be)?\s*(-?\d+)(?!\d)"
+    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:tall|high|height)\b"
 )
-_RESOLUTION_CLASS = re.compile(r"(?<![\w.])(480|720|1080)\s?p\b")
+_RESOLUTION_CLASS = re.compile(r"(?<![\w.])(360|480|540|720|1080|1440|2160|4320)\s?p\b")
 #: class -> (width, height, nominal short side); 1080 is not a multiple of 16, so its class is 1920x1088.
-RESOLUTION_CLASSES = {"480": (832, 480, 480), "720": (1280, 720, 720), "1080": (1920, 1088, 1080)}
+RESOLUTION_CLASSES = {
+    "360": (640, 368, 360), "480": (832, 480, 480), "540": (960, 544, 540), "720": (1280, 720, 720),
+    "1080": (1920, 1088, 1080), "1440": (2560, 1440, 1440), "2160": (3840, 2160, 2160), "4320": (7680, 4320, 4320),
+}  # fmt: skip
+# Named resolutions. "4k"/"8k"/"uhd" count as a size only where they name the frame ("in 4K", "a 4k
+# video", "4K resolution"); as a bare quality tag ("highly detailed, 8k") they are noted, not applied.
+_NAMED_RESOLUTION = re.compile(r"(?<![\w.])(full[\s-]?hd|fhd|uhd|qhd|hd|2k|4k|8k)(?![\w])")
+_NAMED_CLASS = {"hd": "720", "full hd": "1080", "full-hd": "1080", "fullhd": "1080", "fhd": "1080",
+                "qhd": "1440", "4k": "2160", "uhd": "2160", "8k": "4320"}  # fmt: skip
+_TWO_K = (2048, 1152, 1152)
+# Names whose frame the model can make count wherever they appear ("..., HD" asks for 1280x720).
+_IN_RANGE_NAMES = frozenset({"hd", "full hd", "full-hd", "fullhd", "fhd", "2k"})
+_AS_SIZE_BEFORE = re.compile(r"\b(?:in|at|as|to|into|with|native|true|full)\s+$")
+_AS_SIZE_AFTER = re.compile(
+    r"^\s*(?:resolution|res|video|image|picture|photo|wallpaper|footage|clip|format|size|output|render|frames?"
+    r"|film|movie|animation|poster|screen|display|version)\b"
+)
 _ASPECT = re.compile(r"(?<![\w.:])(\d{1,2})\s*:\s*(\d{1,2})(?!\w|[.:]\d)")
 _ASPECT_WORD = re.compile(r"\b(?:aspect|ratio)\b")
 # Ratios recognised without the word "ratio" next to them; "10:30" (a time) is not among them.
 _KNOWN_RATIOS = frozenset(
     {(16, 9), (9, 16), (4, 3), (3, 4), (1, 1), (21, 9), (9, 21), (3, 2), (2, 3), (5, 4), (4, 5), (2, 1), (1, 2)}
+)
+# Aspect words: widescreen is 16:9; a cinema frame (cinemascope, anamorphic, letterbox, "cinematic
+# aspect/format") and ultrawide are 21:9. "cinematic" alone is a style ("cinematic lighting").
+_WIDESCREEN = re.compile(r"\bwide[\s-]?screen\b")
+_CINEMA_WIDE = re.compile(
+    r"\bcinema\s*scope\b|\banamorphic\b|\bletter[\s-]?box(?:ed)?\b|\bultra[\s-]?wide\b"
+    r"|\bcinematic\s+(?:aspect|ratio|format|widescreen|frame|crop|framing)\b"
 )
 # Orientation words count only where they describe the frame: "vertical video", "in portrait",
 # "portrait mode", but not "vertical stripes" or "a portrait of a woman" (an image noun then).
@@ -113,6 +144,9 @@ _SQUARE = re.compile(
 def _side(name: str, digits: str) -> int:
     """An explicitly requested side, rounded to the nearest multiple of 16; out of range is an error."""
     asked = _number(digits)
+    if asked <= 0:
+        raise PlanError(name, f"the instruction asks for a {name} of {_quote(digits)} px; a side must be positive "
+                        f"({MIN_SIDE} to {MAX_SIDE})", int(asked))
     side = round_to_step(asked)
     if not MIN_SIDE <= side <= MAX_SIDE:
         raise PlanError(
@@ -130,27 +164,76 @@ def _aspect_ratio(text: str) -> tuple[int, int] | None:
         a, b = int(match.group(1)), int(match.group(2))
         if a and b and (has_ratio_word or (a, b) in _KNOWN_RATIOS):
             return a, b
+        if has_ratio_word and not (a and b):
+            raise PlanError("width", f"the aspect ratio {_quote(match.group(0))} has a zero side", 0)
+    if _CINEMA_WIDE.search(text):
+        return 21, 9
+    if _WIDESCREEN.search(text):
+        return 16, 9
     return None
+
+
+def _explicit_size(text: str) -> re.Match[str] | None:
+    for match in _EXPLICIT_SIZE.finditer(text):
+        a, b = match.group(1).lstrip("-"), match.group(2).lstrip("-")
+        if max(len(a), len(b)) >= 2 or "0" in (a, b) or match.group(1).startswith("-"):
+            return match
+    return _EXPLICIT_BY.search(text)
+
+
+def named_resolution(text: str | RuleText) -> tuple[str, bool] | None:
+    """The first named resolution ("hd", "4k", ...) and whether it names the frame (else a quality tag)."""
+    t = as_rule_text(text).text
+    for match in _NAMED_RESOLUTION.finditer(t):
+        before, after = t[max(0, match.start() - 12) : match.start()], t[match.end() : match.end() + 14]
+        as_size = bool(_AS_SIZE_BEFORE.search(before) or _AS_SIZE_AFTER.match(after))
+        return match.group(1), as_size
+    return None
+
+
+def _resolution(t: str) -> tuple[int, int, int] | None:
+    """(width, height, short side) of a resolution class or a named resolution that names the frame."""
+    match = _RESOLUTION_CLASS.search(t)
+    name = None if match else named_resolution(t)
+    if match:
+        key = match.group(1)
+    elif name and (name[1] or name[0] in _IN_RANGE_NAMES):
+        if name[0] == "2k":
+            return _TWO_K
+        key = _NAMED_CLASS[re.sub(r"[\s-]", " ", name[0]) if "full" in name[0] else name[0]]
+    else:
+        return None
+    width, height, short = RESOLUTION_CLASSES[key]
+    if width > MAX_SIDE:
+        asked = match.group(0) if match else name[0] if name else key
+        raise PlanError(
+            "width",
+            f"the instruction asks for {_quote(asked)} ({width}x{height}); the model makes at most {MAX_SIDE} px "
+            "per side: ask for 2K, 1080P or 720P, or give a size such as 1920x1088",
+            width,
+        )
+    return width, height, short
 
 
 def parse_size(text: str | RuleText) -> tuple[int, int]:
     """(width, height) the instruction asks for, by the conventions of DESIGN section 6.
 
     Explicit sizes win and are kept as written (rounded to 16). Otherwise a resolution class
-    (480P/720P/1080P) or the default 832x480 gives the short side; an aspect ratio or "square"
-    shapes the frame around that short side; "vertical"/"portrait" puts the long side upright.
-    A lone "width of W" or "H pixels tall" replaces just that side.
+    (480P/720P/1080P, HD, Full HD, 2K) or the default 832x480 gives the short side; an aspect ratio
+    (a:b, widescreen, cinemascope) or "square" shapes the frame around that short side;
+    "vertical"/"portrait" puts the long side upright. A lone "width of W" or "H pixels tall"
+    replaces just that side. Zero, negative or too-large values are a PlanError naming the side.
     """
     rule_text = as_rule_text(text)
     t = rule_text.text
-    explicit = _EXPLICIT_SIZE.search(t) or _EXPLICIT_BY.search(t)
+    explicit = _explicit_size(t)
     if explicit:
         return _side("width", explicit.group(1)), _side("height", explicit.group(2))
 
     width, height, short = DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_HEIGHT
-    resolution = _RESOLUTION_CLASS.search(t)
+    resolution = _resolution(t)
     if resolution:
-        width, height, short = RESOLUTION_CLASSES[resolution.group(1)]
+        width, height, short = resolution
     ratio = _aspect_ratio(t)
     if ratio:
         a, b = ratio
@@ -171,6 +254,15 @@ def parse_size(text: str | RuleText) -> tuple[int, int]:
     return width, height
 
 
+def says_size(text: str | RuleText) -> bool:
+    """Whether the instruction states any size, resolution, aspect or orientation (else media may shape it)."""
+    t = as_rule_text(text).text
+    patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _VERTICAL, _LANDSCAPE, _SQUARE, _WIDESCREEN,
+                _CINEMA_WIDE)
+    return (_explicit_size(t) is not None or any(p.search(t) for p in patterns) or _aspect_ratio(t) is not None
+            or bool((n := named_resolution(t)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
+
+
 def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> int:
     side = round_to_step(Fraction(short * long_part, short_part))
     if side > MAX_SIDE:
@@ -182,22 +274,34 @@ def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> 
     return side
 
 
-# --------------------------------------------------------------------------- length
+# --------------------------------------------------------------------------- length and frame rate
 
-_SECONDS = re.compile(rf"(?<![\w.]){_NUMBER}(\s*-?\s*)(seconds?|secs?|s)\b")
-_FRAMES = re.compile(rf"(?<![\w.]){_NUMBER}\s*-?\s*frames?\b(?!\s*(?:per|/|a|each)\s*(?:second|sec|s)\b)")
+_SIGNED = r"(-?\d+(?:\.\d+)?)"
+_SECONDS = re.compile(
+    rf"(?<![\w.]){_SIGNED}(\s*-?\s*)(seconds?|secs?|s|minutes?|mins?|hours?|hrs?|milliseconds?|ms)\b"
+    r"(?!\s*(?:per|/)\s*frame)"
+)
+_MS = Fraction(1, 1000)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 60, "mins": 60, "minute": 60,
+                 "minutes": 60, "hour": 3600, "hours": 3600, "hr": 3600, "hrs": 3600,
+                 "ms": _MS, "millisecond": _MS, "milliseconds": _MS}  # fmt: skip
+_FRAMES = re.compile(rf"(?<![\w.]){_SIGNED}\s*-?\s*frames?\b(?!\s*(?:per|/|a|each)\s*(?:second|sec|s)\b)")
+_FPS = re.compile(
+    rf"(?<![\w.]){_SIGNED}\s*-?\s*(?:fps|frames?\s*(?:per|/|a|each)\s*(?:second|sec|s)\b|hz\b)"
+    rf"|\b(?:frame\s*-?\s*rate|framerate|fps)\s*(?:of|is|=|:|at|to|should\s+be)?\s*{_SIGNED}(?!\w|\.\d)"
+)
 # Words before "80s" that make it a decade ("the 80s", "an 80s look"), not eighty seconds.
 _DECADE_BEFORE = re.compile(r"(?:\b(?:the|an|early|late|mid)\s*-?|['’])$")
 
 
-def frames_for_seconds(seconds: Fraction) -> int:
-    """24*N + 1 frames for N seconds, on the 4k+1 grid VACE needs.
+def frames_for_seconds(seconds: Fraction, fps: int = DEFAULT_FPS) -> int:
+    """fps*N + 1 frames for N seconds, on the 4k+1 grid VACE needs.
 
-    24*N + 1 = 4*(6N) + 1, so it is already 4k+1 whenever 6N is whole (any N that is a
-    multiple of 1/6 s: every integer, .5, .25 ...). Otherwise k = 6N rounded half up, which
-    moves the length by at most 2 frames (1/12 s) from 24*N + 1.
+    At 24 fps, 24*N + 1 = 4*(6N) + 1 is already 4k+1 whenever 6N is whole (any N that is a
+    multiple of 1/6 s). Otherwise k = fps*N/4 rounded half up, which moves the length by at most
+    2 frames from fps*N + 1.
     """
-    return 4 * _round_half_up(6 * seconds) + 1
+    return 4 * _round_half_up(Fraction(fps) * seconds / 4) + 1
 
 
 def frames_for_count(count: Fraction) -> int:
@@ -231,28 +335,63 @@ def asks_for_length(text: str | RuleText) -> bool:
 
 
 def asks_for_size_or_length(text: str | RuleText) -> bool:
-    """Whether the instruction states any size, resolution class, duration or frame count."""
+    """Whether the instruction states any size, resolution class, duration, frame count or frame rate."""
     t = as_rule_text(text).text
-    size_patterns = (_EXPLICIT_SIZE, _EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT)
-    return any(p.search(t) for p in size_patterns) or asks_for_length(text)
+    size_patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _FPS)
+    return _explicit_size(t) is not None or any(p.search(t) for p in size_patterns) or asks_for_length(text)
 
 
-def parse_length(text: str | RuleText) -> int:
-    """Number of video frames the instruction asks for: "N frames" wins over "N seconds"; default 81."""
+def parse_fps(text: str | RuleText) -> int | None:
+    """The frame rate the instruction asks for ("16 fps", "30 frames per second", "frame rate 24"), or None."""
     t = as_rule_text(text).text
+    match = _FPS.search(t)
+    if match is None:
+        return None
+    digits = match.group(1) or match.group(2)
+    value = _number(digits)
+    fps = _round_half_up(value)
+    if value <= 0 or not 1 <= fps <= MAX_FPS:
+        raise PlanError(
+            "fps", f"the instruction asks for {_quote(match.group(0))}; expected a frame rate of 1 to {MAX_FPS}",
+            fps,
+        )
+    return fps
+
+
+def says_length(text: str | RuleText) -> bool:
+    """Whether the instruction states a duration or a frame count."""
+    return asks_for_length(text)
+
+
+def parse_length(text: str | RuleText, fps: int | None = None) -> int:
+    """Number of video frames the instruction asks for: "N frames" wins over a duration; default 81.
+
+    A duration is seconds x fps + 1 made 4k+1, at the instruction's frame rate (``fps``, or
+    the one it states, else 24). Zero, negative or too long is a PlanError naming num_frames.
+    """
+    rule_text = as_rule_text(text)
+    t = rule_text.text
+    rate = fps if fps is not None else (parse_fps(rule_text) or DEFAULT_FPS)
     frames = _FRAMES.search(t)
     seconds = None if frames else _seconds_match(t)
     if frames:
-        asked, count = frames.group(0), frames_for_count(_number(frames.group(1)))
+        asked, value = frames.group(0), _number(frames.group(1))
+        count = frames_for_count(value)
     elif seconds:
-        asked, count = seconds.group(0), frames_for_seconds(_number(seconds.group(1)))
+        asked = seconds.group(0)
+        value = _number(seconds.group(1)) * _UNIT_SECONDS[seconds.group(3)]
+        count = frames_for_seconds(value, rate)
     else:
         return DEFAULT_VIDEO_FRAMES
+    if value <= 0:
+        raise PlanError(
+            "num_frames", f"the instruction asks for {_quote(asked)}; a video length must be positive", int(value)
+        )
     if not 5 <= count <= MAX_FRAMES:
         raise PlanError(
             "num_frames",
             f"the instruction asks for {_quote(asked)}, which is {count} frames; expected 5 to {MAX_FRAMES} "
-            f"(about 0.2 to {(MAX_FRAMES - 1) / 24:.1f} seconds at 24 fps)",
+            f"(about {4 / rate:.2g} to {(MAX_FRAMES - 1) / rate:.1f} seconds at {rate} fps)",
             count,
         )
     return count
@@ -267,6 +406,35 @@ _FIRST_FRAME = re.compile(
 _LAST_FRAME = re.compile(
     r"\b(?:last|final|ending|end|closing|concluding)\s+(?:video\s+)?frame\b|\bend(?:s|ing)?\s+(?:on|with|in|at)\b"
 )
+
+
+def mentions_frame_position(text: str | RuleText) -> bool:
+    """Whether the instruction names a first or last frame ("starts with", "final frame", ...)."""
+    t = as_rule_text(text).text
+    return _FIRST_FRAME.search(t) is not None or _LAST_FRAME.search(t) is not None
+
+
+def has_first_and_last_cues(text: str | RuleText) -> bool:
+    """Whether the instruction names both a first and a last frame."""
+    t = as_rule_text(text).text
+    return _FIRST_FRAME.search(t) is not None and _LAST_FRAME.search(t) is not None
+
+
+def _gap(near: int, span: tuple[int, int]) -> int:
+    return near - span[1] if span[1] <= near else span[0] - near
+
+
+def frame_cue_gaps(text: str | RuleText, near: int) -> tuple[int | None, int | None]:
+    """How far the nearest first-frame and last-frame cues are from offset ``near`` (None: no such cue)."""
+    t = as_rule_text(text).text
+    first = [_gap(near, m.span()) for m in _FIRST_FRAME.finditer(t)]
+    last = [_gap(near, m.span()) for m in _LAST_FRAME.finditer(t)]
+    return (min(first) if first else None), (min(last) if last else None)
+
+
+def mask_named(media: Sequence[MediaRef]) -> bool:
+    """Whether exactly one of two or more media has a file name that says mask."""
+    return len(media) >= 2 and sum(1 for m in media if _MASK_NAME.search(PurePath(m.path).stem.lower())) == 1
 
 
 def parse_frame_index(text: str | RuleText, near: int | None = None) -> str:
@@ -292,14 +460,22 @@ def parse_frame_index(text: str | RuleText, near: int | None = None) -> str:
 
 # --------------------------------------------------------------------------- edit indices
 
-_MASK_WORD = re.compile(r"\bmasks?\b")
+# The mask in the user's words: "mask", or the region it marks ("the white area", "the marked region").
+_MASK_WORD = re.compile(
+    r"\bmasks?\b|\bmasked\b|\bmattes?\b|\balpha\s+(?:map|channel|matte)\b|\binpaint(?:ing)?\s+(?:area|region|map)\b"
+    r"|\b(?:marked|selected|highlighted|white|painted|indicated|outlined|blank|specified)\s+(?:areas?|regions?"
+    r"|parts?|zones?|pixels|spots?|portions?)\b"
+)
+# File names that say mask: "mask.png", "m_mask.mp4", "area-matte.png", "alpha.png", "seg_mask".
+_MASK_NAME = re.compile(r"(?:^|[^a-z])(?:mask|masks|matte|alpha|msk)(?:[^a-z]|$)|mask")
 _WORDS = re.compile(r"[\w']+")
 # Words that may stand between "mask" and its reference: "a mask ###m###", "###m### is the mask",
 # "mask image: ###m###". Anything else ("the mask for ###s###", "###s### and a mask") separates them.
 _MASK_FILLERS = frozenset({
     "a", "an", "the", "this", "that", "its", "my", "our", "your", "is", "are", "as", "be", "here", "here's",
     "image", "picture", "photo", "video", "clip", "file", "map", "binary", "given", "provided", "following",
-    "corresponding", "below", "above", "called", "named", "see", "use", "using",
+    "corresponding", "below", "above", "called", "named", "see", "use", "using", "area", "areas", "region",
+    "regions", "in", "of", "shown", "marked", "white", "selected", "highlighted", "painted", "part", "parts",
 })  # fmt: skip
 
 
@@ -308,17 +484,20 @@ def mentions_mask(text: str | RuleText) -> bool:
     return _MASK_WORD.search(as_rule_text(text).text) is not None
 
 
-def mask_index(text: str | RuleText, media: Sequence[MediaRef]) -> int | None:
-    """Which medium is the mask: one whose file name says "mask", else the reference next to the word "mask"."""
+def mask_index(text: str | RuleText, media: Sequence[MediaRef], candidates: Sequence[int] = ()) -> int | None:
+    """Which medium is the mask: one whose file name says "mask", else the reference next to the word "mask",
+    else (no word) the one medium that looks like a mask (``candidates``: two-level single-channel media).
+    """
     if len(media) < 2:
         return None
-    named = [i for i, m in enumerate(media) if "mask" in PurePath(m.path).stem.lower()]
+    named = [i for i, m in enumerate(media) if _MASK_NAME.search(PurePath(m.path).stem.lower())]
     if len(named) == 1:
         return named[0]
     rule_text = as_rule_text(text)
     offsets = rule_text.ref_offsets
-    if len(offsets) != len(media):
-        return None  # references were not written inline; there is nothing to be "next to"
+    if not mentions_mask(rule_text) or len(offsets) != len(media):
+        # no word to be "next to" (or references not written inline): the media's look decides
+        return candidates[0] if len(candidates) == 1 else None
     t = rule_text.text
     best: tuple[int, int, int, int] | None = None
     for word in _MASK_WORD.finditer(t):
@@ -334,17 +513,22 @@ def mask_index(text: str | RuleText, media: Sequence[MediaRef]) -> int | None:
     return None if best is None else best[3]
 
 
-def edit_indices(text: str | RuleText, media: Sequence[MediaRef], source_kind: MediaKind) -> tuple[int | None, int]:
+def edit_indices(
+    text: str | RuleText, media: Sequence[MediaRef], source_kind: MediaKind, candidates: Sequence[int] = ()
+) -> tuple[int | None, int]:
     """(mask_index, source_index) for an editing task whose source is of ``source_kind``.
 
-    The source is the first medium of that kind that is not the mask; when the only such
-    medium was taken for the mask, it is the source instead and there is no mask.
+    The source is the first medium of that kind that is not the mask (nor a mask-looking
+    medium); when the only such medium was taken for the mask, it is the source instead and
+    there is no mask.
     """
-    mask = mask_index(text, media)
+    mask = mask_index(text, media, candidates)
     sources = [i for i, m in enumerate(media) if m.kind == source_kind]
     if not sources:
         raise PlanError("source_index", f"an edit needs a {source_kind} to edit; the instruction references none")
     others = [i for i in sources if i != mask]
+    if len(others) > 1:
+        others = [i for i in others if i not in candidates] or others
     if not others:
         return None, sources[0]
     return mask, others[0]

@@ -12,9 +12,76 @@ import re
 from dataclasses import dataclass
 
 from ..instruction import REFERENCE_PATTERN
+from .rules_zh import rewrite_chinese
 
 #: Stands for one ``###reference###``; a private-use code point that no cue regex matches (not ``\w``).
 REF_MARK = "\ue000"
+
+# --------------------------------------------------------------------------- English number words
+
+_ONES = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+    "seventeen": 17, "eighteen": 18, "nineteen": 19,
+}  # fmt: skip
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+_ONE = "|".join(_ONES)
+_TEN = "|".join(_TENS)
+_BELOW_100 = rf"(?:(?:{_TEN})(?:[\s-](?:{_ONE}))?|{_ONE})"
+_WORD_NUMBER = rf"(?:(?:{_ONE}|a|one)\s+hundred(?:\s+(?:and\s+)?{_BELOW_100})?|{_BELOW_100})"
+_UNIT = r"(?:seconds?|secs?|minutes?|mins?|hours?|hrs?|milliseconds?|frames?|fps)"
+# "five seconds", "twenty-five frames", "one and a half minutes", "a minute and a half", "half a second".
+_WORDS_AND_HALF = re.compile(rf"\b({_WORD_NUMBER}|\d+)\s+and\s+a\s+half\s*-?\s*({_UNIT})\b")
+_UNIT_AND_HALF = re.compile(rf"\b(?:an?|one)\s*-?\s*({_UNIT})\s+and\s+a\s+half\b")
+_HALF_A = re.compile(rf"\bhalf\s+(?:of\s+)?(?:an?\s*-?\s*)?({_UNIT})\b")
+_QUARTER = re.compile(rf"\b(?:a|one)\s+quarter\s+(?:of\s+)?(?:an?\s+)?({_UNIT})\b")
+_WORDS_UNIT = re.compile(rf"\b({_WORD_NUMBER})(\s*-?\s*)({_UNIT})\b")
+# "a minute", "an hour"; "a second" only where it is a length ("for a second", "a second long"),
+# never "a second image".
+_A_UNIT = re.compile(
+    r"\ban?\s*-?\s*(minute|min|hour|hr)\b"
+    r"|(?:(?<=\bfor\s)|(?<=\blasting\s)|(?<=\babout\s)|(?<=\bjust\s)|(?<=\bonly\s)|(?<=\bof\s)|(?<=\bin\s))"
+    r"an?\s*-?\s*(second|sec)\b|\ban?\s*-?\s*(second|sec)(?=\s*-?\s*long\b)"
+)
+
+
+def word_number(words: str) -> int:
+    """'twenty-five' -> 25, 'one hundred and twenty' -> 120, 'a hundred' -> 100."""
+    total = 0
+    for word in re.split(r"[\s-]+", words):
+        if word == "hundred":
+            total = max(total, 1) * 100
+        elif word in _TENS:
+            total += _TENS[word]
+        elif word in _ONES:
+            total += _ONES[word]
+        elif word in ("a", "one"):
+            total += 1
+    return total
+
+
+def _number_text(value: int, half: bool = False) -> str:
+    return f"{value}.5" if half else str(value)
+
+
+def rewrite_number_words(text: str) -> str:
+    """Number words next to a unit become digits: 'five seconds' -> '5 seconds', 'half a minute' -> '0.5 minute'."""
+    if not re.search(r"[a-z]", text):
+        return text
+    text = _WORDS_AND_HALF.sub(
+        lambda m: f"{_number_text(int(m[1]) if m[1].isdigit() else word_number(m[1]), True)} {m[2]}", text
+    )
+    text = _UNIT_AND_HALF.sub(lambda m: f"1.5 {m[1]}", text)
+    text = _HALF_A.sub(lambda m: f"0.5 {m[1]}", text)
+    text = _QUARTER.sub(lambda m: f"0.25 {m[1]}", text)
+    text = _WORDS_UNIT.sub(lambda m: f"{word_number(m[1])}{m[2]}{m[3]}", text)
+    return _A_UNIT.sub(lambda m: f"1 {m[1] or m[2] or m[3]}", text)
+
+
+def normalize(chunk: str) -> str:
+    """One stretch of instruction text as the cue regexes read it: lower case, Chinese cues in English."""
+    return rewrite_number_words(rewrite_chinese(chunk.lower().replace("\u2212", "-")))
+
 
 # A sentence ends at . ! ? ; followed by white space (so "2.5 seconds" stays whole), or at a newline.
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
@@ -40,14 +107,14 @@ def read_rule_text(instruction_text: str) -> RuleText:
     length = 0
     pos = 0
     for match in REFERENCE_PATTERN.finditer(instruction_text):
-        chunk = instruction_text[pos : match.start()].lower()
+        chunk = normalize(instruction_text[pos : match.start()])
         parts.append(chunk)
         length += len(chunk)
         offsets.append(length + 1)
         parts.append(f" {REF_MARK} ")
         length += 3
         pos = match.end()
-    parts.append(instruction_text[pos:].lower())
+    parts.append(normalize(instruction_text[pos:]))
     text = "".join(parts)
 
     sentences: list[tuple[int, str]] = []

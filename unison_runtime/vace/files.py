@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from ..attention import use_best_vace_attention
 from ..errors import WeightsError
 from ..weights import load_state_dict, read_safetensors_header
 from . import umt5_files
+from .compute import prepare_transformer
 from .converting_load import (
     DtypeRule,
     SafetensorsSource,
@@ -574,6 +574,6 @@ def load_vace_from_files(
         text_device=text_device,
         dtype=transformer_dtype,
         scheduler_config=scheduler_config(),
-        attention=use_best_vace_attention(module, device, transformer_dtype) if module is not None else "native",
+        attention=prepare_transformer(module, device, transformer_dtype) if module is not None else "native",
         origin=origin,
     )

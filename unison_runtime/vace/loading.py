@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..attention import use_best_vace_attention
+from ..devices import default_compute_dtype
 from ..errors import WeightsError
+from .compute import prepare_transformer
 from .models import VaceModels
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -38,11 +39,13 @@ def default_device() -> str:
 def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
     """The torch dtype for ``role`` on ``device``: an explicit choice wins, else a sensible default.
 
-    Defaults: on a GPU the transformer runs in bf16 (fp16 where bf16 is unsupported); the umT5
-    encoder in bf16, or fp32 where bf16 is unsupported because umT5 overflows in fp16; the VAE in
-    fp32 everywhere (Wan's reference and diffusers both decode in fp32 for quality). On the CPU
-    the transformer and umT5 compute in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX:
-    about 2x faster than fp32 there, issue 16), else in fp32 like the VAE.
+    Defaults (:func:`unison_runtime.devices.default_compute_dtype`, asked of this ``cuda:N``): on a
+    GPU with native bf16 (sm80+) the transformer and umT5 run in bf16; below, the transformer in
+    fp16 with its residual stream in fp32 (:mod:`.fp16`) and umT5 in fp32 (it overflows in fp16);
+    the VAE in fp32 everywhere (Wan's reference and diffusers both decode in fp32 for quality). On
+    the CPU everything is fp32, except that on a CPU with native bf16 (AVX512-BF16 / AMX) the
+    transformer and umT5 compute in bf16 (about 2x faster there, issue 16; emulated bf16 is far
+    slower, so never elsewhere).
     """
     import torch
 
@@ -55,17 +58,12 @@ def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
         if found is None:
             raise WeightsError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16")
         return found
-    kind = torch.device(device).type
-    if kind == "cpu" and role != "vae":
+    if torch.device(device).type == "cpu" and role != "vae":
         from ..memory_plan import cpu_has_native_bf16
 
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # emulated bf16 is far slower
-    if kind == "cpu" or role == "vae":
-        return torch.float32
-    bf16_ok = kind != "cuda" or torch.cuda.is_bf16_supported()
-    if role == "text_encoder":
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return torch.bfloat16 if bf16_ok else torch.float16
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+    return default_compute_dtype(device, role)
 
 
 # --------------------------------------------------------------------------- checks
@@ -294,7 +292,7 @@ def load_vace_diffusers(
         text_device=text_device,
         dtype=transformer_dtype,
         scheduler_config=read_scheduler_config(directory / "scheduler"),
-        attention=use_best_vace_attention(transformer, device, transformer_dtype) if transformer is not None
+        attention=prepare_transformer(transformer, device, transformer_dtype) if transformer is not None
         else "native",
     )
     models.origin = {name: str(directory / name) for name in (*COMPONENTS, "scheduler")}

@@ -10,11 +10,18 @@ noise), with three differences that matter to Unison:
   code does (diffusers prepends each in turn, which reverses them);
 * a ``progress(step, total)`` callback and a ``cancel()`` check run every step.
 
+Where it reproduces the reference (Unison ``module.py`` ``WanVaceProj.generate``, which is VACE's
+``WanVace.generate`` plus the projector tokens): the scheduler samples on Wan's sigma grid
+(:mod:`.scheduler`), the guidance combine runs in float32 on float32 predictions (Wan's model
+returns ``.float()`` outputs), and the scheduler steps float32 latents.
+
 Conventions (VACE's): the source video is in [-1, 1] (grey 0.5 → 0), the mask is binary with
 1 = regenerate; the VAE encodes ``video * (1 - mask)`` (kept) and ``video * mask`` (to regenerate)
 separately; the mask is pixel-unshuffled 8x8 into 64 channels and resized in time to the latent
 frames; each reference image is encoded alone, paired with zeros, and prepended in time, with a
-zero mask. The noise is drawn on the CPU from ``seed``, so a seed means the same noise everywhere.
+zero mask. The noise is drawn from ``seed`` on the CPU by default, so a seed means the same noise on
+every machine (as in ComfyUI); ``noise_device="device"`` draws it on the sampling device as the
+reference does (on a GPU that gives the reference's noise, which differs between GPU models).
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from .models import VaceModels
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
+StepFn = Callable[[int, int, torch.Tensor], None]  # (step, total, predicted clean latents [1, C, T, h, w])
+
+#: Where the starting noise is drawn: a CPU generator (default) or one on the sampling device (the reference's).
+NOISE_DEVICES = ("cpu", "device")
 
 
 class VaceInputsLike(Protocol):
@@ -50,6 +61,10 @@ class SamplingOptions:
     ``negative_prompt`` is used by whoever builds the negative context (``None``: Wan's default).
     ``batch_cfg`` runs both guidance branches in one forward; turn it off to halve peak activations.
     ``fps`` overrides the plan's frame rate (``None``: the plan's, 24 unless a planner or user set it).
+    ``noise_device``: ``"cpu"`` (default) draws the starting noise with a CPU generator, the same on
+    every machine for a seed (like ComfyUI); ``"device"`` draws it with a generator on the sampling
+    device, as the reference (``WanVaceProj.generate``) does: the reference's exact noise on that
+    device, but a different one on another GPU model or on the CPU. On the CPU both are the same.
     """
 
     steps: int = 50
@@ -60,6 +75,7 @@ class SamplingOptions:
     context_scale: float = 1.0
     batch_cfg: bool = True
     fps: int | None = None
+    noise_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -72,6 +88,10 @@ class SamplingOptions:
             raise UnisonError(f"sampling option seed={self.seed!r}: expected an integer in [0, 2**64)")
         if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
             raise UnisonError(f"sampling option fps={self.fps!r}: expected >= 1")
+        if self.noise_device not in NOISE_DEVICES:
+            raise UnisonError(f"sampling option noise_device={self.noise_device!r}: expected one of "
+                              f"{', '.join(NOISE_DEVICES)} (cpu: the same noise on every machine; device: the "
+                              "sampling device's generator, as the reference)")
 
     @property
     def uses_guidance(self) -> bool:
@@ -154,10 +174,25 @@ def _mask_latents(mask: torch.Tensor, latent_frames: int, spatial: int, patch: i
     return torch.nn.functional.interpolate(blocks[None], size=(latent_frames, lh, lw), mode="nearest-exact")[0]
 
 
-def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int) -> PreparedLatents:
-    """VACE's control latents (source, mask, references) and the starting noise, on ``models.device``."""
-    from diffusers.utils.torch_utils import randn_tensor
+def draw_noise(shape: tuple[int, ...], seed: int, device: str | torch.device,
+               noise_device: str = "cpu") -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` on ``device`` from ``seed``.
 
+    As the reference (``WanVaceProj.generate``): ``torch.randn(z, F, h, w, dtype=float32,
+    generator=torch.Generator(device).manual_seed(seed))``; a leading batch axis of 1 does not change
+    the values. ``noise_device`` picks the generator's device: ``"cpu"`` or the sampling ``"device"``.
+    """
+    if noise_device not in NOISE_DEVICES:
+        raise UnisonError(f"noise_device={noise_device!r}: expected one of {', '.join(NOISE_DEVICES)}")
+    where = torch.device("cpu") if noise_device == "cpu" else torch.device(device)
+    generator = torch.Generator(device=where).manual_seed(seed)
+    noise = torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
+    return noise.to(device)
+
+
+def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int,
+                    noise_device: str = "cpu") -> PreparedLatents:
+    """VACE's control latents (source, mask, references) and the starting noise, on ``models.device``."""
     device = torch.device(models.device)
     temporal, spatial = vae_scales(models)
     patch = models.transformer.config.patch_size[1]
@@ -187,20 +222,26 @@ def prepare_latents(models: VaceModels, inputs: VaceInputsLike, seed: int) -> Pr
 
     z = models.transformer.config.in_channels
     shape = (1, z, latent_frames + num_refs, inputs.frames.shape[1] // spatial, inputs.frames.shape[2] // spatial)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    noise = draw_noise(shape, seed, device, noise_device)
     return PreparedLatents(control=control, noise=noise, num_references=num_refs)
 
 
 def make_scheduler(models: VaceModels, shift: float) -> Any:
-    """A fresh UniPC scheduler in flow-prediction mode with ``flow_shift = shift`` (Wan's solver)."""
-    from diffusers import UniPCMultistepScheduler
+    """A fresh UniPC flow scheduler on Wan's sigma grid with ``flow_shift = shift`` (see :mod:`.scheduler`)."""
+    from .scheduler import wan_unipc_scheduler  # imports diffusers: only when sampling
 
-    # Keys of another scheduler class (e.g. FlowMatchEuler's) are not UniPC's: keep only UniPC's own.
-    known = set(UniPCMultistepScheduler().config)
-    config = {k: v for k, v in models.scheduler_config.items() if k in known}
-    config.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=float(shift))
-    return UniPCMultistepScheduler.from_config(config)
+    return wan_unipc_scheduler(models.scheduler_config, shift)
+
+
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` in float32, whatever dtype the transformer ran in.
+
+    The reference's model returns float32 (``[u.float() for u in x]`` in Wan's ``WanModel.forward``),
+    so ``WanVaceProj.generate`` combines and steps in float32; combining bf16 outputs in bf16 would
+    round the difference ``cond - uncond`` before it is scaled by 5.
+    """
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + scale * (cond - uncond)
 
 
 # --------------------------------------------------------------------------- denoising
@@ -248,8 +289,13 @@ def denoise(
     cancel: CancelFn | None = None,
     notes: list[str] | None = None,
     state: dict[str, Any] | None = None,
+    on_step: StepFn | None = None,
 ) -> torch.Tensor:
     """The flow-matching UniPC loop with classifier-free guidance; returns the final float32 latents.
+
+    ``on_step(step, total, x0)``, when given, receives after each step the current estimate of the
+    clean latents (``x0 = x_t - sigma_t * v``, reference frames included), e.g. for live previews;
+    without it nothing extra is computed.
 
     ``state``, when given, is kept up to date with the step being computed (``"step"``) and whether
     guidance still runs batched (``"batched"``), for error messages.
@@ -297,11 +343,12 @@ def denoise(
                     if guided:
                         predictions.append(_forward(transformer, latents, t, neg, control, scale, "uncond"))
                 if guided:
-                    cond_pred, uncond_pred = predictions
-                    noise_pred = uncond_pred + options.guidance * (cond_pred - uncond_pred)
+                    noise_pred = combine_guidance(predictions[0], predictions[1], options.guidance)
                 else:
-                    noise_pred = predictions[0]
+                    noise_pred = predictions[0].float()
                 predictions.clear()
+                if on_step is not None:
+                    on_step(i + 1, total, latents - scheduler.sigmas[i].to(latents.device) * noise_pred)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if progress is not None:
                     progress(i + 1, total)
@@ -349,12 +396,14 @@ def sample(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    on_step: StepFn | None = None,
 ) -> Generation:
     """Generate the plan's image or video from VACE inputs and the two text contexts.
 
     ``cond_context`` / ``neg_context`` are ``[1, L, text_dim]`` (see :mod:`.text`); ``neg_context``
     may be ``None`` when ``options.guidance <= 1``. ``progress(step, total)`` is called after each
-    step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`). Deterministic
+    step, ``cancel()`` before each (a true result raises :class:`SamplingCancelled`), ``on_step`` as in
+    :func:`denoise`. Deterministic
     for a given seed on a given device.
 
     Running out of memory raises :class:`~unison_runtime.errors.OutOfMemory` naming the settings
@@ -372,10 +421,10 @@ def sample(
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
-        prepared = prepare_latents(models, inputs, options.seed)
+        prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
         stage[0] = "sampling"
         latents = denoise(models, prepared, cond_context, neg_context, options, progress=progress, cancel=cancel,
-                          notes=notes, state=state)
+                          notes=notes, state=state, on_step=on_step)
         stage[0] = "decoding with the VAE"
         return decode(models, latents, prepared.num_references)
 

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import MediaError, PlanError
 from ..media import Medium
-from ..plan import Plan, Task
+from ..plan import Plan, Task, frame_positions
 from .resize import center_crop_box, contain_on_white, cover_frames, cover_mask
 
 GREY = 0.5
@@ -240,15 +240,20 @@ def _reference(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
 
 
 def _image_to_video(plan: Plan, media: Sequence[Medium], inputs: VaceInputs) -> None:
+    # Each frame image is placed, unmasked, at its position (first, last, or both ends: VACE's
+    # first+last-frame recipe); every other frame is grey with mask 1.
+    placed = frame_positions(plan)
     found = _role_indices(plan, "frame")
-    i = found[0]
-    if len(found) > 1:
-        inputs.notes.append(f"{len(found)} media have role 'frame'; only {_label(i, media[i])} is placed")
-    at = 0 if plan.frame_index == "first" else plan.num_frames - 1
-    if note := _crop_note(_label(i, media[i]), media[i], plan):
-        inputs.notes.append(note)
-    inputs.frames[at] = cover_frames(media[i].frames, plan.width, plan.height)[0]
-    inputs.masks[at] = 0.0
+    if len(found) > len(placed):
+        names = ", ".join(_label(j, media[j]) for j in found[len(placed):])
+        inputs.notes.append(
+            f"{len(found)} media have role 'frame'; {plan.frame_index!r} places {len(placed)}, not {names}"
+        )
+    for i, at in placed:
+        if note := _crop_note(_label(i, media[i]), media[i], plan):
+            inputs.notes.append(note)
+        inputs.frames[at] = cover_frames(media[i].frames, plan.width, plan.height)[0]
+        inputs.masks[at] = 0.0
 
 
 #: What each task changes in the blank inputs; text-to-image and text-to-video keep them blank.

@@ -14,7 +14,6 @@ embedding of the negative prompt (Wan's default unless one is given) zero-padded
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +34,17 @@ CONTEXT_LENGTH = REFERENCE_CONTEXT_LENGTH
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: fix mojibake (ftfy), unescape HTML twice, collapse whitespace."""
+    """Wan's prompt cleaning: fix mojibake (ftfy), unescape HTML twice, collapse whitespace.
+
+    Wan2.1 ``wan/modules/tokenizers.py`` (``clean='whitespace'``: ``basic_clean`` then
+    ``whitespace_clean``), with the third-party ``regex`` module as Wan uses it: its ``\\s`` is not
+    the standard library's (``\\x1c``-``\\x1f`` are not whitespace to it).
+    """
     import ftfy
+    import regex
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return re.sub(r"\s+", " ", text).strip()
+    return regex.sub(r"\s+", " ", text).strip()
 
 
 def encode_text(models: VaceModels, text: str, *, max_tokens: int = MAX_TEXT_TOKENS) -> Any:
