@@ -306,7 +306,7 @@ def test_umt5_comfy_fp16_with_embedded_tokenizer(tiny_umt5, tmp_path):
 
     model, tokenizer, proto = tiny_umt5
     path = tw.write_umt5_comfy(model, proto, tmp_path / "umt5_xxl_fp16.safetensors", precision="fp16")
-    loaded, tok = files.load_text_encoder(path, dtype="fp16")
+    loaded, tok = files.load_text_encoder(path, dtype="fp16", cast_per_layer=False)
     assert loaded.shared.weight.dtype == torch.float16
     assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # as from_pretrained
     processor = spm.SentencePieceProcessor(model_proto=proto)
@@ -321,7 +321,7 @@ def test_umt5_comfy_scaled_fp8_dequantizes_close_to_source(tiny_umt5, tmp_path):
     model, tokenizer, proto = tiny_umt5
     path = tw.write_umt5_comfy(model, proto, tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                                precision="fp8_scaled")
-    loaded, tok = files.load_text_encoder(path, dtype=torch.float32)
+    loaded, tok = files.load_text_encoder(path, dtype=torch.float32, cast_per_layer=False)  # dequantized whole
     source = model.state_dict()
     name = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
     got, want = loaded.state_dict()[name], source[name]
@@ -371,7 +371,9 @@ def test_load_vace_from_files_comfy_models_folder(tmp_path):
     assert type(models.text_encoder).__name__ == "UMT5EncoderModel"
     # Stored fp16 / fp8, computed as the diffusers loader would on this CPU: fp32.
     assert models.dtype == models.transformer.dtype == models.vae.dtype == torch.float32
-    assert models.text_encoder.shared.weight.dtype == torch.float32
+    # The embedding (fp16) and fp8 matrices stay as stored; each layer computes in fp32 (test_stored_precision).
+    assert models.text_encoder.shared.weight.dtype == torch.float16
+    assert "cast per layer" in models.origin["text_encoder"] and "cast per layer" in models.origin["transformer"]
     assert models.scheduler_config["_class_name"] == "UniPCMultistepScheduler"
     assert "wan2.1_vace_1.3B_fp16.safetensors" in models.origin["transformer"]
     assert "Comfy-Org layout" in models.origin["transformer"]
@@ -479,7 +481,7 @@ def test_umt5_file_dtypes_and_tied_embedding_match_from_pretrained(tiny_umt5, tm
     path = tw.write_umt5_comfy(model, proto, tmp_path / "umt5_xxl_fp16.safetensors", precision="fp16")
     tw.reference_weights(model, "fp16").save_pretrained(str(tmp_path / "ref"))
     reference = UMT5EncoderModel.from_pretrained(str(tmp_path / "ref"), dtype=dtype)
-    loaded, _ = files.load_text_encoder(path, dtype=precision)
+    loaded, _ = files.load_text_encoder(path, dtype=precision, cast_per_layer=False)  # converted as from_pretrained
     assert {n: p.dtype for n, p in loaded.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
     assert ref_state.keys() == got_state.keys()
@@ -492,7 +494,7 @@ def test_umt5_wan_bf16_pth_converts_to_fp32_on_the_cpu(tiny_umt5, tmp_path):
     model, tokenizer, _ = tiny_umt5
     pth = tw.write_umt5_wan(model, tokenizer, tmp_path / "Wan2.1-VACE-1.3B", precision="bf16")
     reference = _diffusers_reload(tw.reference_weights(model, "bf16"), tmp_path / "ref")
-    loaded, tok = files.load_text_encoder(pth)  # CPU default: fp32, converted tensor by tensor
+    loaded, tok = files.load_text_encoder(pth, cast_per_layer=False)  # CPU default: fp32, converted tensor by tensor
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
     assert all(torch.equal(got_state[k], ref_state[k]) for k in ref_state)

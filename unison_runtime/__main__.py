@@ -148,8 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage-two transformer dtype (default: bf16 on a GPU, fp32 on the CPU)")
     run.add_argument("--text-device", default=None,
                      help="device for the umT5 encoder (default: --device; 'cpu' keeps umT5-XXL off the GPU)")
-    run.add_argument("--low-memory", action="store_true",
-                     help="free the Qwen planner and umT5 before sampling (their memory goes to the sampler)")
+    run.add_argument("--text-dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
+                     help="umT5 compute dtype (default: bf16 on a GPU or a CPU with native bf16, else fp32); "
+                     "fp8/fp16 files stay stored at their size and are cast layer by layer")
+    run.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                     help="stage the job: one large model at a time (Qwen, then umT5, then transformer + VAE); "
+                     "default: chosen from the free memory, and said on stderr")
+    run.add_argument("--batch-cfg", action=argparse.BooleanOptionalAction, default=None,
+                     help="both guidance branches in one forward (faster, twice the activations); "
+                     "default: chosen from the free memory")
     run.add_argument("--vae-tiling", action="store_true",
                      help="decode in tiles (less memory for large frames; switched on by itself when only the "
                           "decode would not fit)")

@@ -26,7 +26,7 @@ import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +53,13 @@ Loader = Callable[[], Any]
 log = logging.getLogger(__name__)
 
 _FILE_KINDS = {"planner": "planner model file", "stage_one": "stage-one model file", "projector": "projector file",
-               "vace": "VACE model file", "salient": "salient annotator file"}
+               "vace": "VACE model file", "salient": "salient annotator file",
+               "text_encoder": "umT5 text encoder file"}
 _MODEL_NAMES = {"planner": "the Qwen2.5-VL planner", "stage_one": "the Qwen2.5-VL stage one",
                 "projector": "the projector", "vace": "Wan2.1-VACE (transformer, VAE, umT5)",
-                "salient": "VACE's salient annotator (u2net)"}
+                "salient": "VACE's salient annotator (u2net)", "text_encoder": "the umT5 text encoder"}
+#: Models too large to hold two of at once on a small machine; a staged pipeline holds one at a time.
+_HEAVY = ("planner", "stage_one", "text_encoder", "vace")
 
 
 @dataclass
@@ -89,6 +92,8 @@ class UnisonPipeline:
     - ``salient``: VACE's salient annotator (:class:`~unison_runtime.vace.salient.SalientAnnotator`,
       or loader); masks a video edit given no mask, as Unison does. ``None``: such an edit keeps
       the source, whole frame editable, and its notes say so.
+    - ``text_encoder``: a :class:`VaceModels` holding only umT5 and its tokenizer (or loader, e.g.
+      ``load_vace_from_files(..., parts=TEXT_PARTS)``); ``None``: prompts are encoded with ``vace``'s.
 
     ``roots`` are the folders ``###name###`` references resolve in; ``options`` the default
     sampling options of every job. ``files`` names, per model given as a loader, the files or
@@ -98,6 +103,10 @@ class UnisonPipeline:
     encoded) / the Qwen stage one (once its hidden states are projected), giving their memory to
     the sampler; the next job loads them again. For one-off jobs on a small GPU.
     ``progress`` is told about each model load and stage (:mod:`.progress`; default: silent).
+    ``staged``: hold one large model at a time (the Qwen stage one, umT5, the transformer + VAE),
+    each loaded only after the previous one was released: stage one plans and projects, umT5
+    encodes both prompts, then the sampler loads. With ``text_encoder`` given as a loader of umT5
+    alone, the transformer and umT5 never share memory. Results are the same as unstaged.
     """
 
     def __init__(
@@ -113,10 +122,12 @@ class UnisonPipeline:
         files: Mapping[str, Sequence[str | Path | None]] | None = None,
         release_text_encoder: bool = False,
         release_planner: bool = False,
+        text_encoder: VaceModels | Loader | None = None,
+        staged: bool = False,
         progress: Progress | None = None,
     ) -> None:
         self._sources: dict[str, Any] = {"planner": planner, "stage_one": stage_one, "projector": projector,
-                                         "vace": vace, "salient": salient}
+                                         "vace": vace, "salient": salient, "text_encoder": text_encoder}
         unknown = sorted(set(files or {}) - set(self._sources))
         if unknown:
             raise UnisonError(f"files given for unknown model(s) {unknown}; expected some of {sorted(self._sources)}")
@@ -129,6 +140,7 @@ class UnisonPipeline:
         self.release_text_encoder_after_encoding = release_text_encoder
         self.release_planner_before_sampling = release_planner
         self.progress = progress or Progress()
+        self.staged = staged
 
     # ------------------------------------------------------------------ models
 
@@ -137,6 +149,8 @@ class UnisonPipeline:
             self._check_files(name)
         if name not in self._loaded:
             source = self._sources[name]
+            if self.staged and name in _HEAVY and _is_loader(source):
+                self._release_others(name)
             signature = None
             if _is_loader(source) and any(p is not None for p in self._files.get(name, ())):
                 # Stamped before loading: a file replaced while it loads counts as replaced next time.
@@ -156,6 +170,16 @@ class UnisonPipeline:
         model = loader()
         self.progress.loaded(_MODEL_NAMES[name], time.perf_counter() - start)
         return model
+
+    def _release_others(self, name: str) -> None:
+        """Staged: let every other large model this pipeline loaded go before ``name`` loads."""
+        others = [other for other in _HEAVY if other != name and self._loaded.get(other) is not None
+                  and _is_loader(self._sources[other])]
+        if others:
+            log.info("staged: releasing %s before loading %s", ", ".join(others), name)
+            self._drop(*others)
+            gc.collect()
+            _empty_cuda_cache()
 
     def _check_files(self, name: str) -> None:
         """Drop a cached model whose files changed; report one whose file was deleted."""
@@ -194,6 +218,27 @@ class UnisonPipeline:
             raise WeightsError("generation needs the Wan2.1-VACE models; none were given to the pipeline")
         return models
 
+    @property
+    def text_models(self) -> VaceModels:
+        """The models prompts are encoded with: the ``text_encoder`` source when given, else ``vace``."""
+        if self._sources["text_encoder"] is None:
+            return self.vace
+        models = self._get("text_encoder")
+        if models is None or models.text_encoder is None:
+            raise WeightsError("the umT5 text encoder given to the pipeline holds no encoder")
+        return models
+
+    def set_source(self, name: str, source: Any, files: Sequence[str | Path | None] | None = None) -> None:
+        """Replace how model ``name`` is obtained (e.g. split loaders once a job is found to need
+        staging); the model must not be loaded yet."""
+        if name not in self._sources:
+            raise UnisonError(f"unknown model {name!r}; expected one of {sorted(self._sources)}")
+        if self._loaded.get(name) is not None:
+            raise UnisonError(f"model {name!r} is already loaded; release it before changing its source")
+        self._sources[name] = source
+        if files is not None:
+            self._files[name] = tuple(files)
+
     def loaded(self) -> list[str]:
         """Names of the models loaded so far (for displays and caching checks)."""
         return [name for name, value in self._loaded.items() if value is not None]
@@ -203,18 +248,24 @@ class UnisonPipeline:
         for name in names or tuple(self._loaded):
             if name not in self._sources:
                 raise UnisonError(f"unknown model {name!r}; expected one of {sorted(self._sources)}")
+        names = names or tuple(self._loaded)
+        if "vace" in names or "text_encoder" in names:
+            self._negative_cache.clear()
+        self._drop(*names)
+        gc.collect()
+        _empty_cuda_cache()
+
+    def _drop(self, *names: str) -> None:
+        """Forget the named models (unloading those this pipeline loaded); cached embeddings stay."""
+        for name in names:
             value = self._loaded.pop(name, None)
             self._signatures.pop(name, None)
-            if name == "vace":
-                self._negative_cache.clear()
             if value is None or not _is_loader(self._sources[name]):
                 continue  # a model the caller passed in stays theirs: only our reference is dropped
-            if name == "vace":
+            if name in ("vace", "text_encoder"):
                 value.release()
             elif hasattr(value, "unload"):
                 value.unload()
-        gc.collect()
-        _empty_cuda_cache()
 
     def release_text_encoder(self) -> None:
         """Drop umT5 from the loaded VACE models (:meth:`VaceModels.release_text_encoder`).
@@ -222,6 +273,10 @@ class UnisonPipeline:
         Sampling goes on without it; the next prompt to encode loads the VACE models again
         (when they were given as a loader) or is a clear error (when they were passed in).
         """
+        if self._loaded.get("text_encoder") is not None:
+            self._drop("text_encoder")
+            gc.collect()
+            _empty_cuda_cache()
         models = self._loaded.get("vace")
         if models is not None and models.text_encoder is not None:
             models.release_text_encoder()
@@ -286,12 +341,15 @@ class UnisonPipeline:
         """
         from .vace.text import assemble_contexts, encode_negative, encode_text
 
-        models = self.vace
-        if models.text_encoder_released and _is_loader(self._sources["vace"]):
-            log.info("umT5 was released after the last encoding; loading the VACE models again")
-            self.release("vace")
-            models = self.vace
-        dim = models.transformer.config.text_dim
+        models = self.text_models
+        if self._sources["text_encoder"] is not None:
+            dim = models.text_encoder.config.d_model  # umT5's width is the transformer's text_dim
+        else:
+            if models.text_encoder_released and _is_loader(self._sources["vace"]):
+                log.info("umT5 was released after the last encoding; loading the VACE models again")
+                self.release("vace")
+                models = self.vace
+            dim = models.transformer.config.text_dim
         if tokens is not None and tokens.shape[-1] != dim:
             source = getattr(self.projector, "source", None) or "the projector"
             raise WeightsError(f"{source} makes {tokens.shape[-1]}-wide tokens, but this VACE model's text_dim is "
@@ -370,7 +428,8 @@ class UnisonPipeline:
             self.progress.stage("preparing the VACE inputs")
             inputs = self.sources(plan, media)
             used[0] = inputs.used_plan(plan)
-            check_inputs(self.vace, used[0], inputs)
+            if not self.staged:  # staged: checked once the transformer is loaded, after encoding
+                check_inputs(self.vace, used[0], inputs)
             stage[0] = "running stage one for the projector tokens"
             if self._sources["projector"] is not None:
                 self.progress.stage(stage[0])
@@ -385,6 +444,9 @@ class UnisonPipeline:
                 self.release_text_encoder()
             if self.release_planner_before_sampling:
                 self.release(*(name for name in ("stage_one", "planner") if name in self._loaded))
+            if self.staged:
+                stage[0] = "loading the VACE transformer and VAE"
+                check_inputs(self.vace, used[0], inputs)
             notes.extend(inputs.notes)
             stage[0] = "sampling"
             return self.sample(used[0], inputs, contexts, options, progress=progress, cancel=cancel)
@@ -610,24 +672,69 @@ def pipeline_from_args(args: Any, progress: Progress | None = None) -> tuple[Uni
         from .projector import load_projector
 
         projector = partial(load_projector, locations.projector)
-    vace_options = {"device": device, "dtype": getattr(args, "vace_dtype", None),
-                    "text_device": getattr(args, "text_device", None)}
-    vace = partial(locations.load_vace, **vace_options) if locations.load_vace is not None else None
+    vace = partial(locations.load_vace, **_vace_options(args)) if locations.load_vace is not None else None
     salient = None
     if locations.salient is not None:
         from .vace.salient import SalientAnnotator
 
         salient = partial(SalientAnnotator.from_file, locations.salient)
-    found = locations.paths
-    vace_files = [found.diffusers_dir] if found.diffusers_dir is not None else \
-        [found.transformer, found.vae, found.text_encoder, found.tokenizer]
     files = {"planner": [qwen, lora] if qwen is not None else [], "projector": [locations.projector],
-             "vace": vace_files if vace is not None else [], "salient": [locations.salient]}
+             "vace": _vace_files(locations) if vace is not None else [], "salient": [locations.salient]}
     low_memory = bool(getattr(args, "low_memory", False))
     pipeline = UnisonPipeline(planner=stage_one, projector=projector, vace=vace, salient=salient,
                               roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files,
                               release_text_encoder=low_memory, release_planner=low_memory, progress=progress)
     return pipeline, locations
+
+
+def _vace_options(args: Any) -> dict[str, Any]:
+    return {"device": getattr(args, "device", None), "dtype": getattr(args, "vace_dtype", None),
+            "text_device": getattr(args, "text_device", None), "text_dtype": getattr(args, "text_dtype", None)}
+
+
+def _vace_files(locations: ModelLocations) -> list[Path | None]:
+    found = locations.paths
+    if found.diffusers_dir is not None:
+        return [found.diffusers_dir]
+    return [found.transformer, found.vae, found.text_encoder, found.tokenizer]
+
+
+def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan) -> Any:
+    """Staging and guidance batching for a CLI job from the free memory and the files' sizes
+    (:mod:`unison_runtime.memory_plan`); ``--low-memory`` / ``--batch-cfg`` (or their ``--no-``
+    forms) override the choice."""
+    from .memory_plan import available_bytes, choose_memory_mode, stored_bytes
+
+    found = locations.paths
+    device = getattr(args, "device", None)
+    qwen = stored_bytes([getattr(args, "model", None) or locations.qwen])
+    stage_one_dtype = getattr(args, "dtype", None)
+    if (device in (None, "cpu") and stage_one_dtype in (None, "auto", "fp32")) or stage_one_dtype == "fp32":
+        qwen *= 2  # the bf16 release computes in fp32 on the CPU by default
+    if found.diffusers_dir is not None:
+        text = stored_bytes([found.diffusers_dir / "text_encoder"])
+        sampler = stored_bytes([found.diffusers_dir / "transformer", found.diffusers_dir / "vae"])
+    else:
+        text = stored_bytes([found.text_encoder])
+        sampler = stored_bytes([found.transformer]) + 2 * stored_bytes([found.vae])  # the VAE computes in fp32
+    return choose_memory_mode(
+        available=available_bytes(device), stage_one=qwen, text_encoder=text, sampler_weights=sampler,
+        width=plan.width, height=plan.height, num_frames=plan.num_frames,
+        staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None), single_job=True)
+
+
+def stage_pipeline(pipeline: UnisonPipeline, locations: ModelLocations, args: Any) -> None:
+    """Make ``pipeline`` staged: umT5 loaded alone (for encoding), the transformer + VAE after it."""
+    from functools import partial
+
+    from .vace.files import SAMPLING_PARTS, TEXT_PARTS
+
+    options = _vace_options(args)
+    files = _vace_files(locations)
+    pipeline.set_source("text_encoder", partial(locations.load_vace, parts=TEXT_PARTS, **options), files)
+    pipeline.set_source("vace", partial(locations.load_vace, parts=SAMPLING_PARTS, **options), files)
+    pipeline.staged = True
+    pipeline.release_text_encoder_after_encoding = pipeline.release_planner_before_sampling = True
 
 
 def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
@@ -649,12 +756,22 @@ def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
         planner = pipeline.planner
         progress.stage(f"planning with {planner_label(planner)}")
         plan = pipeline._with_stage_one_memory(lambda: pipeline.make_plan(instruction), "planning", planner)
+        memory_note = None
         if plan.output != "text" and locations.load_vace is None:
             locations.paths.require_generation()  # names each missing file and the folder searched
         path = output_path(args.out, plan.task.value, OUTPUT_SUFFIX[plan.output])
-        if plan.output != "text" and not getattr(args, "no_memory_check", False):
-            options = _memory_preflight(args, plan, locations, options, progress)
+        if plan.output != "text":
+            choice = choose_cli_memory(args, locations, plan)
+            if choice.staged:
+                stage_pipeline(pipeline, locations, args)
+            options = replace(options, batch_cfg=choice.batch_cfg)
+            memory_note = choice.reason
+            progress.note(memory_note)
+            if not getattr(args, "no_memory_check", False):
+                options = _memory_preflight(args, plan, locations, options, progress, staged=choice.staged)
         result = pipeline.run_read(instruction, media, plan=plan, options=options)
+        if memory_note is not None:
+            result.notes.append(memory_note)
         if result.output == "text" and result.answer is None:
             raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
                               f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
@@ -674,7 +791,7 @@ def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
 
 
 def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options: SamplingOptions,
-                      progress: Progress) -> SamplingOptions:
+                      progress: Progress, *, staged: bool = False) -> SamplingOptions:
     """Refuse a plan that will not fit (:class:`~.memory_estimate.MemoryWontFit`), before VACE loads."""
     import dataclasses
 
@@ -700,7 +817,7 @@ def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options:
     refs = sum(1 for ref in plan.media if ref.role == "reference")
     settings = RunSettings(device=device, text_device=text_device, transformer_dtype=dtype_name(
         getattr(args, "vace_dtype", None), device, "transformer"), vae_tiling=options.vae_tiling,
-        batch_cfg=options.batch_cfg, guidance=options.guidance, low_memory=bool(getattr(args, "low_memory", False)),
+        batch_cfg=options.batch_cfg, guidance=options.guidance, low_memory=staged,
         num_references=refs)
     progress.stage("estimating the memory this job needs")
     decision = check_fits(plan, footprint, settings)

@@ -22,6 +22,7 @@ a file mapping and upcast tensor by tensor, so loading peaks near the fp32 size,
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import warnings
@@ -435,6 +436,33 @@ def _lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({m.group("module") for key in state if (m := _LORA_KEY.match(key))})
 
 
+def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor]) -> list[str]:
+    """Put the adapter's whole trained matrices (``modules_to_save``: the Unison release trains
+    ``embed_tokens`` and ``lm_head``) straight into ``model``, one at a time; returns their names.
+
+    Why: ``PeftModel()`` wraps each such module with two deep copies of the base matrix and keeps
+    the original until ``merge_and_unload``, so the merge of the 3B planner held five
+    151,936 x 2048 vocabulary matrices at once (issue 16). Here each matrix is cast into the
+    model's dtype, becomes the module's new parameter (so a tied base matrix is untied), and the
+    adapter's copy and the replaced base matrix are let go before the next one: at most the
+    model plus one matrix in two dtypes. The values are what peft's merge gives: the adapter's
+    tensor copied into the module's dtype.
+    """
+    modules = dict(model.named_modules())
+    done = []
+    for key in [k for k in state if not _LORA_KEY.match(k) and ".token_adapter" not in k]:
+        module_name, _, param_name = key.rpartition(".")
+        module = modules[module_name]
+        old = getattr(module, param_name)
+        tensor = state.pop(key)
+        new = torch.nn.Parameter(tensor.to(device=old.device, dtype=old.dtype, copy=True), requires_grad=False)
+        del tensor, old
+        setattr(module, param_name, new)
+        done.append(key)
+        gc.collect()
+    return done
+
+
 def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, notes: list[str]) -> Any:
     """Load the Unison LoRA from ``lora_dir`` into ``model``, merge it, and return the merged model."""
     from peft import LoraConfig, PeftModel
@@ -450,6 +478,7 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
     state = {normalize_adapter_key(k): v for k, v in raw.items()}
     if len(state) != len(raw):
         raise WeightsError(f"LoRA adapter {lora_file} names some tensors twice (old and new layout)")
+    raw.clear()  # ``state`` holds the only references: each whole matrix can go as soon as it is used
     base_name = config_data.get("base_model_name_or_path")
     rows = check_adapter_fits(state, model, lora_file=lora_file, model_dir=model_dir, base_name=base_name)
     modules = _lora_modules(state)
@@ -478,6 +507,9 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
     config.layers_to_transform = None
     config.layers_pattern = None
     config.inference_mode = True
+    replaced = _replace_saved_modules(model, state)
+    if replaced:
+        config.modules_to_save = None  # already in place: peft would deep-copy each of them twice
     with warnings.catch_warnings():
         for pattern in _PEFT_NOISE:
             warnings.filterwarnings("ignore", message=pattern)

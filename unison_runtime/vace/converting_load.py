@@ -12,7 +12,7 @@ so a single file and the diffusers / transformers folder of the same weights loa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -179,7 +179,8 @@ def needs_conversion(source: StateSource, names: Mapping[str, str], rule: DtypeR
 
 
 def load_converted(
-    source: StateSource, names: Mapping[str, str], rule: DtypeRule, *, device: str | torch.device = "cpu"
+    source: StateSource, names: Mapping[str, str], rule: DtypeRule, *, device: str | torch.device = "cpu",
+    keep_stored: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """``{model name: tensor}`` for ``names`` = ``{model name: stored name}``, each in ``rule``'s dtype on ``device``.
 
@@ -199,7 +200,7 @@ def load_converted(
         wanted = rule(target, dtype) if dtype.is_floating_point else dtype
         scale_key = scale_name(stored)
         scale = source.as_stored(scale_key) if scale_key is not None and scale_key in source else None
-        if wanted == dtype and scale is None:
+        if target in keep_stored or (wanted == dtype and scale is None):
             tensor = source.as_stored(stored).to(device)
         else:
             tensor = source.converted(stored, wanted, scale, device)

@@ -48,6 +48,7 @@ from .loading import default_device, resolve_dtype
 from .loading import load_text_encoder as load_text_encoder_dir
 from .models import VaceModels
 from .quantized import is_quant_bookkeeping
+from .stored_precision import apply_stored_precision, plan_stored, scales_for
 from .wan_keys import (
     COMFY_PREFIX,
     QUANT_MARKER_KEY,
@@ -211,7 +212,8 @@ class _Loaded:
 
 
 def _load_transformer(
-    path: PathLike, *, dtype: torch.dtype | str | None, device: str | torch.device, num_heads: int | None
+    path: PathLike, *, dtype: torch.dtype | str | None, device: str | torch.device, num_heads: int | None,
+    cast_per_layer: bool = True,
 ) -> _Loaded:
     from diffusers import WanVACETransformer3DModel
 
@@ -247,12 +249,36 @@ def _load_transformer(
     # the transformer's tensors are named, the rest (and unexpected extras) is never read.
     names = convert_wan_transformer_to_diffusers({name: prefix + name for name in expected_transformer_shapes(config)})
     rule = dtype_rule(WanVACETransformer3DModel, target)
-    tensors = _gather(files, state, names, rule, device=device, what=what)
-    model = assemble_module(empty_module(lambda: WanVACETransformer3DModel.from_config(_public(config))), tensors,
-                            device=device, path=path, what=what)
+    empty = empty_module(lambda: WanVACETransformer3DModel.from_config(_public(config)))
+    source = _source(files, state, names, rule, what)
+    model, kept = _load_keeping_stored(empty, source, names, rule, target, device=device, path=path, what=what,
+                                       cast_per_layer=cast_per_layer)
     layout = "Comfy-Org layout" if prefix == COMFY_PREFIX else "Wan key names"
-    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
+    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)}" \
+        f"{_kept_note(kept)})"
     return _Loaded(model, description)
+
+
+def _load_keeping_stored(
+    empty: Any, source: StateSource, names: dict[str, str], rule: DtypeRule, target: torch.dtype, *,
+    device: str | torch.device, path: Path, what: str, cast_per_layer: bool,
+) -> tuple[Any, int]:
+    """``empty`` given its tensors; with ``cast_per_layer``, narrow block weights stay stored
+    (:mod:`.stored_precision`) instead of being converted to ``target``. Returns (module, kept count)."""
+    kept: dict[str, torch.dtype] = {}
+    scales: dict[str, torch.Tensor] = {}
+    if cast_per_layer:
+        stored = {name: source.dtype(stored) for name, stored in names.items() if stored in source}
+        kept = plan_stored(empty, stored, {name: rule(name, dtype) for name, dtype in stored.items()})
+        scales = scales_for(kept, names, source)
+    tensors = load_converted(source, names, rule, device=device, keep_stored=kept)
+    model = assemble_module(empty, tensors, device=device, path=path, what=what)
+    count = apply_stored_precision(model, kept, scales) if kept else 0
+    return model, count
+
+
+def _kept_note(count: int) -> str:
+    return f"; {count} layers kept as stored and cast per layer" if count else ""
 
 
 def load_transformer_file(
@@ -261,6 +287,7 @@ def load_transformer_file(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     num_heads: int | None = None,
+    cast_per_layer: bool = True,
 ) -> Any:
     """Load a Wan2.1-VACE transformer single file into ``diffusers.WanVACETransformer3DModel``.
 
@@ -269,9 +296,11 @@ def load_transformer_file(
     the CPU); fp8 weights are dequantized to it. ``num_heads`` only for non-standard models: Wan's
     sizes use 128-wide heads, and Wan's ``config.json`` next to the file is read when present.
     Refuses plain T2V/I2V models, VAEs, text encoders and incomplete files with a
-    :class:`WeightsError` naming the file.
+    :class:`WeightsError` naming the file. ``cast_per_layer``: block weights stored narrower than
+    ``dtype`` (fp16, fp8) stay as stored and are cast layer by layer (:mod:`.stored_precision`).
     """
-    return _load_transformer(path, dtype=dtype, device=device, num_heads=num_heads).module
+    return _load_transformer(path, dtype=dtype, device=device, num_heads=num_heads,
+                             cast_per_layer=cast_per_layer).module
 
 
 # --------------------------------------------------------------------------- VAE
@@ -359,7 +388,8 @@ def _load_hf_text_encoder_dir(
 
 
 def _load_text_encoder(
-    source: PathLike, *, tokenizer: Any, dtype: torch.dtype | str | None, device: str | torch.device
+    source: PathLike, *, tokenizer: Any, dtype: torch.dtype | str | None, device: str | torch.device,
+    cast_per_layer: bool = True,
 ) -> _Loaded:
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -393,11 +423,11 @@ def _load_text_encoder(
     source = _source([path], state, names, rule, what)
     if tokenizer is None:
         tokenizer = _file_tokenizer(path, source)
-    tensors = load_converted(source, names, rule, device=device)
     umt5_config = UMT5Config(**_public(config))
-    model = assemble_module(empty_module(lambda: UMT5EncoderModel(umt5_config)), tensors, device=device, path=path,
-                            what=what)
-    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)})"
+    model, kept = _load_keeping_stored(empty_module(lambda: UMT5EncoderModel(umt5_config)), source, names, rule,
+                                       target, device=device, path=path, what=what, cast_per_layer=cast_per_layer)
+    description = f"{path} ({identity.summary}, {layout}, stored {identity.dtype}, computing in {_name(target)}" \
+        f"{_kept_note(kept)})"
     return _Loaded((model, tokenizer), description)
 
 
@@ -438,6 +468,7 @@ def load_text_encoder(
     tokenizer: Any = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
+    cast_per_layer: bool = True,
 ) -> tuple[Any, Any]:
     """Load umT5-XXL as ``(transformers.UMT5EncoderModel, tokenizer)`` from any supported layout.
 
@@ -446,8 +477,11 @@ def load_text_encoder(
     because umT5 overflows in it). ``tokenizer``: a tokenizer object
     or folder; by default ComfyUI's embedded ``spiece_model``, else a tokenizer folder next to
     the file (Wan's ``google/umt5-xxl``). ``device`` may differ from the transformer's.
+    ``cast_per_layer``: fp8 / fp16 weights stay as stored (6.7 GB for the scaled-fp8 file instead
+    of 21 GiB in fp32) and are cast, with their fp8 scales, layer by layer (:mod:`.stored_precision`).
     """
-    module, tok = _load_text_encoder(source, tokenizer=tokenizer, dtype=dtype, device=device).module
+    module, tok = _load_text_encoder(source, tokenizer=tokenizer, dtype=dtype, device=device,
+                                     cast_per_layer=cast_per_layer).module
     return module, tok
 
 
@@ -468,6 +502,21 @@ def scheduler_config() -> dict[str, Any]:
     return load_json(SCHEDULER_CONFIG_DIR / "scheduler_config.json")
 
 
+#: The parts of stage two a loader can be asked for: all of them, or one stage of a staged run.
+ALL_PARTS = ("transformer", "vae", "text_encoder")
+TEXT_PARTS = ("text_encoder",)
+SAMPLING_PARTS = ("transformer", "vae")
+
+
+def check_parts(parts: Any) -> tuple[str, ...]:
+    """``parts`` as a tuple of known part names (``None``: all), else a clear error."""
+    chosen = tuple(ALL_PARTS if parts is None else parts)
+    unknown = sorted(set(chosen) - set(ALL_PARTS))
+    if unknown or not chosen:
+        raise WeightsError(f"unknown VACE part(s) {unknown or chosen}; expected some of {list(ALL_PARTS)}")
+    return chosen
+
+
 def load_vace_from_files(
     transformer: PathLike,
     vae: PathLike,
@@ -480,37 +529,51 @@ def load_vace_from_files(
     vae_dtype: torch.dtype | str | None = None,
     text_dtype: torch.dtype | str | None = None,
     num_heads: int | None = None,
+    cast_per_layer: bool = True,
+    parts: Any = None,
 ) -> VaceModels:
     """Load the three stage-two models from single files / folders into one :class:`VaceModels`.
 
     Same devices and dtype defaults as ``load_vace_diffusers``: ``device`` defaults to CUDA when
     available, ``text_device`` to ``device`` (pass ``"cpu"`` to keep umT5-XXL off the GPU);
-    ``dtype`` is the transformer's. ``tokenizer`` is only needed for Wan's ``.pth`` encoder when
-    its ``google/umt5-xxl`` folder is not next to it. ``num_heads``: see :func:`load_transformer_file`.
-    The transformer attends with flash-attn where it is installed and fits (CUDA, bf16/fp16), else SDPA.
+    ``dtype`` is the transformer's, ``text_dtype`` umT5's compute dtype. ``tokenizer`` is only
+    needed for Wan's ``.pth`` encoder when its ``google/umt5-xxl`` folder is not next to it.
+    ``num_heads``: see :func:`load_transformer_file`. The transformer attends with flash-attn where
+    it is installed and fits (CUDA, bf16/fp16), else SDPA.
+    ``cast_per_layer``: fp8 / fp16 weights stay as stored, cast layer by layer (:mod:`.stored_precision`).
+    ``parts``: load only these (``TEXT_PARTS`` to encode prompts, ``SAMPLING_PARTS`` to sample: a
+    staged run never holds umT5 beside the transformer); the others are ``None`` in the result.
     """
+    parts = check_parts(parts)
     device = str(device) if device is not None else default_device()
     text_device = str(text_device) if text_device is not None else device
-    loaded_transformer = _load_transformer(transformer, dtype=dtype, device=device, num_heads=num_heads)
-    loaded_vae = _load_vae(vae, dtype=vae_dtype, device=device)
-    loaded_text = _load_text_encoder(text_encoder, tokenizer=tokenizer, dtype=text_dtype, device=text_device)
-    encoder, tok = loaded_text.module
     transformer_dtype = resolve_dtype(dtype, device, role="transformer")
+    origin: dict[str, str] = {"scheduler": str(SCHEDULER_CONFIG_DIR / "scheduler_config.json")}
+    loaded_transformer = loaded_vae = None
+    encoder = tok = None
+    if "transformer" in parts:
+        loaded_transformer = _load_transformer(transformer, dtype=dtype, device=device, num_heads=num_heads,
+                                               cast_per_layer=cast_per_layer)
+        origin["transformer"] = loaded_transformer.description
+    if "vae" in parts:
+        loaded_vae = _load_vae(vae, dtype=vae_dtype, device=device)
+        origin["vae"] = loaded_vae.description
+    if "text_encoder" in parts:
+        loaded_text = _load_text_encoder(text_encoder, tokenizer=tokenizer, dtype=text_dtype, device=text_device,
+                                         cast_per_layer=cast_per_layer)
+        encoder, tok = loaded_text.module
+        origin["text_encoder"] = loaded_text.description
+        origin["tokenizer"] = loaded_text.description if tokenizer is None else str(tokenizer)
+    module = loaded_transformer.module if loaded_transformer is not None else None
     return VaceModels(
-        transformer=loaded_transformer.module,
-        vae=loaded_vae.module,
+        transformer=module,
+        vae=loaded_vae.module if loaded_vae is not None else None,
         text_encoder=encoder,
         tokenizer=tok,
         device=device,
         text_device=text_device,
         dtype=transformer_dtype,
         scheduler_config=scheduler_config(),
-        attention=prepare_transformer(loaded_transformer.module, device, transformer_dtype),
-        origin={
-            "transformer": loaded_transformer.description,
-            "vae": loaded_vae.description,
-            "text_encoder": loaded_text.description,
-            "tokenizer": loaded_text.description if tokenizer is None else str(tokenizer),
-            "scheduler": str(SCHEDULER_CONFIG_DIR / "scheduler_config.json"),
-        },
+        attention=prepare_transformer(module, device, transformer_dtype) if module is not None else "native",
+        origin=origin,
     )

@@ -43,7 +43,9 @@ def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
     GPU with native bf16 (sm80+) the transformer and umT5 run in bf16; below, the transformer in
     fp16 with its residual stream in fp32 (:mod:`.fp16`) and umT5 in fp32 (it overflows in fp16);
     the VAE in fp32 everywhere (Wan's reference and diffusers both decode in fp32 for quality). On
-    the CPU everything is fp32.
+    the CPU everything is fp32, except that on a CPU with native bf16 (AVX512-BF16 / AMX) the
+    transformer and umT5 compute in bf16 (about 2x faster there, issue 16; emulated bf16 is far
+    slower, so never elsewhere).
     """
     import torch
 
@@ -56,6 +58,11 @@ def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
         if found is None:
             raise WeightsError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16")
         return found
+    if torch.device(device).type == "cpu" and role != "vae":
+        from ..memory_plan import cpu_has_native_bf16
+
+        if cpu_has_native_bf16():
+            return torch.bfloat16
     return default_compute_dtype(device, role)
 
 
@@ -247,6 +254,7 @@ def load_vace_diffusers(
     text_device: str | None = None,
     text_dtype: Any = None,
     vae_dtype: Any = None,
+    parts: Any = None,
 ) -> VaceModels:
     """Load every stage-two part from a ``Wan2.1-VACE-1.3B-diffusers`` directory, offline.
 
@@ -254,25 +262,38 @@ def load_vace_diffusers(
     encoder (default: ``device``; pass ``"cpu"`` to keep umT5-XXL off the GPU). ``dtype`` is the
     transformer's; ``text_dtype`` / ``vae_dtype`` default as :func:`resolve_dtype` says. The
     transformer attends with flash-attn where it is installed and fits (CUDA, bf16/fp16), else SDPA.
+    ``parts``: only these of ``transformer``, ``vae``, ``text_encoder`` (the others are ``None``;
+    see :func:`unison_runtime.vace.files.load_vace_from_files`).
     """
+    from .files import check_parts
+
+    parts = check_parts(parts)
     directory = check_diffusers_dir(directory)
     device = device or default_device()
     text_device = text_device or device
     transformer_dtype = resolve_dtype(dtype, device, role="transformer")
-    transformer = load_transformer(directory / "transformer", dtype=transformer_dtype, device=device)
-    models = VaceModels(
-        transformer=transformer,
-        vae=load_vae(directory / "vae", dtype=resolve_dtype(vae_dtype, device, role="vae"), device=device),
-        text_encoder=load_text_encoder(
+    transformer = vae = text_encoder = tokenizer = None
+    if "transformer" in parts:
+        transformer = load_transformer(directory / "transformer", dtype=transformer_dtype, device=device)
+    if "vae" in parts:
+        vae = load_vae(directory / "vae", dtype=resolve_dtype(vae_dtype, device, role="vae"), device=device)
+    if "text_encoder" in parts:
+        text_encoder = load_text_encoder(
             directory / "text_encoder", dtype=resolve_dtype(text_dtype, text_device, role="text_encoder"),
             device=text_device,
-        ),
-        tokenizer=load_tokenizer(directory / "tokenizer"),
+        )
+        tokenizer = load_tokenizer(directory / "tokenizer")
+    models = VaceModels(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         device=device,
         text_device=text_device,
         dtype=transformer_dtype,
         scheduler_config=read_scheduler_config(directory / "scheduler"),
-        attention=prepare_transformer(transformer, device, transformer_dtype),
+        attention=prepare_transformer(transformer, device, transformer_dtype) if transformer is not None
+        else "native",
     )
     models.origin = {name: str(directory / name) for name in (*COMPONENTS, "scheduler")}
     return models
