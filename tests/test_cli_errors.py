@@ -144,7 +144,7 @@ def test_2048_video_is_refused_fast_with_the_estimate_and_advice(models_dir, tmp
     line = one_line_error(code, err, expected_code=3)
     assert seconds < 10, seconds
     assert "2048x2048, 121 frames needs about" in line and "GB on cpu" in line and "is free" in line
-    for way in ("a smaller size or length (e.g.", "--low-memory", "--vae-tiling"):
+    for way in ("a smaller size or length (e.g.", "--vae-tiling"):
         assert way in line
     assert out == "" and not list(tmp_path.iterdir())
 
