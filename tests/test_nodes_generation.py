@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from harness.comfy_env import InterruptProcessingException
@@ -305,3 +307,36 @@ def test_deleted_projector_is_reported_not_served_from_cache(models, tiny_models
     with pytest.raises(WeightsError, match=r"'projector\.pth' is not in ComfyUI's models/unison"):
         UnisonProjectorLoader().load(PROJECTOR_NAME, "auto")
     assert held is not None
+
+
+def test_sampler_refuses_a_plan_that_will_not_fit_before_any_model_moves(models, monkeypatch) -> None:
+    """The preflight raises a node error (the estimate, what is free, what to change) instead of sampling."""
+    from unison_runtime import memory_estimate
+    from unison_runtime.memory_estimate import MemoryWontFit
+
+    vace = load_vace()
+    packet = plan_for("A watercolor painting of a harbor.")
+    loads_before = len(models.loads)
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device: 1024**2)  # 1 MiB free
+    with pytest.raises(MemoryWontFit) as caught:
+        sample(vace, packet)
+    message = str(caught.value)
+    assert "32x32, 1 frame" in message and "is free" in message and "\n" not in message.strip()
+    assert len(models.loads) == loads_before  # refused before ComfyUI was asked to load anything
+
+
+def test_sampler_switches_tiling_on_when_only_the_decode_does_not_fit(models, monkeypatch) -> None:
+    from unison_runtime import memory_estimate
+
+    vace = load_vace()
+    packet = plan_for("A watercolor painting of a harbor.", width=512, height=512)
+    plan, footprint = packet.plan, memory_estimate.footprint_from_models(vace.models)
+    settings = memory_estimate.RunSettings(device="cpu", text_device="cpu", batch_cfg=True, guidance=1.0)
+    whole = memory_estimate.estimate_run(plan, footprint, settings, runtime=False).peak
+    tiled = memory_estimate.estimate_run(plan, footprint, dataclasses.replace(settings, vae_tiling=True),
+                                         runtime=False).peak
+    assert tiled < whole
+    free = int((tiled + whole) / 2 / 0.9)  # room for the tiled decode only (check_fits counts 90 % of free)
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device: free)
+    frames, _, shown = sample(vace, packet, steps=1)
+    assert frames.shape == (1, 512, 512, 3) and "VAE tiling switched on" in shown
