@@ -258,3 +258,15 @@ def test_exit_codes_are_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for code in EXIT_CODES:
         assert f"| {code} |" in readme
+
+
+def test_batch_records_stay_one_line_whatever_the_prompt_holds(tmp_path):
+    """U+0085 / U+2028 / U+2029 are line ends to str.splitlines and JavaScript: escaped in JSON Lines."""
+    batch = tmp_path / "prompts.jsonl"
+    prompts = ["Create an image of a fox\u2028at dusk", "0\x85", "a boat\u2029on a lake"]
+    batch.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in enumerate(prompts)), encoding="utf-8")
+    code, out, err = cli("plan", "--batch", batch, "--input-dir", tmp_path, "--quiet")
+    lines = out.splitlines()
+    assert code == 0, err
+    assert len(lines) == 3 and [json.loads(line)["id"] for line in lines] == [0, 1, 2]
+    assert json.loads(lines[0])["prompt"] == prompts[0]

@@ -33,6 +33,18 @@ EXIT_CODES = {
 }
 
 
+#: Characters JSON leaves raw (ensure_ascii=False) that line readers such as ``str.splitlines`` break on.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_line(record: object) -> str:
+    """One JSON Lines record: readable non-ASCII text, but never a character any reader takes for a line end."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake said in one line (the usage text is one --help away)."""
 
@@ -261,7 +273,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
         record = {"id": None, "error": f"{where}: {problem}"} if problem else \
             _plan_batch_line(planner, args, where, line or "")
         failures += "error" in record
-        out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        out.write(json_line(record) + "\n")
         out.flush()
     return EXIT_OK if failures == 0 else EXIT_PARTIAL
 
