@@ -103,9 +103,9 @@ def test_the_comfyui_loader_nodes_get_the_same_choice(monkeypatch):
     from nodes import loaders
 
     FakeCuda((T4, H100)).install(monkeypatch)
-    assert loaders._vace_dtypes("auto", "cuda:0", "cuda:1") == {"dtype": FP16, "text_dtype": BF16,
+    assert loaders._vace_dtypes("auto", "auto", "cuda:0", "cuda:1") == {"dtype": FP16, "text_dtype": BF16,
                                                                 "vae_dtype": FP32}
-    assert loaders._vace_dtypes("auto", "cuda:1", "cuda:0") == {"dtype": BF16, "text_dtype": FP32,
+    assert loaders._vace_dtypes("auto", "auto", "cuda:1", "cuda:0") == {"dtype": BF16, "text_dtype": FP32,
                                                                 "vae_dtype": FP32}
 
 
