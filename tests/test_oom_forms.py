@@ -134,22 +134,36 @@ class FailingOnce:
         delattr(self.module, self.method)
 
 
-@pytest.mark.parametrize(("part", "method", "message", "stage"), [
-    ("vae", "decode", CUDNN_ALLOC, "decoding with the VAE"),
-    ("transformer", "forward", CUBLAS, "sampling, step 1 of 2"),
-])
-def test_the_pipeline_explains_library_allocation_failures(vace_dir, part, method, message, stage):
-    """Through the real pipeline: the same OutOfMemory, advice and recovery as a torch.OutOfMemoryError."""
+def _lion_pipeline(vace_dir):
     options = SamplingOptions(steps=2, seed=7, guidance=1.0)
-    pipeline = UnisonPipeline(planner=RulePlanner(), options=options,
-                              vace=CountingLoader(lambda: load_vace_diffusers(vace_dir, device="cpu")))
-    request = "Create a video of a lion walking around in its habitat, 32x32, 4 frames"
-    fresh = pipeline.run(request).frames
-    with FailingOnce(getattr(pipeline.vace, part), method, RuntimeError(message)), \
+    return UnisonPipeline(planner=RulePlanner(), options=options,
+                          vace=CountingLoader(lambda: load_vace_diffusers(vace_dir, device="cpu")))
+
+
+LION = "Create a video of a lion walking around in its habitat, 32x32, 4 frames"
+
+
+def test_the_pipeline_explains_library_allocation_failures(vace_dir):
+    """Through the real pipeline: the same OutOfMemory, advice and recovery as a torch.OutOfMemoryError."""
+    pipeline = _lion_pipeline(vace_dir)
+    fresh = pipeline.run(LION).frames
+    stage = "sampling, step 1 of 2"
+    with FailingOnce(pipeline.vace.transformer, "forward", RuntimeError(CUBLAS)), \
             pytest.raises(OutOfMemory) as info:
-        pipeline.run(request)
+        pipeline.run(LION)
     text = str(info.value)
     assert info.value.stage == stage
-    assert f"out of memory on cpu while {stage} (32x32, 5 frames): {message.splitlines()[0]}" in text
+    assert f"out of memory on cpu while {stage} (32x32, 5 frames): {CUBLAS.splitlines()[0]}" in text
     assert "- the resolution: width x height is 32x32; try 16x16" in text
-    assert torch.equal(pipeline.run(request).frames, fresh)
+    assert torch.equal(pipeline.run(LION).frames, fresh)
+
+
+def test_a_library_allocation_failure_at_decode_is_retried_tiled_keeping_the_latents(vace_dir):
+    """A cuDNN allocation failure in the VAE decode is an out-of-memory like torch's: the finished
+    latents are decoded again in tiles (sampler.decode), not lost, and the notes say so."""
+    pipeline = _lion_pipeline(vace_dir)
+    fresh = pipeline.run(LION).frames
+    with FailingOnce(pipeline.vace.vae, "decode", RuntimeError(CUDNN_ALLOC)):
+        result = pipeline.run(LION)
+    assert any("decoding ran out of memory; decoded again in" in note for note in result.notes)
+    torch.testing.assert_close(result.frames, fresh, atol=1e-5, rtol=0)  # 32x32 fits in one tile
