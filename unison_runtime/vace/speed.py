@@ -24,23 +24,22 @@ too and adds no hint twice.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UnisonError
-from .text_kv import TextKVStats, text_kv_once
+from .speed_args import CACHES, read_calibration, write_calibration
+from .text_kv import TextKVStats, restore_forwards, text_kv_once
 
-#: The caches ``SamplingOptions.cache`` accepts (``none`` = off).
-CACHES = ("none", "first_block", "magcache", "taylorseer", "pab", "fastercache")
+__all__ = ["CACHES", "read_calibration", "sampling_speedups", "write_calibration"]
+
 
 
 @dataclass(frozen=True)
@@ -369,28 +368,6 @@ def _calibrated_ratios(transformer: torch.nn.Module) -> list[float]:
     raise UnisonError("MagCache calibration measured nothing (was the transformer called?)")
 
 
-def write_calibration(path: str | os.PathLike, ratios: list[float], steps: int) -> Path:
-    """Write calibrated MagCache ratios as JSON (``{"mag_ratios": [...], "steps": N}``) for ``--cache-ratios``."""
-    target = Path(path)
-    data = {"cache": "magcache", "steps": steps, "mag_ratios": ratios,
-            "note": "MagCache magnitude ratios calibrated by ComfyUI-Unison on the model at hand (conditional branch)"}
-    target.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    return target
-
-
-def read_calibration(path: str | os.PathLike) -> tuple[float, ...]:
-    """Read ratios written by :func:`write_calibration` (or a bare JSON list); a clear error otherwise."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UnisonError(f"MagCache ratios file {path}: cannot read it as JSON ({exc})") from None
-    ratios = data.get("mag_ratios") if isinstance(data, dict) else data
-    if not isinstance(ratios, list) or not ratios or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in ratios):
-        raise UnisonError(f"MagCache ratios file {path}: expected {{\"mag_ratios\": [positive numbers, ...]}}")
-    return tuple(float(r) for r in ratios)
-
-
 # --------------------------------------------------------------------------- compile
 
 
@@ -439,8 +416,10 @@ def _compiled(transformer: torch.nn.Module, on: bool, report: SpeedReport) -> It
         yield
     except Exception as exc:
         if _is_compile_error(exc):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnisonError(f"torch.compile failed on this platform ({type(exc).__name__}: {first[:300]}); "
+            cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+            reason = f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+            raise UnisonError(f"torch.compile failed on this platform ({type(exc).__name__}, {reason}); "
                               "run without --compile (the Unison Speed node's compile off)") from exc
         raise
     finally:
@@ -460,6 +439,7 @@ def sampling_speedups(transformer: torch.nn.Module, options: Any) -> Iterator[Sp
         report.transformer_calls += 1
 
     with ExitStack() as stack:
+        stack.callback(restore_forwards, transformer)  # last: after every hook below is gone
         report.text_kv = stack.enter_context(text_kv_once(transformer, options.text_kv_cache))
         if options.cache != "none":
             handle = transformer.register_forward_pre_hook(count_call, with_kwargs=True)

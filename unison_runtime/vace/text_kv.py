@@ -179,6 +179,22 @@ def cache_bytes(transformer: torch.nn.Module, context_length: int, contexts: int
     return (2 * len(cross_attentions(transformer)) + 1) * contexts * context_length * dim * itemsize
 
 
+def restore_forwards(root: torch.nn.Module) -> None:
+    """Drop the instance ``forward`` diffusers' ``HookRegistry.remove_hook`` leaves behind once no hook is left.
+
+    Removing the last hook sets ``module.forward`` to the bound class method it captured: equivalent,
+    but it would hide a later patch of the class's ``forward`` (by a host or a test). Modules are left
+    as they were found.
+    """
+    for module in root.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        bound = module.__dict__.get("forward")
+        if (registry is not None and not registry.hooks and bound is not None
+                and getattr(bound, "__func__", None) is type(module).forward and getattr(bound, "__self__", None)
+                is module):
+            del module.__dict__["forward"]
+
+
 @contextmanager
 def text_kv_once(transformer: torch.nn.Module, enabled: bool = True) -> Iterator[TextKVStats | None]:
     """Within the block, the transformer computes each text context's embedding and K/V once.
@@ -216,5 +232,6 @@ def text_kv_once(transformer: torch.nn.Module, enabled: bool = True) -> Iterator
     finally:
         for module, name in reversed(attached):
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+            restore_forwards(module)
         for memo in memos:
             memo.clear()
