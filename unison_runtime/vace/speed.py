@@ -52,7 +52,8 @@ class CachePreset:
     source: str
 
 
-#: Settings for Wan 2.1 1.3B (480P, 50 steps) from published runs; none was tuned here (no GPU, no real weights).
+#: Starting settings for Wan 2.1 1.3B (480P, 50 steps), from published runs where there are any; none was tuned
+#: here (no GPU, no real weights).
 PRESETS: dict[str, CachePreset] = {
     "first_block": CachePreset(
         "threshold (relative L1 change of the first block's residual)", 0.04, 0.0,
@@ -64,12 +65,13 @@ PRESETS: dict[str, CachePreset] = {
         "A800) and E012K4R02 (~68 s)"),
     "taylorseer": CachePreset(
         "cache_interval (steps per full computation; 1 = never predict)", 5.0, 1.0,
-        "diffusers docs, TaylorSeerCacheConfig example: cache_interval=5, max_order=1, disable_cache_before_step=3 "
-        "(lite mode: only the output projection is extrapolated)"),
+        "no published Wan 1.3B setting: diffusers 0.42 apply_taylorseer_cache docstring example (FLUX.1-dev): "
+        "cache_interval=5, max_order=1, disable_cache_before_step=3 (lite mode here: only the output projection is "
+        "extrapolated)"),
     "pab": CachePreset(
         "spatial_attention_block_skip_range (self-attention computed every N calls; 1 = always)", 2.0, 1.0,
-        "diffusers docs, PyramidAttentionBroadcastConfig example: spatial_attention_block_skip_range=2, "
-        "timestep range (100, 800)"),
+        "no published Wan 1.3B setting: huggingface.co/docs/diffusers/en/api/cache, PyramidAttentionBroadcastConfig "
+        "example (CogVideoX-5b): spatial_attention_block_skip_range=2, timestep range (100, 800)"),
 }
 
 #: MagCache's published magnitude ratios for Wan2.1 T2V 1.3B, conditional branch, 50 steps (the first is the
@@ -120,6 +122,8 @@ def check_options(options: Any) -> None:
     for name in ("text_kv_cache", "compile"):
         if not isinstance(getattr(options, name), bool):
             raise UnisonError(f"sampling option {name}={getattr(options, name)!r}: expected true or false")
+    if options.compile and (problem := compile_problem()) is not None:
+        raise UnisonError(f"{problem}; run without --compile (the Unison Speed node's compile off)")
 
 
 def cache_setting(options: Any) -> float | None:
