@@ -49,7 +49,7 @@ PROMPT = "a lion walking around in its habitat on a sunny day"
 FULL_GEOMETRIES = (Geometry(192, 128, 9, 10, 2052), Geometry(256, 256, 1, 10, 2052))
 QUICK_GEOMETRIES = (Geometry(32, 32, 5, 4, 516),)
 #: Settings that make each cache skip on random weights (the published presets rarely trigger there).
-SKIPPING = {"first_block": 0.5, "magcache": 0.3, "taylorseer": 3, "pab": 2}
+SKIPPING = {"first_block": 0.5, "magcache": 0.3, "taylorseer": 3, "pab": 4}
 CACHES = ("first_block", "magcache", "taylorseer", "pab")
 
 
