@@ -306,6 +306,7 @@ def test_fastercache_is_refused_with_the_reason() -> None:
 @pytest.mark.parametrize("fields, message", [
     ({"cache": "teacache"}, "cache='teacache': expected one of none, first_block"),
     ({"cache": "first_block", "cache_threshold": -1}, "cache_threshold=-1: expected a finite number >= 0"),
+    ({"cache_threshold": 0.1}, "cache_threshold=0.1 is set but no cache is chosen"),
     ({"cache": "taylorseer", "cache_threshold": 2.5}, "an integer >= 1"),
     ({"cache": "pab", "cache_threshold": 0}, "an integer >= 1"),
     ({"cache": "first_block", "cache_ratios": (1.0,)}, "cache_ratios is for cache=magcache only"),
@@ -389,3 +390,10 @@ def test_a_compile_failure_is_reported_clearly_and_the_blocks_go_back_to_eager(m
     assert all(block._compiled_call_impl is None for block in speed.repeated_blocks(models.transformer))
     torch._dynamo.reset()
     assert torch.equal(_denoise(models, "t2v"), _denoise(models, "t2v", text_kv_cache=False))
+
+
+def test_magcache_threshold_zero_never_skips_even_on_ratios_of_exactly_one(models) -> None:
+    notes: list[str] = []
+    cached = _denoise(models, "t2v", cache="magcache", cache_threshold=0.0, cache_ratios=(1.0,) * STEPS, notes=notes)
+    assert torch.equal(cached, _denoise(models, "t2v"))
+    assert f"ran in {STEPS} of {STEPS} transformer calls" in " ".join(notes)  # batched: one call per step

@@ -105,6 +105,8 @@ def check_options(options: Any) -> None:
         raise UnisonError(f"cache {options.cache} cannot be used with the VACE transformer: "
                           f"{REFUSED[options.cache]}")
     value = options.cache_threshold
+    if value is not None and options.cache == "none":
+        raise UnisonError(f"sampling option cache_threshold={value!r} is set but no cache is chosen (cache=none)")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise UnisonError(f"sampling option cache_threshold={value!r}: expected a finite number >= 0")
@@ -324,7 +326,8 @@ def cache_config(options: Any, timestep: list[float] | None = None) -> Any:
             # One more step than the run: diffusers resets (and forgets) the ratios after the last step.
             return MagCacheConfig(calibrate=True, num_inference_steps=options.steps + 1)
         ratios = list(options.cache_ratios or WAN21_T2V_13B_MAG_RATIOS)
-        return MagCacheConfig(threshold=value, max_skip_steps=2, retention_ratio=0.2,
+        # A ratio of exactly 1 adds no error, so threshold 0 alone could still skip: 0 means never (K = 0).
+        return MagCacheConfig(threshold=value, max_skip_steps=2 if value > 0 else 0, retention_ratio=0.2,
                               num_inference_steps=options.steps, mag_ratios=ratios)
     if name == "taylorseer":
         return TaylorSeerCacheConfig(cache_interval=int(value), disable_cache_before_step=3, max_order=1,
