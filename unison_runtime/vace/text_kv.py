@@ -186,7 +186,7 @@ def restore_forwards(root: torch.nn.Module) -> None:
     but it would hide a later patch of the class's ``forward`` (by a host or a test). Modules are left
     as they were found.
     """
-    for module in root.modules():
+    for module in root.modules() if isinstance(root, torch.nn.Module) else ():
         registry = getattr(module, "_diffusers_hook", None)
         bound = module.__dict__.get("forward")
         if (registry is not None and not registry.hooks and bound is not None
