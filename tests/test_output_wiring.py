@@ -102,9 +102,15 @@ def test_projector_sampler_and_switch_outputs(comfy, tiny_models) -> None:  # no
     assert wire_all("UnisonOutputSwitch", switched) == {"image": "SaveImage", "video": "blocked"}
 
 
+def test_speed_settings_output(comfy) -> None:  # noqa: F811
+    from nodes.speed import UnisonSpeed
+
+    assert wire_all("UnisonSpeed", UnisonSpeed().settings("magcache")) == {"speed": "PreviewAny"}
+
+
 def test_every_pack_node_with_outputs_is_covered() -> None:
     covered = {"UnisonPlanner", "UnisonTaskRouter", "UnisonVaceInputs", "UnisonProjector", "UnisonVaceSampler",
-               "UnisonOutputSwitch"}
+               "UnisonOutputSwitch", "UnisonSpeed"}
     loaders = {n for n in PACK if n.endswith(("Loader", "Loader)")) or "Loader" in n}
     outputless = {n for n, cls in PACK.items() if not cls.RETURN_TYPES}
     # loaders' outputs are models, consumed only by the pack's own nodes (tested with those nodes)
