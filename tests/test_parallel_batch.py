@@ -82,18 +82,23 @@ def test_sequential_batch_writes_each_id_and_reports_bad_lines(sequential):
     _check_failures(summary)
 
 
-def test_rerun_skips_done_ids_and_redoes_changed_or_removed_ones(workspace, sequential, tmp_path):
+def test_rerun_skips_done_ids_and_redoes_changed_or_removed_ones(workspace, sequential, tmp_path, capsys):
     out, _, _ = sequential
-    code, summary = _run(_argv(workspace, out))
+    code, summary = _run([arg for arg in _argv(workspace, out) if arg != "--quiet"])
     assert code == 1 and summary["done"] == 0 and sorted(summary["skipped"]) == ["car", "hero", "lion"]
+    assert "batch: 3 id(s) already done, skipped" in capsys.readouterr().err  # progress goes to stderr
     (out / "car" / "text_to_image.png").unlink()  # a removed output is redone
     changed = tmp_path / "changed.jsonl"  # a changed line is redone
     lines = [dict(line, seed=4) if line["id"] == "lion" else line for line in LINES]
     changed.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
     argv = _argv(workspace, out)
     argv[2] = str(changed)
-    code, summary = _run(argv)
+    code, summary = _run([arg for arg in argv if arg != "--quiet"])
     assert sorted(entry["id"] for entry in summary["results"]) == ["car", "lion"]
+    said = capsys.readouterr().err
+    assert "batch: 3 line(s) to run" in said  # car, lion and the refused ghost
+    assert "/3] car: text_to_image in" in said and "/3] lion: text_to_video in" in said
+    assert "/3] ghost: FAILED after 1 attempt(s): media reference 'missing.png'" in said
     assert sorted(summary["skipped"]) == ["hero"]
 
 
