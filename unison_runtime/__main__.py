@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "decode would not fit)")
     run.add_argument("--no-memory-check", action="store_true",
                      help="skip the memory estimate before loading (the job may then be killed by the OS)")
+    from .vace.speed_args import add_speed_arguments  # speed flags (issue 19): --cache, --compile, ...
+
+    add_speed_arguments(run)
     _input_dir_arg(run)
     _add_model_args(run)
     _quiet_arg(run)

@@ -634,11 +634,13 @@ def write_result(result: UnisonResult, out: str | Path, *, exact: bool = False) 
 def sampling_options_from_args(args: Any) -> SamplingOptions:
     """SamplingOptions with the CLI's overrides (``None`` keeps the reference default)."""
     from .vace.sampler import SamplingOptions
+    from .vace.speed_args import speed_values
 
     values = {name: getattr(args, attr, None) for name, attr in
               (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
                ("negative_prompt", "negative_prompt"), ("noise_device", "noise_device"))}
     values["vae_tiling"] = bool(getattr(args, "vae_tiling", False))
+    values.update(speed_values(args))  # --cache, --compile, ... (vace/speed_args.py)
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 
