@@ -397,3 +397,11 @@ def test_magcache_threshold_zero_never_skips_even_on_ratios_of_exactly_one(model
     cached = _denoise(models, "t2v", cache="magcache", cache_threshold=0.0, cache_ratios=(1.0,) * STEPS, notes=notes)
     assert torch.equal(cached, _denoise(models, "t2v"))
     assert f"ran in {STEPS} of {STEPS} transformer calls" in " ".join(notes)  # batched: one call per step
+
+
+def test_caches_and_compile_are_refused_under_context_parallelism(models, monkeypatch) -> None:
+    """The other ranks run the transformer without these hooks: a skipped block would leave them waiting."""
+    monkeypatch.setattr(models.transformer, "_parallel_config", object(), raising=False)
+    with pytest.raises(UnisonError, match="cannot run with context parallelism"):
+        _denoise(models, "t2v", cache="first_block")
+    assert torch.equal(_denoise(models, "t2v"), _denoise(models, "t2v", text_kv_cache=False))  # K/V once: local, exact

@@ -445,6 +445,11 @@ def sampling_speedups(transformer: torch.nn.Module, options: Any) -> Iterator[Sp
     def count_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         report.transformer_calls += 1
 
+    if getattr(transformer, "_parallel_config", None) is not None and (options.cache != "none" or options.compile):
+        # Context parallelism (unison_runtime/parallel): the other ranks run the transformer without these
+        # hooks, and a cache decides from this rank's shard: skipped blocks would leave their collectives waiting.
+        raise UnisonError("a step cache or --compile cannot run with context parallelism (the other processes would "
+                          "not skip or compile the same blocks); run without --cache/--compile, or on one process")
     with ExitStack() as stack:
         stack.callback(restore_forwards, transformer)  # last: after every hook below is gone
         report.text_kv = stack.enter_context(text_kv_once(transformer, options.text_kv_cache))
