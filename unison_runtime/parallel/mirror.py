@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import UnisonError
 from .context import ParallelDegrees, check_sequence, enable_context_parallel, video_tokens
 from .distributed import RankInfo
 
@@ -102,6 +103,10 @@ class Leader:
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         check_sequence(self.degrees, video_tokens(module, tuple(hidden.shape)))  # before the others hear of it
+        if getattr(module, "is_cache_enabled", False):  # e.g. the sampler's --cache: only rank 0 would skip blocks
+            raise UnisonError("a step cache (first-block cache, ...) is on for rank 0's transformer: with context "
+                              "parallelism the ranks would skip different blocks and wait on each other; turn the "
+                              "cache off")
         specs: dict[str, Any] = {}
         to_send: list[Any] = []
         for name, value in [*((i, a) for i, a in enumerate(args)), *kwargs.items()]:

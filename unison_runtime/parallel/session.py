@@ -125,6 +125,10 @@ def run_context_parallel(args: Any, out: TextIO, progress: Any) -> int:
     if getattr(args, "batch", None) is not None:
         raise UnisonError("--batch under torchrun is not supported: torchrun splits one generation across "
                           "processes; for many instructions use run --batch FILE [--ray]")
+    if getattr(args, "cache", None) not in (None, "none"):
+        raise UnisonError(f"--cache {args.cache} under torchrun: a step cache decides to skip blocks from each "
+                          "rank's own shard, so the ranks would drift apart and wait on each other for ever; run "
+                          "context parallel without --cache (the exact text K/V reuse stays on)")
     session = ContextParallelSession(ulysses=args.ulysses, ring=args.ring, device=getattr(args, "device", None))
     with session:
         if not session.leader:
