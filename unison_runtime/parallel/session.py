@@ -93,11 +93,12 @@ class ContextParallelSession:
 
     # ------------------------------------------------------------------ the others
 
-    def follow(self, load_transformer: Callable[[], Any]) -> int:
-        """Repeat rank 0's transformer calls until it stops; returns how many were made."""
+    def follow(self, load_transformer: Callable[[], Any], *, text_kv: bool = True) -> int:
+        """Repeat rank 0's transformer calls until it stops; returns how many were made. ``text_kv``: as rank 0's
+        ``SamplingOptions.text_kv_cache`` (exact either way; on, the text keys and values are computed once)."""
         if self.leader:
             raise UnisonError("rank 0 runs the pipeline; follow() is for the other ranks")
-        return follow(self.info, self.degrees, self.mesh, load_transformer)
+        return follow(self.info, self.degrees, self.mesh, load_transformer, text_kv=text_kv)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -133,7 +134,8 @@ def run_context_parallel(args: Any, out: TextIO, progress: Any) -> int:
     with session:
         if not session.leader:
             try:
-                session.follow(follower_transformer_loader(args, session.device))
+                session.follow(follower_transformer_loader(args, session.device),
+                               text_kv=not getattr(args, "no_text_kv_cache", False))
             except UnisonError:
                 raise
             except Exception as exc:  # said with the rank: rank 0 only sees the connection drop
