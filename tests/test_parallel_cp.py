@@ -234,3 +234,14 @@ def test_degree_flags_outside_torchrun_are_refused(tmp_path, capsys, monkeypatch
     code = main(["run", "a cat", "--models", str(tmp_path), "--out", str(tmp_path) + "/", "--ulysses", "2"])
     assert code == 2
     assert "--ulysses / --ring split one generation across processes started by torchrun" in capsys.readouterr().err
+
+
+def test_a_step_cache_is_refused_under_torchrun_before_any_process_group(tmp_path, capsys, monkeypatch):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    (tmp_path / "models").mkdir()
+    code = main(["run", "a cat", "--models", str(tmp_path / "models"), "--out", str(tmp_path) + "/", "--cache",
+                 "first_block"])
+    assert code == 2
+    assert "--cache first_block under torchrun: a step cache decides to skip blocks" in capsys.readouterr().err

@@ -9,8 +9,11 @@ an out-of-memory error, any step count) the others do too, and only rank 0 needs
 umT5, the projector, the VAE and the media: the followers hold the transformer alone.
 
 Inputs that stay the same across calls (the text contexts, the VACE control latents) are sent
-once per generation: a tensor is resent when its storage, shape, version counter or checksum
-changed. The latents and timestep are sent on every call (a few MB at 480P).
+once per generation and kept by the followers in numbered slots: the conditional and negative
+contexts of two-pass guidance alternate without being sent again, and stay the same tensors on the
+followers (which the text key/value cache keys on). A tensor counts as the same while its storage,
+shape, version counter and checksum are. The latents and timestep are sent on every call (a few MB
+at 480P).
 
 Messages (``broadcast_object_list`` from rank 0): ``load`` (load the transformer now, rank 0
 has loaded its own), ``job`` (a new generation: forget cached inputs), ``forward`` (a call
@@ -23,6 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import UnisonError
 from .context import ParallelDegrees, check_sequence, enable_context_parallel, video_tokens
 from .distributed import RankInfo
 
@@ -61,7 +65,7 @@ class Leader:
     def __init__(self, info: RankInfo, degrees: ParallelDegrees, mesh: Any) -> None:
         self.info, self.degrees, self.mesh = info, degrees, mesh
         self.config: Any = None
-        self._sent: dict[str, tuple[Any, ...]] = {}
+        self._sent: dict[tuple[Any, ...], int] = {}  # (input name, fingerprint) -> slot the followers keep
         self._handle: Any = None
         self.calls = 0
         self.broken = False  # a collective failed: the others are gone, do not talk to them again
@@ -102,19 +106,24 @@ class Leader:
 
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         check_sequence(self.degrees, video_tokens(module, tuple(hidden.shape)))  # before the others hear of it
+        if getattr(module, "is_cache_enabled", False):  # e.g. the sampler's --cache: only rank 0 would skip blocks
+            raise UnisonError("a step cache (first-block cache, ...) is on for rank 0's transformer: with context "
+                              "parallelism the ranks would skip different blocks and wait on each other; turn the "
+                              "cache off")
         specs: dict[str, Any] = {}
         to_send: list[Any] = []
         for name, value in [*((i, a) for i, a in enumerate(args)), *kwargs.items()]:
             if not isinstance(value, torch.Tensor):
                 specs[name] = (_VALUE, value)
                 continue
+            slot = None
             if name in self.CACHEABLE:
-                mark = _fingerprint(value)
-                if self._sent.get(name) == mark:
-                    specs[name] = (_CACHED,)
+                mark = (name, _fingerprint(value))
+                if mark in self._sent:
+                    specs[name] = (_CACHED, self._sent[mark])
                     continue
-                self._sent[name] = mark
-            specs[name] = (_TENSOR, tuple(value.shape), str(value.dtype).removeprefix("torch."))
+                slot = self._sent[mark] = len(self._sent)
+            specs[name] = (_TENSOR, tuple(value.shape), str(value.dtype).removeprefix("torch."), slot)
             to_send.append(value.contiguous())
         self._talk({"op": "forward", "inputs": specs})
         try:
@@ -126,45 +135,65 @@ class Leader:
         self.calls += 1
 
 
-def follow(info: RankInfo, degrees: ParallelDegrees, mesh: Any, load_transformer: Callable[[], Any]) -> int:
-    """A follower's loop until rank 0 says stop; returns how many transformer calls it made."""
+def follow(info: RankInfo, degrees: ParallelDegrees, mesh: Any, load_transformer: Callable[[], Any], *,
+           text_kv: bool = True) -> int:
+    """A follower's loop until rank 0 says stop; returns how many transformer calls it made.
+
+    ``text_kv``: compute each text context's keys and values once per generation, as rank 0's sampler
+    does (:mod:`unison_runtime.vace.text_kv`; exact). The received contexts are kept as the same
+    tensors between calls, which is what that cache keys on.
+    """
+    from contextlib import ExitStack
+
     import torch
     import torch.distributed as dist
+
+    from ..vace.text_kv import text_kv_once
 
     transformer: Any = None
     cached: dict[Any, Any] = {}
     calls = 0
-    while True:
-        header = _receive()
-        op = header["op"]
-        if op == "stop":
-            return calls
-        if op == "load":
-            transformer = None
-            transformer = load_transformer()
-            enable_context_parallel(transformer, degrees, mesh=mesh)
-            cached.clear()
-        elif op == "job":
-            cached.clear()
-        elif op == "forward":
-            inputs: dict[Any, Any] = {}
-            for name, spec in header["inputs"].items():
-                if spec[0] == _VALUE:
-                    inputs[name] = spec[1]
-                elif spec[0] == _CACHED:
-                    inputs[name] = cached[name]
-                else:
-                    tensor = torch.empty(spec[1], dtype=getattr(torch, spec[2]), device=info.device)
-                    dist.broadcast(tensor, src=0)
-                    inputs[name] = tensor
-                    if name in Leader.CACHEABLE:
-                        cached[name] = tensor
-            if transformer is None:
-                raise RuntimeError("rank 0 sent a transformer call before the transformer was loaded")
-            args = [inputs.pop(i) for i in sorted(k for k in inputs if isinstance(k, int))]
-            with torch.no_grad():
-                transformer(*args, **inputs)
-            calls += 1
-        else:
-            print(f"rank {info.rank}: unknown message {op!r} from rank 0", file=sys.stderr)
-            return calls
+    speedups = ExitStack()
+
+    def new_generation() -> None:
+        speedups.close()
+        cached.clear()
+        if transformer is not None:
+            speedups.enter_context(text_kv_once(transformer, enabled=text_kv))
+
+    with speedups:
+        while True:
+            header = _receive()
+            op = header["op"]
+            if op == "stop":
+                return calls
+            if op == "load":
+                speedups.close()
+                transformer = None
+                transformer = load_transformer()
+                enable_context_parallel(transformer, degrees, mesh=mesh)
+                new_generation()
+            elif op == "job":
+                new_generation()
+            elif op == "forward":
+                inputs: dict[Any, Any] = {}
+                for name, spec in header["inputs"].items():
+                    if spec[0] == _VALUE:
+                        inputs[name] = spec[1]
+                    elif spec[0] == _CACHED:
+                        inputs[name] = cached[spec[1]]
+                    else:
+                        tensor = torch.empty(spec[1], dtype=getattr(torch, spec[2]), device=info.device)
+                        dist.broadcast(tensor, src=0)
+                        inputs[name] = tensor
+                        if spec[3] is not None:
+                            cached[spec[3]] = tensor
+                if transformer is None:
+                    raise RuntimeError("rank 0 sent a transformer call before the transformer was loaded")
+                args = [inputs.pop(i) for i in sorted(k for k in inputs if isinstance(k, int))]
+                with torch.no_grad():
+                    transformer(*args, **inputs)
+                calls += 1
+            else:
+                print(f"rank {info.rank}: unknown message {op!r} from rank 0", file=sys.stderr)
+                return calls

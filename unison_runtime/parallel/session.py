@@ -93,11 +93,12 @@ class ContextParallelSession:
 
     # ------------------------------------------------------------------ the others
 
-    def follow(self, load_transformer: Callable[[], Any]) -> int:
-        """Repeat rank 0's transformer calls until it stops; returns how many were made."""
+    def follow(self, load_transformer: Callable[[], Any], *, text_kv: bool = True) -> int:
+        """Repeat rank 0's transformer calls until it stops; returns how many were made. ``text_kv``: as rank 0's
+        ``SamplingOptions.text_kv_cache`` (exact either way; on, the text keys and values are computed once)."""
         if self.leader:
             raise UnisonError("rank 0 runs the pipeline; follow() is for the other ranks")
-        return follow(self.info, self.degrees, self.mesh, load_transformer)
+        return follow(self.info, self.degrees, self.mesh, load_transformer, text_kv=text_kv)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -125,11 +126,16 @@ def run_context_parallel(args: Any, out: TextIO, progress: Any) -> int:
     if getattr(args, "batch", None) is not None:
         raise UnisonError("--batch under torchrun is not supported: torchrun splits one generation across "
                           "processes; for many instructions use run --batch FILE [--ray]")
+    if getattr(args, "cache", None) not in (None, "none"):
+        raise UnisonError(f"--cache {args.cache} under torchrun: a step cache decides to skip blocks from each "
+                          "rank's own shard, so the ranks would drift apart and wait on each other for ever; run "
+                          "context parallel without --cache (the exact text K/V reuse stays on)")
     session = ContextParallelSession(ulysses=args.ulysses, ring=args.ring, device=getattr(args, "device", None))
     with session:
         if not session.leader:
             try:
-                session.follow(follower_transformer_loader(args, session.device))
+                session.follow(follower_transformer_loader(args, session.device),
+                               text_kv=not getattr(args, "no_text_kv_cache", False))
             except UnisonError:
                 raise
             except Exception as exc:  # said with the rank: rank 0 only sees the connection drop
