@@ -217,13 +217,24 @@ class Plan:
         return cls.from_dict(data)
 
 
-def default_plan(task: Task | str, media: Sequence[MediaRef] = (), **values: Any) -> Plan:
-    """A plan with the reference defaults for ``task``: 832x480, 81 frames for video, 1 for images."""
+def default_plan(
+    task: Task | str, media: Sequence[MediaRef] = (), *, derive_planner_text: bool = False, **values: Any
+) -> Plan:
+    """A plan with the reference defaults for ``task``: 832x480, 81 frames for video, 1 for images.
+
+    ``derive_planner_text``: ``planner_text`` is what the planning LoRA would emit for this plan
+    (:func:`format_planner_text`), as the rule planner reports it.
+    """
     task = Task.parse(task)
     values.setdefault("num_frames", DEFAULT_VIDEO_FRAMES if task.output == "video" else 1)
     if task is Task.IMAGE_TO_VIDEO:
         values.setdefault("frame_index", "first")
-    return Plan(task=task, media=tuple(media), **values)
+    plan = Plan(task=task, media=tuple(media), **values)
+    if derive_planner_text:
+        # Set on the new, validated plan before anyone sees it (as __post_init__ sets its normalised fields):
+        # the tokens are written from validated values, and with_changes would validate the whole plan again.
+        object.__setattr__(plan, "planner_text", format_planner_text(plan))
+    return plan
 
 
 # --------------------------------------------------------------------------- validation
@@ -380,7 +391,7 @@ def assign_roles(
         else:
             role = "context"
         roles.append(role)
-    return tuple(dataclasses.replace(m, role=r) for m, r in zip(media, roles, strict=True))
+    return tuple(MediaRef(m.path, m.kind, r) for m, r in zip(media, roles, strict=True))
 
 
 def understanding_task(media: Iterable[MediaRef]) -> Task:
