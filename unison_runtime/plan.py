@@ -71,6 +71,8 @@ class Task(str, Enum):
     @classmethod
     def parse(cls, value: str | Task, field_name: str = "task") -> Task:
         """A task from its id, with an error that lists the valid ids."""
+        if isinstance(value, cls):
+            return value
         try:
             return cls(value)
         except ValueError:
@@ -277,9 +279,10 @@ def _validate_index(plan: Plan, name: str, value: Any) -> None:
 
 
 def _validate(plan: Plan) -> None:
+    output = plan.task.output
     validate_side("width", plan.width)
     validate_side("height", plan.height)
-    validate_num_frames(plan.num_frames, plan.output)
+    validate_num_frames(plan.num_frames, output)
     fps = _require_int("fps", plan.fps)
     if not 1 <= fps <= MAX_FPS:
         raise PlanError("fps", f"{fps} is outside [1, {MAX_FPS}]", fps)
@@ -310,7 +313,7 @@ def _validate(plan: Plan) -> None:
     elif plan.mask_index is not None or plan.source_index is not None:
         raise PlanError("mask_index", f"only editing tasks have mask/source indices, not {plan.task.value}")
 
-    if plan.answer is not None and plan.output != "text":
+    if plan.answer is not None and output != "text":
         raise PlanError("answer", f"only understanding tasks carry an answer, not {plan.task.value}")
     _validate_media_kinds(plan)
 
@@ -336,19 +339,22 @@ def _validate_frame_media(plan: Plan) -> None:
         )
 
 
+#: Tasks that need an image among their media, and what the error calls it.
+_NEEDS_IMAGE = {
+    Task.IMAGE_UNDERSTANDING: "at least one image",
+    Task.IMAGE_CONTROLLABLE: "a condition image",
+    Task.IMAGE_REFERENCE: "at least one reference image",
+    Task.IMAGE_TO_VIDEO: "an image",
+    Task.VIDEO_REFERENCE: "at least one reference image",
+}
+
+
 def _validate_media_kinds(plan: Plan) -> None:
     """The media a task needs must be there, of the right kind (DESIGN section 3)."""
     kinds = [m.kind for m in plan.media]
     task = plan.task
-    need_image = {
-        Task.IMAGE_UNDERSTANDING: "at least one image",
-        Task.IMAGE_CONTROLLABLE: "a condition image",
-        Task.IMAGE_REFERENCE: "at least one reference image",
-        Task.IMAGE_TO_VIDEO: "an image",
-        Task.VIDEO_REFERENCE: "at least one reference image",
-    }
-    if task in need_image and "image" not in kinds:
-        raise PlanError("media", f"{task.value} needs {need_image[task]}, got {kinds or 'none'}")
+    if task in _NEEDS_IMAGE and "image" not in kinds:
+        raise PlanError("media", f"{task.value} needs {_NEEDS_IMAGE[task]}, got {kinds or 'none'}")
     if task in (Task.VIDEO_UNDERSTANDING, Task.VIDEO_CONTROLLABLE) and "video" not in kinds:
         raise PlanError("media", f"{task.value} needs a video, got {kinds or 'none'}")
     if task in EDITING_TASKS:

@@ -110,27 +110,30 @@ def _number_text(value: int, half: bool = False) -> str:
     return f"{value}.5" if half else str(value)
 
 
-#: A piece of every unit word in _UNIT ("sec" in "milliseconds"): a text without any of them has no length to rewrite.
+#: A piece of every unit word in _UNIT ("sec" in "milliseconds"). Every rewrite below needs a unit and keeps it,
+#: so a text without any of these has nothing to rewrite: most instructions skip every regex scan here.
 _UNIT_PIECES = ("sec", "min", "hour", "hr", "frame", "fps")
-# (rewrite, words one of which every match contains, replacement), in the order they apply. Most
-# instructions hold none of the words, and a substring test is far cheaper than a regex scan.
-_NUMBER_WORD_REWRITES: tuple[tuple[re.Pattern[str], tuple[str, ...], Callable[[re.Match[str]], str]], ...] = (
-    (_WORDS_AND_HALF, ("half",),
-     lambda m: f"{_number_text(int(m[1]) if m[1].isdigit() else word_number(m[1]), True)} {m[2]}"),
-    (_UNIT_AND_HALF, ("half",), lambda m: f"1.5 {m[1]}"),
-    (_HALF_A, ("half",), lambda m: f"0.5 {m[1]}"),
-    (_QUARTER, ("quarter",), lambda m: f"0.25 {m[1]}"),
-    (_WORDS_UNIT, _UNIT_PIECES, lambda m: f"{word_number(m[1])}{m[2]}{m[3]}"),
-    (_A_UNIT, ("min", "hour", "hr", "sec"), lambda m: f"1 {m[1] or m[2] or m[3]}"),
-)  # fmt: skip
+
+
+def _half(m: re.Match[str]) -> str:
+    return f"{_number_text(int(m[1]) if m[1].isdigit() else word_number(m[1]), True)} {m[2]}"
 
 
 def rewrite_number_words(text: str) -> str:
     """Number words next to a unit become digits: 'five seconds' -> '5 seconds', 'half a minute' -> '0.5 minute'."""
-    for pattern, words, replace in _NUMBER_WORD_REWRITES:
-        if any(word in text for word in words):
-            text = pattern.sub(replace, text)
-    return text
+    for piece in _UNIT_PIECES:
+        if piece in text:
+            break
+    else:
+        return text
+    if "half" in text:
+        text = _WORDS_AND_HALF.sub(_half, text)
+        text = _UNIT_AND_HALF.sub(lambda m: f"1.5 {m[1]}", text)
+        text = _HALF_A.sub(lambda m: f"0.5 {m[1]}", text)
+    if "quarter" in text:
+        text = _QUARTER.sub(lambda m: f"0.25 {m[1]}", text)
+    text = _WORDS_UNIT.sub(lambda m: f"{word_number(m[1])}{m[2]}{m[3]}", text)
+    return _A_UNIT.sub(lambda m: f"1 {m[1] or m[2] or m[3]}", text)
 
 
 def normalize(chunk: str) -> str:

@@ -215,7 +215,7 @@ _CJK_ASCII_SEAM = re.compile(r"(?<=[\u4e00-\u9fff])(?=[A-Za-z0-9])|(?<=[A-Za-z0-
 
 def rewrite_chinese(text: str) -> str:
     """``text`` with its Chinese cues replaced by the English ones; unchanged when it has none."""
-    if not _NEEDS_REWRITE.search(text):
+    if text.isascii() or not _NEEDS_REWRITE.search(text):  # isascii(): a flag lookup, no scan
         return text
     text = text.translate(_FULL_WIDTH_DIGITS)
     for pattern, replace in _NUMBER_RULES:
