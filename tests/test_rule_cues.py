@@ -16,11 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unison_runtime.planner import rules, rules_meta
-from unison_runtime.planner.rules_text import Cue, read_rule_text
+from unison_runtime.planner import rules, rules_meta, rules_zh
+from unison_runtime.planner.rules_cues import Cue
+from unison_runtime.planner.rules_text import read_rule_text
 
 CUES = {f"{module.__name__.rsplit('.', 1)[1]}.{name}": value for module in (rules, rules_meta)
         for name, value in vars(module).items() if isinstance(value, Cue)}  # fmt: skip
+CUES.update({f"rules_zh._NUMBER_RULES[{i}]": cue for i, (cue, _) in enumerate(rules_zh._NUMBER_RULES)})
 GATED = sorted(name for name, cue in CUES.items() if cue.words or cue.digit)
 DATA = Path(__file__).parent / "data"
 TEXTS = [
@@ -53,7 +55,7 @@ def test_the_gate_keeps_every_match_in_the_planner_texts(name: str) -> None:
     cue = CUES[name]
     for text in TEXTS:
         rule_text = read_rule_text(text)
-        for piece in (rule_text.text, *(sentence for _, sentence in rule_text.sentences)):
+        for piece in (text.lower(), rule_text.text, *(sentence for _, sentence in rule_text.sentences)):
             assert _span(cue.search(piece)) == _span(cue.pattern.search(piece)), (name, piece)
         assert _span(rule_text.search(cue)) == _span(cue.pattern.search(rule_text.text)), (name, text)
 

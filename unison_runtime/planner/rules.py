@@ -32,6 +32,7 @@ from ..plan import (
     understanding_task,
 )
 from .rules_checks import check_instruction_text, check_plan_media, media_info, shape_from_media
+from .rules_cues import Cue
 from .rules_meta import (
     asks_for_length,
     asks_for_shape,
@@ -47,7 +48,7 @@ from .rules_meta import (
     parse_size,
     quality_tag,
 )
-from .rules_text import REF_MARK, Cue, RuleText, as_rule_text, read_rule_text
+from .rules_text import REF_MARK, RuleText, as_rule_text, read_rule_text
 from .rules_zh import QUESTION_MARK
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from ..plan import (
     MediaKind,
     MediaRef,
 )
-from .rules_text import REF_MARK, Cue, RuleText, as_rule_text
+from .rules_cues import Cue
+from .rules_text import REF_MARK, RuleText, as_rule_text
 
 # --------------------------------------------------------------------------- numbers
 
