@@ -235,6 +235,9 @@ def _asks_for_text(sentence: str, verb: re.Match[str]) -> bool:
     return noun is None
 
 
+_LEAD_ORDER = {"edit": 0, "generate": 1, "understand": 2}
+
+
 def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit", "understand"] | None:
     """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks.
 
@@ -254,8 +257,7 @@ def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit
         found.append((sums.start(), "understand"))
     if found:
         # On a tie ("turn ... into" is both), edit wins over generate: it names a given medium.
-        order = {"edit": 0, "generate": 1, "understand": 2}
-        return min(found, key=lambda item: (item[0], order[item[1]]))[1]
+        return min(found, key=lambda item: (item[0], _LEAD_ORDER[item[1]]))[1]
     asks = sentence.rstrip().endswith("?") or _AUX_START.match(sentence) or _WH_CLAUSE.search(sentence)
     return "understand" if asks else None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TypeVar
 
 from ..instruction import REFERENCE_PATTERN
@@ -118,11 +117,11 @@ class RuleText:
     text: str
     ref_offsets: tuple[int, ...]
     sentences: tuple[tuple[int, str], ...]
+    has_digit: bool = field(init=False, repr=False, compare=False)
     _found: dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @cached_property
-    def has_digit(self) -> bool:
-        return DIGIT.search(self.text) is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "has_digit", DIGIT.search(self.text) is not None)  # cues that need a digit ask
 
     def search(self, cue: Cue) -> re.Match[str] | None:
         """``cue``'s first match in ``text``, looked for once per instruction: several conventions ask about
