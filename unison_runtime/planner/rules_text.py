@@ -111,7 +111,9 @@ class RuleText:
     """What the cue regexes scan.
 
     ``text`` is lower-case with each reference replaced by `` REF_MARK ``; ``ref_offsets[i]`` is
-    where the mark of the i-th reference sits; ``sentences`` are ``(start, sentence)`` pairs.
+    where the mark of the i-th reference sits; ``sentences`` are ``(start, sentence)`` pairs;
+    ``has_digit``: whether ``text`` holds a digit (cues that need one skip it otherwise). What each
+    cue found is kept (:meth:`search`, :meth:`once`): a RuleText is read for one instruction only.
     """
 
     text: str
@@ -121,7 +123,7 @@ class RuleText:
     _found: dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "has_digit", DIGIT.search(self.text) is not None)  # cues that need a digit ask
+        object.__setattr__(self, "has_digit", DIGIT.search(self.text) is not None)
 
     def search(self, cue: Cue) -> re.Match[str] | None:
         """``cue``'s first match in ``text``, looked for once per instruction: several conventions ask about
