@@ -71,6 +71,8 @@ class Task(str, Enum):
     @classmethod
     def parse(cls, value: str | Task, field_name: str = "task") -> Task:
         """A task from its id, with an error that lists the valid ids."""
+        if isinstance(value, cls):
+            return value
         try:
             return cls(value)
         except ValueError:
@@ -217,13 +219,24 @@ class Plan:
         return cls.from_dict(data)
 
 
-def default_plan(task: Task | str, media: Sequence[MediaRef] = (), **values: Any) -> Plan:
-    """A plan with the reference defaults for ``task``: 832x480, 81 frames for video, 1 for images."""
+def default_plan(
+    task: Task | str, media: Sequence[MediaRef] = (), *, derive_planner_text: bool = False, **values: Any
+) -> Plan:
+    """A plan with the reference defaults for ``task``: 832x480, 81 frames for video, 1 for images.
+
+    ``derive_planner_text``: ``planner_text`` is what the planning LoRA would emit for this plan
+    (:func:`format_planner_text`), as the rule planner reports it.
+    """
     task = Task.parse(task)
     values.setdefault("num_frames", DEFAULT_VIDEO_FRAMES if task.output == "video" else 1)
     if task is Task.IMAGE_TO_VIDEO:
         values.setdefault("frame_index", "first")
-    return Plan(task=task, media=tuple(media), **values)
+    plan = Plan(task=task, media=tuple(media), **values)
+    if derive_planner_text:
+        # Set on the new, validated plan before anyone sees it (as __post_init__ sets its normalised fields):
+        # the tokens are written from validated values, and with_changes would validate the whole plan again.
+        object.__setattr__(plan, "planner_text", format_planner_text(plan))
+    return plan
 
 
 # --------------------------------------------------------------------------- validation
@@ -266,9 +279,10 @@ def _validate_index(plan: Plan, name: str, value: Any) -> None:
 
 
 def _validate(plan: Plan) -> None:
+    output = plan.task.output
     validate_side("width", plan.width)
     validate_side("height", plan.height)
-    validate_num_frames(plan.num_frames, plan.output)
+    validate_num_frames(plan.num_frames, output)
     fps = _require_int("fps", plan.fps)
     if not 1 <= fps <= MAX_FPS:
         raise PlanError("fps", f"{fps} is outside [1, {MAX_FPS}]", fps)
@@ -299,7 +313,7 @@ def _validate(plan: Plan) -> None:
     elif plan.mask_index is not None or plan.source_index is not None:
         raise PlanError("mask_index", f"only editing tasks have mask/source indices, not {plan.task.value}")
 
-    if plan.answer is not None and plan.output != "text":
+    if plan.answer is not None and output != "text":
         raise PlanError("answer", f"only understanding tasks carry an answer, not {plan.task.value}")
     _validate_media_kinds(plan)
 
@@ -325,19 +339,22 @@ def _validate_frame_media(plan: Plan) -> None:
         )
 
 
+#: Tasks that need an image among their media, and what the error calls it.
+_NEEDS_IMAGE = {
+    Task.IMAGE_UNDERSTANDING: "at least one image",
+    Task.IMAGE_CONTROLLABLE: "a condition image",
+    Task.IMAGE_REFERENCE: "at least one reference image",
+    Task.IMAGE_TO_VIDEO: "an image",
+    Task.VIDEO_REFERENCE: "at least one reference image",
+}
+
+
 def _validate_media_kinds(plan: Plan) -> None:
     """The media a task needs must be there, of the right kind (DESIGN section 3)."""
     kinds = [m.kind for m in plan.media]
     task = plan.task
-    need_image = {
-        Task.IMAGE_UNDERSTANDING: "at least one image",
-        Task.IMAGE_CONTROLLABLE: "a condition image",
-        Task.IMAGE_REFERENCE: "at least one reference image",
-        Task.IMAGE_TO_VIDEO: "an image",
-        Task.VIDEO_REFERENCE: "at least one reference image",
-    }
-    if task in need_image and "image" not in kinds:
-        raise PlanError("media", f"{task.value} needs {need_image[task]}, got {kinds or 'none'}")
+    if task in _NEEDS_IMAGE and "image" not in kinds:
+        raise PlanError("media", f"{task.value} needs {_NEEDS_IMAGE[task]}, got {kinds or 'none'}")
     if task in (Task.VIDEO_UNDERSTANDING, Task.VIDEO_CONTROLLABLE) and "video" not in kinds:
         raise PlanError("media", f"{task.value} needs a video, got {kinds or 'none'}")
     if task in EDITING_TASKS:
@@ -380,7 +397,7 @@ def assign_roles(
         else:
             role = "context"
         roles.append(role)
-    return tuple(dataclasses.replace(m, role=r) for m, r in zip(media, roles, strict=True))
+    return tuple(MediaRef(m.path, m.kind, r) for m, r in zip(media, roles, strict=True))
 
 
 def understanding_task(media: Iterable[MediaRef]) -> Task:

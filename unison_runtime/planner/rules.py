@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ..plan import (
+    DEFAULT_FPS,
     EDITING_TASKS,
     MediaRef,
     Plan,
     Task,
     assign_roles,
     default_plan,
-    format_planner_text,
     understanding_task,
 )
 from .rules_checks import check_instruction_text, check_plan_media, media_info, shape_from_media
+from .rules_cues import Cue
 from .rules_meta import (
     asks_for_length,
     asks_for_shape,
@@ -71,33 +72,41 @@ _AUX_START = re.compile(
     r"|image|photo|picture|video|" + REF_MARK + ")(?!\\w)"
 )
 # Generation verbs in their base form only: "AI-generated", "made of", "created by" describe, not ask.
-_GENERATION_VERB = re.compile(
+_GENERATION_VERB = Cue(
     r"\b(?:generate|create|make(?!\s+sure\b)|draw|paint|render|produce|animate|design|illustrate|depict"
     r"|visuali[sz]e|synthesi[sz]e|(?:turn|convert|transform)\b(?=[^.!?;]*?\binto\b)"
     r"|(?:show|give|send)\s+(?:me|us)\b(?=[^.!?;]{0,40}?\b(?:image|picture|photo|video|clip|animation"
-    r"|illustration|painting|drawing|portrait)s?\b))\b"
+    r"|illustration|painting|drawing|portrait)s?\b))\b",
+    "generate create make draw paint render produce animate design illustrate depict visuali synthesi "
+    "turn convert transform show give send",
 )
 # Verbs that ask for text: these make a sentence a question even without a question mark.
-_UNDERSTANDING_VERB = re.compile(
+_UNDERSTANDING_VERB = Cue(
     r"\b(?:describe|explain|translate|summari[sz]e|caption|identify|count|classify|recogni[sz]e|analy[sz]e"
     r"|compare|tell\s+(?:me|us)|list|write|answer|read|transcribe|solve|calculate|compute|determine|estimate"
-    r"|interpret|evaluate|guess)\b"
+    r"|interpret|evaluate|guess)\b",
+    "describe explain translate summari caption identify count classify recogni analy compare tell list "
+    "write answer read transcribe solve calculate compute determine estimate interpret evaluate guess",
 )
 # Edit verbs only count with a medium to edit ("add 3 and 4" is arithmetic, not an edit).
-_EDIT_VERB = re.compile(
+_EDIT_VERB = Cue(
     r"\b(?:replace|change|alter|modify|edit|remove|erase|delete|add|insert|swap|recolou?r|colou?ri[sz]e"
     r"|inpaint|retouch|restore|fix|fill|apply|place|put(?!\s+(?:simply|differently|briefly|another\s+way)\b)|make\s+(?:it|this|that|them|him|her|the|these|those)\b"
-    r"|(?:turn|convert|transform)\b(?=[^.!?;]*?\b(?:into|to)\b))\b"
+    r"|(?:turn|convert|transform)\b(?=[^.!?;]*?\b(?:into|to)\b))\b",
+    "replace change alter modify edit remove erase delete add insert swap colo inpaint retouch restore "
+    "fix fill apply place put make turn convert transform",
 )
 # Arithmetic asks for an answer: "add 17 and 25", "multiply 6 by 7", "17 + 25 =".
-_ARITHMETIC = re.compile(
-    r"\b(?:add|subtract|multiply|divide|sum\s+up|sum)\s+-?\d|\d\s*[-+*/×÷^]\s*\d[\d\s.+*/×÷^()-]*=\s*\??\s*$"
+_ARITHMETIC = Cue(
+    r"\b(?:add|subtract|multiply|divide|sum\s+up|sum)\s+-?\d|\d\s*[-+*/×÷^]\s*\d[\d\s.+*/×÷^()-]*=\s*\??\s*$",
+    "add subtract multiply divide sum =",
 )
 # A question after a comma ("put simply, what is this"), or a wish to know ("I want to know how to...").
-_WH_CLAUSE = re.compile(
+_WH_CLAUSE = Cue(
     r"(?:^|[,:;]\s*)(?:what|how|why|which|who|where|when)\s+(?:is|are|was|were|do|does|did|can|could|would|will"
     r"|should|kind|type|colou?r|many|much|to)\b|\b(?:want|like|need)\s+to\s+know\b|\bi\s+wonder\b"
-    r"|\bhow\s+(?:to|do\s+i|can\s+i|should\s+i)\b"
+    r"|\bhow\s+(?:to|do\s+i|can\s+i|should\s+i)\b",
+    "wh how know wonder",
 )
 _HOW_TO = re.compile(r"\bhow\s+(?:to|do\s+i|can\s+i|should\s+i|would\s+i|do\s+you)\s+$")
 # Verbs that can produce text ("generate a caption") and the text they produce.
@@ -108,7 +117,11 @@ _TEXT_PRODUCT = re.compile(
     r"|text|emails?|letters?|reports?|recipes?|questions?|prompts?|code|songs?|lyrics|reviews?|tweets?"
     r"|articles?|plans?)\b"
 )
-_MULTIPLE_CHOICE = re.compile(r"\b(?:choices|options)\s*:|\banswer\s+with\b|(?:^|\s)\(?a\)\s.+?\s\(?b\)\s", re.S)
+_MULTIPLE_CHOICE = Cue(
+    r"\b(?:choices|options)\s*:|\banswer\s+with\b|(?:^|\s)\(?a\)\s.+?\s\(?b\)\s",
+    "choices options answer a)",
+    flags=re.S,
+)
 
 _IMAGE_NOUN = (
     r"image|picture|pic|photo|photograph|illustration|painting|drawing|portrait|artwork|poster|wallpaper"
@@ -121,16 +134,17 @@ _INPUT_DETERMINER = re.compile(
     r"\b(?:this|that|these|those|the|given|provided|input|original|source|uploaded|attached|my|above|following)"
     r"\s+(?:[\w-]+\s+)?$"
 )
-_ANIMATE = re.compile(r"\banimate\b")
+_ANIMATE = Cue(r"\banimate\b", "animate")
 # Words only a video has: camera motion, slow motion. They ask for a video
 # and, like output nouns, make a bare description a generation request.
-_MOTION = re.compile(
+_MOTION = Cue(
     r"\bcamera\s+(?:slowly\s+|smoothly\s+|then\s+)?(?:pans|zooms|tilts|moves|tracks|orbits|dollies|follows|rotates"
-    r"|pushes|pulls|circles)\b|\bslow[- ]motion\b|\b(?:panning|tracking|dolly|drone)\s+shot\b"
+    r"|pushes|pulls|circles)\b|\bslow[- ]motion\b|\b(?:panning|tracking|dolly|drone)\s+shot\b",
+    "camera motion shot",
 )
 # With a given image, naming it the first/last frame asks for image_to_video.
-_FRAME_POSITION = re.compile(r"\b(?:first|opening|starting|initial|last|final|ending)\s+frame\b")
-_CONTROL = re.compile(
+_FRAME_POSITION = Cue(r"\b(?:first|opening|starting|initial|last|final|ending)\s+frame\b", "frame")
+_CONTROL = Cue(
     r"\b(?:skeletons?|openpose|canny|scribbles?|line\s*-?art|depth\s*maps?|edge\s*maps?|pose\s*maps?"
     r"|segmentation\s*maps?|control\s*(?:map|image|video|signal|condition)s?)\b"
     r"|\b(?:this|that|these|those|the|provided|given|following|input|same|my|reference)\s+(?:[\w-]+\s+){0,2}?"
@@ -138,15 +152,16 @@ _CONTROL = re.compile(
     r"|\b(?:pose|depth|edge|sketch|outline)\s+(?:map|image|information|info|sequence|video|condition|guidance"
     r"|control|keypoints)\b"
     r"|\bfollow(?:s|ing)?\s+(?:[\w-]+\s+){0,3}?(?:maps?|information|info|edges|lines|structure|layout"
-    r"|skeleton|poses?|motion|movements?)\b"
+    r"|skeleton|poses?|motion|movements?)\b",
+    "skeleton pose posture canny scribble line depth edge segmentation control sketch contour follow",
 )
-_REFERENCE = re.compile(
+_REFERENCE = Cue(
     r"\b(?:identity|identities|headshots?|id\s+photos?|face\s+id|passport\s+photos?|as\s+(?:a\s+|the\s+)?references?"
     r"|reference\s+(?:image|photo|picture|subject|person|face)s?"
     r"|same\s+(?:person|face|character|man|woman|product|subject))\b"
     r"|\b(?:this|that|these|those|given|provided|my|our|same)\s+(?:[\w-]+\s+)?(?:person|people|man|men|woman"
     r"|women|girl|boy|lady|guy|child|kid|baby|face|faces|character|characters|product|products|subject"
-    r"|individual|celebrity|model|figure|item|object|toy|dog|cat|pet|logo|mascot)\b"
+    r"|individual|celebrity|model|figure|item|object|toy|dog|cat|pet|logo|mascot)\b",
 )
 
 
@@ -156,28 +171,31 @@ _SUBJECT = (
 )
 # "the person in ###a###", "the woman from this photo", "the jacket from ###b###": a subject taken
 # out of a given image is a reference, whatever is done with it.
-_SUBJECT_FROM_MEDIUM = re.compile(
+_SUBJECT_FROM_MEDIUM = Cue(
     rf"\b{_SUBJECT}s?\s+(?:(?:in|from|of|shown\s+in|seen\s+in)\s+)(?:the\s+|this\s+|that\s+|my\s+|our\s+|first\s+"
     rf"|second\s+|given\s+|provided\s+)?(?:(?:image|photo|picture|pic|selfie|portrait|reference)s?\b|{REF_MARK})"
-    rf"|\bthe\s+(?:[\w-]+\s+){{0,2}}from\s+(?:the\s+|this\s+|my\s+)?(?:(?:image|photo|picture)\s+)?{REF_MARK}"
+    rf"|\bthe\s+(?:[\w-]+\s+){{0,2}}from\s+(?:the\s+|this\s+|my\s+)?(?:(?:image|photo|picture)\s+)?{REF_MARK}",
 )
 # Putting a given subject into a new scene: "place ###p.png### on a marble table", "put this person
 # in a castle". The placed thing is the medium or a subject, not a new object ("put a hat on him").
-_PLACE_GIVEN = re.compile(
+_PLACE_GIVEN = Cue(
     rf"\b(?:place|put|set|insert|position|drop|bring|take|transport|move)\s+(?:{REF_MARK}|(?:this|that|these|the"
     rf"|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?\b|it|him|her|them)\s*(?:{REF_MARK}\s*)?"
     r"(?:in|into|on|onto|inside|at|against|to|under|next\s+to|in\s+front\s+of)\b"
-    rf"|(?:{REF_MARK}|\b(?:this|that|the|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?)\s*(?:{REF_MARK}\s*)?place\s+into\b"
+    rf"|(?:{REF_MARK}|\b(?:this|that|the|my|our|given)\s+(?:[\w-]+\s+)?{_SUBJECT}s?)\s*(?:{REF_MARK}\s*)?place\s+into\b",
+    "place put set insert position drop bring take transport move",
 )
 # Edit verbs that change the given medium itself (a second image is then not a reference).
-_STRONG_EDIT = re.compile(
+_STRONG_EDIT = Cue(
     r"\b(?:replace|change|alter|modify|edit|remove|erase|delete|swap|recolou?r|colou?ri[sz]e|inpaint|retouch"
-    r"|restore|fix|fill)\b"
+    r"|restore|fix|fill)\b",
+    "replace change alter modify edit remove erase delete swap colo inpaint retouch restore fix fill",
 )
 # Both ends of a video from two images: "from ###a### to ###b###", "between ###a### and ###b###".
-_FROM_TO = re.compile(
+_FROM_TO = Cue(
     rf"\b(?:from|between)\s+(?:the\s+)?(?:(?:image|photo|picture|frame)\s+)?{REF_MARK}\s*(?:[\w-]+\s+){{0,3}}?"
-    rf"(?:to|and|into|until)\s+(?:the\s+)?(?:(?:image|photo|picture|frame)\s+)?{REF_MARK}"
+    rf"(?:to|and|into|until)\s+(?:the\s+)?(?:(?:image|photo|picture|frame)\s+)?{REF_MARK}",
+    "from between",
 )
 # The words of a request for an answer that no sentence form gives away ("caption this").
 _NO_WORDS = re.compile(r"[\w\u4e00-\u9fff]")
@@ -217,6 +235,9 @@ def _asks_for_text(sentence: str, verb: re.Match[str]) -> bool:
     return noun is None
 
 
+_LEAD_ORDER = {"edit": 0, "generate": 1, "understand": 2}
+
+
 def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit", "understand"] | None:
     """What one sentence asks for: the earliest lead verb decides; without one, '?' or 'Is/Does...' asks.
 
@@ -236,8 +257,7 @@ def sentence_intent(sentence: str, has_media: bool) -> Literal["generate", "edit
         found.append((sums.start(), "understand"))
     if found:
         # On a tie ("turn ... into" is both), edit wins over generate: it names a given medium.
-        order = {"edit": 0, "generate": 1, "understand": 2}
-        return min(found, key=lambda item: (item[0], order[item[1]]))[1]
+        return min(found, key=lambda item: (item[0], _LEAD_ORDER[item[1]]))[1]
     asks = sentence.rstrip().endswith("?") or _AUX_START.match(sentence) or _WH_CLAUSE.search(sentence)
     return "understand" if asks else None
 
@@ -251,7 +271,7 @@ def read_intent(text: str | RuleText, media_count: int = 0) -> Intent:
     at all besides its media ("###photo.jpg###" alone asks what is in it).
     """
     rule_text = as_rule_text(text)
-    if _MULTIPLE_CHOICE.search(rule_text.text):
+    if rule_text.search(_MULTIPLE_CHOICE):
         return Intent("understand", 0)
     for start, sentence in rule_text.sentences:
         kind = sentence_intent(sentence, media_count > 0)
@@ -273,7 +293,7 @@ def wants_video(text: str | RuleText, start: int = 0, *, image_given: bool = Fal
     """
     rule_text = as_rule_text(text)
     t = rule_text.text
-    if _ANIMATE.search(t) or _MOTION.search(t) or (image_given and _FRAME_POSITION.search(t)):
+    if rule_text.search(_ANIMATE) or rule_text.search(_MOTION) or (image_given and rule_text.search(_FRAME_POSITION)):
         return True
     for noun in _OUTPUT_NOUN.finditer(t, start):
         if _INPUT_DETERMINER.search(t[max(0, noun.start() - 40) : noun.start()]):
@@ -314,7 +334,7 @@ def _frame_placement(rule_text: RuleText, media: Sequence[MediaRef]) -> tuple[st
         near = offsets[images[0]] if images and len(offsets) == len(media) else None
         return parse_frame_index(rule_text, near=near), 1
     a, b = images[0], images[1]
-    if _FROM_TO.search(rule_text.text):
+    if rule_text.search(_FROM_TO):
         return "first_last", 2
     if has_first_and_last_cues(rule_text):
         # The cheaper way to pair the two images with the two cues wins (nearest words, both ends set).
@@ -332,7 +352,6 @@ def decide(
 ) -> Reading:
     """The task for ``text`` and ``media`` (see :func:`detect_task`), with the choices it made."""
     rule_text = as_rule_text(text)
-    t = rule_text.text
     intent = read_intent(rule_text, len(media))
     if intent.kind == "understand":
         return Reading(understanding_task(media))
@@ -340,15 +359,15 @@ def decide(
     kinds = [m.kind for m in media]
     images = kinds.count("image")
     candidates = _mask_candidates(media, info)
-    control = bool(media) and _CONTROL.search(t) is not None
+    control = bool(media) and rule_text.search(_CONTROL) is not None
     subject_taken = "image" in kinds and (
-        _REFERENCE.search(t) is not None or _SUBJECT_FROM_MEDIUM.search(t) is not None
+        rule_text.search(_REFERENCE) is not None or rule_text.search(_SUBJECT_FROM_MEDIUM) is not None
     )
-    placed = "image" in kinds and _PLACE_GIVEN.search(t) is not None
+    placed = "image" in kinds and rule_text.search(_PLACE_GIVEN) is not None
     worded_mask = len(media) >= 2 and (mentions_mask(rule_text) or mask_named(media))
     mask = worded_mask or (len(media) >= 2 and bool(candidates) and len(candidates) < len(media))
     edit_lead = intent.kind == "edit"
-    strong_edit = _STRONG_EDIT.search(t) is not None
+    strong_edit = bool(media) and rule_text.search(_STRONG_EDIT) is not None  # only media can be edited
     notes: list[str] = []
     if mask and not worded_mask:
         notes.append("no mask was named, but a two-level single-channel medium was given: it is read as the mask")
@@ -368,7 +387,7 @@ def decide(
                 )
                 return Reading(Task.IMAGE_CONTROLLABLE, tuple(notes))
             placement, count = _frame_placement(rule_text, media)
-            framed = count == 2 or mentions_frame_position(rule_text) or _ANIMATE.search(t) is not None
+            framed = count == 2 or mentions_frame_position(rule_text) or rule_text.search(_ANIMATE) is not None
             if (subject_taken or placed) and not framed:
                 return Reading(Task.VIDEO_REFERENCE, tuple(notes))
             if images >= 2 and not framed:
@@ -386,7 +405,7 @@ def decide(
         if images >= 2 and not strong_edit:
             notes.append(f"{images} images and no mask: all are used as references for one new picture")
             return Reading(Task.IMAGE_REFERENCE, tuple(notes))
-        if edit_lead or _EDIT_VERB.search(t):
+        if edit_lead or rule_text.search(_EDIT_VERB):
             return Reading(Task.IMAGE_EDITING, tuple(notes))
         return Reading(Task.IMAGE_REFERENCE, tuple(notes))
     video = wants_video(rule_text, intent.position)
@@ -451,7 +470,7 @@ class RulePlanner:
             fps = parse_fps(rule_text)
             if fps is not None:
                 values["fps"] = fps
-            values["num_frames"] = parse_length(rule_text, fps=fps)
+            values["num_frames"] = parse_length(rule_text, fps=fps or DEFAULT_FPS)
         if task is Task.IMAGE_TO_VIDEO:
             values["frame_index"] = reading.frame_index or "first"
             frame_count = 2 if values["frame_index"] in ("first_last", "last_first") else 1
@@ -469,8 +488,10 @@ class RulePlanner:
         )  # fmt: skip
         if task.is_generation and info:
             values.update(shape_from_media(rule_text, task, roles, info, notes))
-        plan = default_plan(task, roles, prompt=instruction.prompt, source="rules", notes=tuple(notes), **values)
-        plan = plan.with_changes(planner_text=format_planner_text(plan))
+        plan = default_plan(
+            task, roles, prompt=instruction.prompt, source="rules", notes=tuple(notes), derive_planner_text=True,
+            **values,
+        )  # fmt: skip
         return check_plan_media(plan, info)
 
     def answer(self, instruction: Instruction, media: Sequence[Medium]) -> str | None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InstructionError
 from ..plan import EDITING_TASKS, MAX_FPS, MAX_FRAMES, MAX_SIDE, MediaRef, Plan, Task
-from .rules_meta import parse_fps, round_to_step, says_length, says_size
+from .rules_meta import asks_for_length, parse_fps, round_to_step, says_size
 from .rules_text import RuleText
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def shape_from_media(
                 f"size {values['width']}x{values['height']} follows the shape of {media[index].path!r} "
                 f"({known.width}x{known.height}); name a size to override"
             )
-    if task.output == "video" and media[index].kind == "video" and not says_length(rule_text):
+    if task.output == "video" and media[index].kind == "video" and not asks_for_length(rule_text):
         count = min(MAX_FRAMES, 4 * ((max(known.frames, 5) - 1) // 4) + 1)
         values["num_frames"] = count
         if known.frames > MAX_FRAMES:

@@ -27,33 +27,28 @@ from ..plan import (
     MediaKind,
     MediaRef,
 )
+from .rules_cues import Cue
 from .rules_text import REF_MARK, RuleText, as_rule_text
 
 # --------------------------------------------------------------------------- numbers
 
-_NUMBER_WORDS = {
-    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
-    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
-}  # fmt: skip
-_NUMBER = r"(\d+(?:\.\d+)?|" + "|".join(_NUMBER_WORDS) + r")"
 _MAX_DIGITS = 9  # beyond this a number is absurd for any field; don't let int() chew on it
+_HALF = Fraction(1, 2)
 
 
 def _number(text: str) -> Fraction:
-    """A parsed number (digits, a decimal or a small number word), exact so rounding is predictable.
+    """A parsed number (digits with an optional sign and decimals), exact so rounding is predictable.
 
-    Digits are bounded before conversion: int() refuses strings of more than 4300 digits with a
-    bare ValueError, and no field needs more than 9 digits or 6 decimals anyway.
+    Number words never get here: :mod:`.rules_text` has turned them into digits. Digits are
+    bounded before conversion: int() refuses strings of more than 4300 digits with a bare
+    ValueError, and no field needs more than 9 digits or 6 decimals anyway.
     """
-    if text in _NUMBER_WORDS:
-        return Fraction(_NUMBER_WORDS[text])
     if text.startswith("-"):
         return -_number(text[1:])
     whole, _, fraction = text.partition(".")
     if len(whole) > _MAX_DIGITS:
         return Fraction(10**_MAX_DIGITS)
-    return Fraction(f"{whole}.{fraction[:6]}" if fraction else whole)
+    return Fraction(f"{whole}.{fraction[:6]}") if fraction else Fraction(int(whole))
 
 
 def _quote(text: str, limit: int = 40) -> str:
@@ -64,32 +59,40 @@ def _quote(text: str, limit: int = 40) -> str:
 
 def _round_half_up(value: Fraction) -> int:
     """Nearest integer, halves up: Python's round() would send 2.5 to 2 and 3.5 to 4, which surprises users."""
-    return int((value + Fraction(1, 2)) // 1)
+    return int((value + _HALF) // 1)
 
 
 def round_to_step(value: Fraction | int) -> int:
     """The nearest multiple of 16 (halves up, so 1080 becomes 1088 as in the 1080P class)."""
+    if isinstance(value, int):
+        return (value + SIZE_STEP // 2) // SIZE_STEP * SIZE_STEP  # the same rounding, without a Fraction
     return _round_half_up(Fraction(value) / SIZE_STEP) * SIZE_STEP
 
 
 # --------------------------------------------------------------------------- size
 
 # "1280x720", "1280 × 720", "1280*720", "0x0" (a side of two digits, or a zero: "a 3x3 grid" is no size).
-_EXPLICIT_SIZE = re.compile(r"(?<![\w.\-])(-?\d+)\s*[x×*]\s*(-?\d+)(?![\d]|\.\d)")
+_EXPLICIT_SIZE = Cue(r"(?<![\w.\-])(-?\d+)\s*[x×*]\s*(-?\d+)(?![\d]|\.\d)", "x × *", digit=True)
 # "640 by 480", "1280 by 720 pixels"; not "12 by 12 inches" or "a 10 by 10 grid".
-_EXPLICIT_BY = re.compile(
+_EXPLICIT_BY = Cue(
     r"(?<![\w.])(\d{2,})\s+by\s+(\d{2,})(?!\s*(?:-\s*)?(?:inch|inches|in\b|cm|mm|m\b|meters?|metres?|feet|foot|ft"
-    r"|yards?|miles?|km|tiles?|grid|squares?|blocks?|cells?|rows?|columns?|units?|boxes)\b)"
+    r"|yards?|miles?|km|tiles?|grid|squares?|blocks?|cells?|rows?|columns?|units?|boxes)\b)",
+    "by",
+    digit=True,
 )
-_WIDTH = re.compile(
+_WIDTH = Cue(
     r"\bwidth\s*(?:of|is|=|:|to|at|should\s+be)?\s*(-?\d+)(?!\d)"
-    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:wide|width)\b"
+    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:wide|width)\b",
+    "wid",
+    digit=True,
 )
-_HEIGHT = re.compile(
+_HEIGHT = Cue(
     r"\bheight\s*(?:of|is|=|:|to|at|should\s+be)?\s*(-?\d+)(?!\d)"
-    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:tall|high|height)\b"
+    r"|(?<![\w.])(-?\d+)\s*(?:px|pixels?)\s*(?:in\s+)?(?:tall|high|height)\b",
+    "igh tall",
+    digit=True,
 )
-_RESOLUTION_CLASS = re.compile(r"(?<![\w.])(360|480|540|720|1080|1440|2160|4320)\s?p\b")
+_RESOLUTION_CLASS = Cue(r"(?<![\w.])(360|480|540|720|1080|1440|2160|4320)\s?p\b", "360 480 540 720 1080 1440 2160 4320")
 #: class -> (width, height, nominal short side); 1080 is not a multiple of 16, so its class is 1920x1088.
 RESOLUTION_CLASSES = {
     "360": (640, 368, 360), "480": (832, 480, 480), "540": (960, 544, 540), "720": (1280, 720, 720),
@@ -97,7 +100,7 @@ RESOLUTION_CLASSES = {
 }  # fmt: skip
 # Named resolutions. "4k"/"8k"/"uhd" count as a size only where they name the frame ("in 4K", "a 4k
 # video", "4K resolution"); as a bare quality tag ("highly detailed, 8k") they are noted, not applied.
-_NAMED_RESOLUTION = re.compile(r"(?<![\w.])(full[\s-]?hd|fhd|uhd|qhd|hd|2k|4k|8k)(?![\w])")
+_NAMED_RESOLUTION = Cue(r"(?<![\w.])(full[\s-]?hd|fhd|uhd|qhd|hd|2k|4k|8k)(?![\w])", "hd 2k 4k 8k")
 _NAMED_CLASS = {"hd": "720", "full hd": "1080", "full-hd": "1080", "fullhd": "1080", "fhd": "1080",
                 "qhd": "1440", "4k": "2160", "uhd": "2160", "8k": "4320"}  # fmt: skip
 _TWO_K = (2048, 1152, 1152)
@@ -108,18 +111,19 @@ _AS_SIZE_AFTER = re.compile(
     r"^\s*(?:resolution|res|video|image|picture|photo|wallpaper|footage|clip|format|size|output|render|frames?"
     r"|film|movie|animation|poster|screen|display|version)\b"
 )
-_ASPECT = re.compile(r"(?<![\w.:])(\d{1,2})\s*:\s*(\d{1,2})(?!\w|[.:]\d)")
-_ASPECT_WORD = re.compile(r"\b(?:aspect|ratio)\b")
+_ASPECT = Cue(r"(?<![\w.:])(\d{1,2})\s*:\s*(\d{1,2})(?!\w|[.:]\d)", ":", digit=True)
+_ASPECT_WORD = Cue(r"\b(?:aspect|ratio)\b", "aspect ratio")
 # Ratios recognised without the word "ratio" next to them; "10:30" (a time) is not among them.
 _KNOWN_RATIOS = frozenset(
     {(16, 9), (9, 16), (4, 3), (3, 4), (1, 1), (21, 9), (9, 21), (3, 2), (2, 3), (5, 4), (4, 5), (2, 1), (1, 2)}
 )
 # Aspect words: widescreen is 16:9; a cinema frame (cinemascope, anamorphic, letterbox, "cinematic
 # aspect/format") and ultrawide are 21:9. "cinematic" alone is a style ("cinematic lighting").
-_WIDESCREEN = re.compile(r"\bwide[\s-]?screen\b")
-_CINEMA_WIDE = re.compile(
+_WIDESCREEN = Cue(r"\bwide[\s-]?screen\b", "screen")
+_CINEMA_WIDE = Cue(
     r"\bcinema\s*scope\b|\banamorphic\b|\bletter[\s-]?box(?:ed)?\b|\bultra[\s-]?wide\b"
-    r"|\bcinematic\s+(?:aspect|ratio|format|widescreen|frame|crop|framing)\b"
+    r"|\bcinematic\s+(?:aspect|ratio|format|widescreen|frame|crop|framing)\b",
+    "cinema anamorphic letter ultra",
 )
 # Orientation words count only where they describe the frame: "vertical video", "in portrait",
 # "portrait mode", but not "vertical stripes" or "a portrait of a woman" (an image noun then).
@@ -127,17 +131,20 @@ _FRAME_WORDS = (
     r"(?:image|picture|photo|video|clip|format|orientation|aspect|ratio|frame|crop|size|resolution|canvas|"
     r"composition|poster|wallpaper|screen|shot|layout|mode|animation|illustration|painting|shape)s?"
 )
-_VERTICAL = re.compile(
+_VERTICAL = Cue(
     rf"\bvertical\b(?=\s*(?:[,.;!?)]|$|(?:[\w-]+\s+)?{_FRAME_WORDS}\b))|\bvertically\b"
-    rf"|\b(?:in|as)\s+(?:a\s+)?(?:vertical|portrait)\b|\bportrait\b(?!\s+of\b)(?=\s*(?:[,.;!?)]|$|{_FRAME_WORDS}\b))"
+    rf"|\b(?:in|as)\s+(?:a\s+)?(?:vertical|portrait)\b|\bportrait\b(?!\s+of\b)(?=\s*(?:[,.;!?)]|$|{_FRAME_WORDS}\b))",
+    "vertical portrait",
 )
-_LANDSCAPE = re.compile(
-    rf"\b(?:horizontal|landscape)\b(?=\s*(?:{_FRAME_WORDS})\b)|\bhorizontally\b|\b(?:in|as)\s+(?:a\s+)?landscape\b(?!\s+of\b)"
+_LANDSCAPE = Cue(
+    rf"\b(?:horizontal|landscape)\b(?=\s*(?:{_FRAME_WORDS})\b)|\bhorizontally\b|\b(?:in|as)\s+(?:a\s+)?landscape\b(?!\s+of\b)",
+    "horizontal landscape",
 )
 # "square" alone at a clause end counts only after a comma or "a/in/as/is/it" ("Times Square." is a place).
-_SQUARE = re.compile(
+_SQUARE = Cue(
     rf"\bsquare\b(?=\s*(?:[\w-]+\s+)?{_FRAME_WORDS}\b)|\b(?:in|as)\s+(?:a\s+)?square\b"
-    r"|(?:^|[,;:(]|\b(?:a|is|be|it|and))\s*square\b(?=\s*(?:[,.;!?)]|$))"
+    r"|(?:^|[,;:(]|\b(?:a|is|be|it|and))\s*square\b(?=\s*(?:[,.;!?)]|$))",
+    "square",
 )
 
 
@@ -158,32 +165,32 @@ def _side(name: str, digits: str) -> int:
     return side
 
 
-def _aspect_ratio(text: str) -> tuple[int, int] | None:
-    has_ratio_word = _ASPECT_WORD.search(text) is not None
-    for match in _ASPECT.finditer(text):
+def _aspect_ratio(rule_text: RuleText) -> tuple[int, int] | None:
+    has_ratio_word = rule_text.search(_ASPECT_WORD) is not None
+    for match in _ASPECT.finditer(rule_text.text):
         a, b = int(match.group(1)), int(match.group(2))
         if a and b and (has_ratio_word or (a, b) in _KNOWN_RATIOS):
             return a, b
         if has_ratio_word and not (a and b):
             raise PlanError("width", f"the aspect ratio {_quote(match.group(0))} has a zero side", 0)
-    if _CINEMA_WIDE.search(text):
+    if rule_text.search(_CINEMA_WIDE):
         return 21, 9
-    if _WIDESCREEN.search(text):
+    if rule_text.search(_WIDESCREEN):
         return 16, 9
     return None
 
 
-def _explicit_size(text: str) -> re.Match[str] | None:
-    for match in _EXPLICIT_SIZE.finditer(text):
+def _explicit_size(rule_text: RuleText) -> re.Match[str] | None:
+    for match in _EXPLICIT_SIZE.finditer(rule_text.text):
         a, b = match.group(1).lstrip("-"), match.group(2).lstrip("-")
         if max(len(a), len(b)) >= 2 or "0" in (a, b) or match.group(1).startswith("-"):
             return match
-    return _EXPLICIT_BY.search(text)
+    return rule_text.search(_EXPLICIT_BY)
 
 
 def named_resolution(text: str | RuleText) -> tuple[str, bool] | None:
     """The first named resolution ("hd", "4k", ...) and whether it names the frame (else a quality tag)."""
-    return _named_resolution(as_rule_text(text).text)
+    return as_rule_text(text).once(_named_resolution)
 
 
 def quality_tag(text: str | RuleText) -> str | None:
@@ -192,18 +199,20 @@ def quality_tag(text: str | RuleText) -> str | None:
     return name[0] if name and not name[1] and name[0] not in _IN_RANGE_NAMES else None
 
 
-def _named_resolution(t: str) -> tuple[str, bool] | None:
-    for match in _NAMED_RESOLUTION.finditer(t):
-        before, after = t[max(0, match.start() - 12) : match.start()], t[match.end() : match.end() + 14]
-        as_size = bool(_AS_SIZE_BEFORE.search(before) or _AS_SIZE_AFTER.match(after))
-        return match.group(1), as_size
-    return None
+def _named_resolution(rule_text: RuleText) -> tuple[str, bool] | None:
+    match = rule_text.search(_NAMED_RESOLUTION)
+    if match is None:
+        return None
+    t = rule_text.text
+    before, after = t[max(0, match.start() - 12) : match.start()], t[match.end() : match.end() + 14]
+    as_size = bool(_AS_SIZE_BEFORE.search(before) or _AS_SIZE_AFTER.match(after))
+    return match.group(1), as_size
 
 
-def _resolution(t: str) -> tuple[int, int, int] | None:
+def _resolution(rule_text: RuleText) -> tuple[int, int, int] | None:
     """(width, height, short side) of a resolution class or a named resolution that names the frame."""
-    match = _RESOLUTION_CLASS.search(t)
-    name = None if match else _named_resolution(t)
+    match = rule_text.search(_RESOLUTION_CLASS)
+    name = None if match else rule_text.once(_named_resolution)
     if match:
         key = match.group(1)
     elif name and (name[1] or name[0] in _IN_RANGE_NAMES):
@@ -234,28 +243,27 @@ def parse_size(text: str | RuleText) -> tuple[int, int]:
     replaces just that side. Zero, negative or too-large values are a PlanError naming the side.
     """
     rule_text = as_rule_text(text)
-    t = rule_text.text
-    explicit = _explicit_size(t)
+    explicit = rule_text.once(_explicit_size)
     if explicit:
         return _side("width", explicit.group(1)), _side("height", explicit.group(2))
 
     width, height, short = DEFAULT_WIDTH, DEFAULT_HEIGHT, DEFAULT_HEIGHT
-    resolution = _resolution(t)
+    resolution = _resolution(rule_text)
     if resolution:
         width, height, short = resolution
-    ratio = _aspect_ratio(t)
+    ratio = rule_text.once(_aspect_ratio)
     if ratio:
         a, b = ratio
         long_side = _side_from_ratio(short, max(a, b), min(a, b), "width" if a >= b else "height")
         width, height = (long_side, round_to_step(short)) if a >= b else (round_to_step(short), long_side)
-    elif _SQUARE.search(t):
+    elif rule_text.search(_SQUARE):
         width = height = round_to_step(short)
-    if _VERTICAL.search(t):
+    if rule_text.search(_VERTICAL):
         width, height = min(width, height), max(width, height)
-    elif _LANDSCAPE.search(t):
+    elif rule_text.search(_LANDSCAPE):
         width, height = max(width, height), min(width, height)
 
-    only_width, only_height = _WIDTH.search(t), _HEIGHT.search(t)
+    only_width, only_height = rule_text.search(_WIDTH), rule_text.search(_HEIGHT)
     if only_width:
         width = _side("width", only_width.group(1) or only_width.group(2))
     if only_height:
@@ -265,11 +273,12 @@ def parse_size(text: str | RuleText) -> tuple[int, int]:
 
 def says_size(text: str | RuleText) -> bool:
     """Whether the instruction states any size, resolution, aspect or orientation (else media may shape it)."""
-    t = as_rule_text(text).text
+    rule_text = as_rule_text(text)
     patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _VERTICAL, _LANDSCAPE, _SQUARE, _WIDESCREEN,
                 _CINEMA_WIDE)
-    return (_explicit_size(t) is not None or any(p.search(t) for p in patterns) or _aspect_ratio(t) is not None
-            or bool((n := _named_resolution(t)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
+    return (rule_text.once(_explicit_size) is not None or any(rule_text.search(p) for p in patterns)
+            or rule_text.once(_aspect_ratio) is not None
+            or bool((n := rule_text.once(_named_resolution)) and (n[1] or n[0] in _IN_RANGE_NAMES)))
 
 
 def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> int:
@@ -286,18 +295,21 @@ def _side_from_ratio(short: int, long_part: int, short_part: int, name: str) -> 
 # --------------------------------------------------------------------------- length and frame rate
 
 _SIGNED = r"(-?\d+(?:\.\d+)?)"
-_SECONDS = re.compile(
+_SECONDS = Cue(
     rf"(?<![\w.]){_SIGNED}(\s*-?\s*)(seconds?|secs?|s|minutes?|mins?|hours?|hrs?|milliseconds?|ms)\b"
-    r"(?!\s*(?:per|/)\s*frame)"
+    r"(?!\s*(?:per|/)\s*frame)",
+    digit=True,
 )
 _MS = Fraction(1, 1000)
 _UNIT_SECONDS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 60, "mins": 60, "minute": 60,
                  "minutes": 60, "hour": 3600, "hours": 3600, "hr": 3600, "hrs": 3600,
                  "ms": _MS, "millisecond": _MS, "milliseconds": _MS}  # fmt: skip
-_FRAMES = re.compile(rf"(?<![\w.]){_SIGNED}\s*-?\s*frames?\b(?!\s*(?:per|/|a|each)\s*(?:second|sec|s)\b)")
-_FPS = re.compile(
+_FRAMES = Cue(rf"(?<![\w.]){_SIGNED}\s*-?\s*frames?\b(?!\s*(?:per|/|a|each)\s*(?:second|sec|s)\b)", "frame", digit=True)
+_FPS = Cue(
     rf"(?<![\w.]){_SIGNED}\s*-?\s*(?:fps|frames?\s*(?:per|/|a|each)\s*(?:second|sec|s)\b|hz\b)"
-    rf"|\b(?:frame\s*-?\s*rate|framerate|fps)\s*(?:of|is|=|:|at|to|should\s+be)?\s*{_SIGNED}(?!\w|\.\d)"
+    rf"|\b(?:frame\s*-?\s*rate|framerate|fps)\s*(?:of|is|=|:|at|to|should\s+be)?\s*{_SIGNED}(?!\w|\.\d)",
+    "fps frame hz",
+    digit=True,
 )
 # Words before "80s" that make it a decade ("the 80s", "an 80s look"), not eighty seconds.
 _DECADE_BEFORE = re.compile(r"(?:\b(?:the|an|early|late|mid)\s*-?|['’])$")
@@ -329,7 +341,8 @@ def _is_decade(text: str, match: re.Match[str]) -> bool:
     )
 
 
-def _seconds_match(text: str) -> re.Match[str] | None:
+def _seconds_match(rule_text: RuleText) -> re.Match[str] | None:
+    text = rule_text.text
     for match in _SECONDS.finditer(text):
         if match.group(3) == "s" and (len(match.group(1).split(".")[0]) > 3 or _is_decade(text, match)):
             continue  # "the 1990s", "80s style": years and decades, not lengths
@@ -339,30 +352,23 @@ def _seconds_match(text: str) -> re.Match[str] | None:
 
 def asks_for_length(text: str | RuleText) -> bool:
     """Whether the instruction states a duration or a frame count (which asks for a video)."""
-    t = as_rule_text(text).text
-    return _FRAMES.search(t) is not None or _seconds_match(t) is not None
-
-
-def asks_for_size_or_length(text: str | RuleText) -> bool:
-    """Whether the instruction states any size, resolution class, duration, frame count or frame rate."""
-    t = as_rule_text(text).text
-    size_patterns = (_EXPLICIT_BY, _RESOLUTION_CLASS, _WIDTH, _HEIGHT, _FPS)
-    return _explicit_size(t) is not None or any(p.search(t) for p in size_patterns) or asks_for_length(text)
+    rule_text = as_rule_text(text)
+    return rule_text.search(_FRAMES) is not None or rule_text.once(_seconds_match) is not None
 
 
 def asks_for_shape(text: str | RuleText) -> bool:
     """Whether the instruction fixes the frame's shape (a size, a side, an aspect ratio, square, vertical or
     landscape); a resolution class alone only sets the area. Stage two then keeps the plan's size
     instead of following a source's aspect ratio (``Plan.fixed_size``)."""
-    t = as_rule_text(text).text
+    rule_text = as_rule_text(text)
     shape_patterns = (_EXPLICIT_BY, _WIDTH, _HEIGHT, _SQUARE, _VERTICAL, _LANDSCAPE)
-    return _explicit_size(t) is not None or any(p.search(t) for p in shape_patterns) or _aspect_ratio(t) is not None
+    return (rule_text.once(_explicit_size) is not None or any(rule_text.search(p) for p in shape_patterns)
+            or rule_text.once(_aspect_ratio) is not None)
 
 
 def parse_fps(text: str | RuleText) -> int | None:
     """The frame rate the instruction asks for ("16 fps", "30 frames per second", "frame rate 24"), or None."""
-    t = as_rule_text(text).text
-    match = _FPS.search(t)
+    match = as_rule_text(text).search(_FPS)
     if match is None:
         return None
     digits = match.group(1) or match.group(2)
@@ -376,11 +382,6 @@ def parse_fps(text: str | RuleText) -> int | None:
     return fps
 
 
-def says_length(text: str | RuleText) -> bool:
-    """Whether the instruction states a duration or a frame count."""
-    return asks_for_length(text)
-
-
 def parse_length(text: str | RuleText, fps: int | None = None) -> int:
     """Number of video frames the instruction asks for: "N frames" wins over a duration; default 81.
 
@@ -388,10 +389,9 @@ def parse_length(text: str | RuleText, fps: int | None = None) -> int:
     the one it states, else 24). Zero, negative or too long is a PlanError naming num_frames.
     """
     rule_text = as_rule_text(text)
-    t = rule_text.text
     rate = fps if fps is not None else (parse_fps(rule_text) or DEFAULT_FPS)
-    frames = _FRAMES.search(t)
-    seconds = None if frames else _seconds_match(t)
+    frames = rule_text.search(_FRAMES)
+    seconds = None if frames else rule_text.once(_seconds_match)
     if frames:
         asked, value = frames.group(0), _number(frames.group(1))
         count = frames_for_count(value)
@@ -417,25 +417,33 @@ def parse_length(text: str | RuleText, fps: int | None = None) -> int:
 
 # --------------------------------------------------------------------------- frame index
 
-_FIRST_FRAME = re.compile(
+_FIRST_FRAME = Cue(
     r"\b(?:first|opening|starting|start|initial|beginning|1st)\s+(?:video\s+)?frame\b"
-    r"|\b(?:start(?:s|ing)?|begin(?:s|ning)?)\s+(?:from|with|on)\b"
+    r"|\b(?:start(?:s|ing)?|begin(?:s|ning)?)\s+(?:from|with|on)\b",
+    "frame start begin",
 )
-_LAST_FRAME = re.compile(
-    r"\b(?:last|final|ending|end|closing|concluding)\s+(?:video\s+)?frame\b|\bend(?:s|ing)?\s+(?:on|with|in|at)\b"
+_LAST_FRAME = Cue(
+    r"\b(?:last|final|ending|end|closing|concluding)\s+(?:video\s+)?frame\b|\bend(?:s|ing)?\s+(?:on|with|in|at)\b",
+    "frame end",
 )
+
+
+def _frame_cues(rule_text: RuleText) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The spans of every first-frame cue and of every last-frame cue."""
+    t = rule_text.text
+    return [m.span() for m in _FIRST_FRAME.finditer(t)], [m.span() for m in _LAST_FRAME.finditer(t)]
 
 
 def mentions_frame_position(text: str | RuleText) -> bool:
     """Whether the instruction names a first or last frame ("starts with", "final frame", ...)."""
-    t = as_rule_text(text).text
-    return _FIRST_FRAME.search(t) is not None or _LAST_FRAME.search(t) is not None
+    first, last = as_rule_text(text).once(_frame_cues)
+    return bool(first or last)
 
 
 def has_first_and_last_cues(text: str | RuleText) -> bool:
     """Whether the instruction names both a first and a last frame."""
-    t = as_rule_text(text).text
-    return _FIRST_FRAME.search(t) is not None and _LAST_FRAME.search(t) is not None
+    first, last = as_rule_text(text).once(_frame_cues)
+    return bool(first and last)
 
 
 def _gap(near: int, span: tuple[int, int]) -> int:
@@ -444,10 +452,10 @@ def _gap(near: int, span: tuple[int, int]) -> int:
 
 def frame_cue_gaps(text: str | RuleText, near: int) -> tuple[int | None, int | None]:
     """How far the nearest first-frame and last-frame cues are from offset ``near`` (None: no such cue)."""
-    t = as_rule_text(text).text
-    first = [_gap(near, m.span()) for m in _FIRST_FRAME.finditer(t)]
-    last = [_gap(near, m.span()) for m in _LAST_FRAME.finditer(t)]
-    return (min(first) if first else None), (min(last) if last else None)
+    first, last = as_rule_text(text).once(_frame_cues)
+    return (min(_gap(near, span) for span in first) if first else None), (
+        min(_gap(near, span) for span in last) if last else None
+    )
 
 
 def mask_named(media: Sequence[MediaRef]) -> bool:
@@ -460,29 +468,26 @@ def parse_frame_index(text: str | RuleText, near: int | None = None) -> str:
 
     With cues for both, the one nearest to offset ``near`` (the image's reference) decides.
     """
-    t = as_rule_text(text).text
-    first = [m.span() for m in _FIRST_FRAME.finditer(t)]
-    last = [m.span() for m in _LAST_FRAME.finditer(t)]
+    rule_text = as_rule_text(text)
+    first, last = rule_text.once(_frame_cues)
     if not last:
         return "first"
     if not first:
         return "last"
     if near is None:
         return "first" if first[0] < last[0] else "last"
-
-    def gap(span: tuple[int, int]) -> int:
-        return near - span[1] if span[1] <= near else span[0] - near
-
-    return "first" if min(map(gap, first)) <= min(map(gap, last)) else "last"
+    gap_first, gap_last = frame_cue_gaps(rule_text, near)
+    return "first" if gap_first <= gap_last else "last"  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- edit indices
 
 # The mask in the user's words: "mask", or the region it marks ("the white area", "the marked region").
-_MASK_WORD = re.compile(
+_MASK_WORD = Cue(
     r"\bmasks?\b|\bmasked\b|\bmattes?\b|\balpha\s+(?:map|channel|matte)\b|\binpaint(?:ing)?\s+(?:area|region|map)\b"
     r"|\b(?:marked|selected|highlighted|white|painted|indicated|outlined|blank|specified)\s+(?:areas?|regions?"
-    r"|parts?|zones?|pixels|spots?|portions?)\b"
+    r"|parts?|zones?|pixels|spots?|portions?)\b",
+    "mask matte alpha inpaint area region part zone pixels spot portion",
 )
 # File names that say mask: "mask.png", "m_mask.mp4", "area-matte.png", "alpha.png", "seg_mask".
 _MASK_NAME = re.compile(r"(?:^|[^a-z])(?:mask|masks|matte|alpha|msk)(?:[^a-z]|$)|mask")
@@ -499,7 +504,7 @@ _MASK_FILLERS = frozenset({
 
 def mentions_mask(text: str | RuleText) -> bool:
     """Whether the word "mask" appears outside the file names."""
-    return _MASK_WORD.search(as_rule_text(text).text) is not None
+    return as_rule_text(text).search(_MASK_WORD) is not None
 
 
 def mask_index(text: str | RuleText, media: Sequence[MediaRef], candidates: Sequence[int] = ()) -> int | None:

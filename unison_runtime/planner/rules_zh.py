@@ -13,7 +13,10 @@ once at import.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fractions import Fraction
+
+from .rules_cues import Cue
 
 #: Stands for a Chinese question word: it makes its sentence a question wherever it stands (Chinese
 #: questions rarely start with the question word, and often end without a question mark).
@@ -72,35 +75,29 @@ def _fmt(value: Fraction) -> str:
 
 _NUM = rf"({NUMBER_ZH}(?:个?半)?|半)"
 # Order matters: frame rates and "1分30秒" before plain seconds, seconds before the phrase table.
-_NUMBER_RULES: tuple[tuple[re.Pattern[str], object], ...] = (
-    (re.compile(rf"每秒(?:钟)?\s*{_NUM}\s*帧"), lambda m: f" {_fmt(parse_number_zh(m[1]))} fps "),
-    (re.compile(rf"{_NUM}\s*帧\s*(?:每秒|/\s*秒|/\s*s\b)"), lambda m: f" {_fmt(parse_number_zh(m[1]))} fps "),
-    (re.compile(rf"帧率\s*(?:为|是|设为|设置为|:|：|=)?\s*{_NUM}\s*(?:帧|fps)?"),
+_NUMBER_RULES: tuple[tuple[Cue, Callable[[re.Match[str]], str]], ...] = (
+    (Cue(rf"每秒(?:钟)?\s*{_NUM}\s*帧", "每秒"), lambda m: f" {_fmt(parse_number_zh(m[1]))} fps "),
+    (Cue(rf"{_NUM}\s*帧\s*(?:每秒|/\s*秒|/\s*s\b)", "帧"), lambda m: f" {_fmt(parse_number_zh(m[1]))} fps "),
+    (Cue(rf"帧率\s*(?:为|是|设为|设置为|:|：|=)?\s*{_NUM}\s*(?:帧|fps)?", "帧率"),
      lambda m: f" {_fmt(parse_number_zh(m[1]))} fps "),
-    (re.compile(rf"{_NUM}\s*分(?:钟)?\s*{_NUM}\s*秒(?:钟)?"),
+    (Cue(rf"{_NUM}\s*分(?:钟)?\s*{_NUM}\s*秒(?:钟)?", "分"),
      lambda m: f" {_fmt(parse_number_zh(m[1]) * 60 + parse_number_zh(m[2]))} seconds "),
-    (re.compile(rf"{_NUM}\s*(?:个)?\s*(?:小时|钟头)"), lambda m: f" {_fmt(parse_number_zh(m[1]))} hours "),
-    (re.compile(rf"{_NUM}\s*分钟"), lambda m: f" {_fmt(parse_number_zh(m[1]))} minutes "),
-    (re.compile(rf"{_NUM}\s*毫秒"), lambda m: f" {_fmt(parse_number_zh(m[1]))} ms "),
-    (re.compile(rf"{_NUM}\s*秒半"), lambda m: f" {_fmt(parse_number_zh(m[1]) + Fraction(1, 2))} seconds "),
-    (re.compile(rf"{_NUM}\s*分半(?:钟)?"), lambda m: f" {_fmt(parse_number_zh(m[1]) * 60 + 30)} seconds "),
-    (re.compile(rf"{_NUM}\s*秒(?:钟)?"), lambda m: f" {_fmt(parse_number_zh(m[1]))} seconds "),
-    (re.compile(rf"{_NUM}\s*帧"), lambda m: f" {_fmt(parse_number_zh(m[1]))} frames "),
-    (re.compile(r"(\d+)\s*(?:比|:|：)\s*(\d+)"), lambda m: f" {m[1]}:{m[2]} "),
-    (re.compile(r"(\d+)\s*[乘×xX*]\s*(\d+)"), lambda m: f" {m[1]}x{m[2]} "),
-    (re.compile(r"(?:宽度|宽)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)"), lambda m: f" width {m[1]} "),
-    (re.compile(r"(?:高度|高)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)"), lambda m: f" height {m[1]} "),
-    # "图片中的女孩", "照片里的人": the subject shown in a given image (a reference cue).
-    (re.compile(r"(?:图片|照片|图像|相片|图|画面|画)\s*(?:中|里|上)\s*的?\s*(这个人|人物|人|女人|男人|女孩|男孩|女士|男士|小孩"
-                r"|孩子|角色|产品|商品|狗|猫|宠物)"),
-     lambda m: f" the {_SUBJECTS.get(m[1], 'person')} in the image "),
+    (Cue(rf"{_NUM}\s*(?:个)?\s*(?:小时|钟头)", "小时 钟头"), lambda m: f" {_fmt(parse_number_zh(m[1]))} hours "),
+    (Cue(rf"{_NUM}\s*分钟", "分钟"), lambda m: f" {_fmt(parse_number_zh(m[1]))} minutes "),
+    (Cue(rf"{_NUM}\s*毫秒", "毫秒"), lambda m: f" {_fmt(parse_number_zh(m[1]))} ms "),
+    (Cue(rf"{_NUM}\s*秒半", "秒半"), lambda m: f" {_fmt(parse_number_zh(m[1]) + Fraction(1, 2))} seconds "),
+    (Cue(rf"{_NUM}\s*分半(?:钟)?", "分半"), lambda m: f" {_fmt(parse_number_zh(m[1]) * 60 + 30)} seconds "),
+    (Cue(rf"{_NUM}\s*秒(?:钟)?", "秒"), lambda m: f" {_fmt(parse_number_zh(m[1]))} seconds "),
+    (Cue(rf"{_NUM}\s*帧", "帧"), lambda m: f" {_fmt(parse_number_zh(m[1]))} frames "),
+    (Cue(r"(\d+)\s*(?:比|:|：)\s*(\d+)", "比 : ：", digit=True), lambda m: f" {m[1]}:{m[2]} "),
+    (Cue(r"(\d+)\s*[乘×xX*]\s*(\d+)", "乘 × x X *", digit=True), lambda m: f" {m[1]}x{m[2]} "),
+    (Cue(r"(?:宽度|宽)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)", "宽", digit=True), lambda m: f" width {m[1]} "),
+    (Cue(r"(?:高度|高)\s*(?:为|是|设为|:|：|=)?\s*(-?\d+)", "高", digit=True), lambda m: f" height {m[1]} "),
+    # "图片中的女孩", "照片里的人": the subject shown in a given image (a reference cue), in the phrase table's words.
+    (Cue(r"(?:图片|照片|图像|相片|图|画面|画)\s*(?:中|里|上)\s*的?\s*(这个人|人物|人|女人|男人|女孩|男孩|女士|男士|小孩"
+         r"|孩子|角色|产品|商品|狗|猫|宠物)", "中 里 上"),
+     lambda m: f" the {PHRASES.get(m[1], ' person ').split()[-1]} in the image "),
 )  # fmt: skip
-
-_SUBJECTS = {
-    "这个人": "person", "人物": "character", "人": "person", "女人": "woman", "男人": "man", "女孩": "girl",
-    "男孩": "boy", "女士": "woman", "男士": "man", "小孩": "child", "孩子": "child", "角色": "character",
-    "产品": "product", "商品": "product", "狗": "dog", "猫": "cat", "宠物": "pet",
-}  # fmt: skip
 
 # --------------------------------------------------------------------------- phrases
 
@@ -215,10 +212,10 @@ _CJK_ASCII_SEAM = re.compile(r"(?<=[\u4e00-\u9fff])(?=[A-Za-z0-9])|(?<=[A-Za-z0-
 
 def rewrite_chinese(text: str) -> str:
     """``text`` with its Chinese cues replaced by the English ones; unchanged when it has none."""
-    if not _NEEDS_REWRITE.search(text):
+    if text.isascii() or not _NEEDS_REWRITE.search(text):  # isascii(): a flag lookup, no scan
         return text
     text = text.translate(_FULL_WIDTH_DIGITS)
-    for pattern, replace in _NUMBER_RULES:
-        text = pattern.sub(replace, text)  # type: ignore[arg-type]
+    for cue, replace in _NUMBER_RULES:
+        text = cue.sub(replace, text)
     text = _PHRASE.sub(lambda m: PHRASES[m.group(0)], text)
     return _CJK_ASCII_SEAM.sub(" ", text)
