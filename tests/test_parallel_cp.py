@@ -245,3 +245,5 @@ def test_a_step_cache_is_refused_under_torchrun_before_any_process_group(tmp_pat
                  "first_block"])
     assert code == 2
     assert "--cache first_block under torchrun: a step cache decides to skip blocks" in capsys.readouterr().err
+    assert main(["run", "a cat", "--models", str(tmp_path / "models"), "--out", str(tmp_path) + "/", "--compile"]) == 2
+    assert "--compile under torchrun" in capsys.readouterr().err

@@ -130,6 +130,10 @@ def run_context_parallel(args: Any, out: TextIO, progress: Any) -> int:
         raise UnisonError(f"--cache {args.cache} under torchrun: a step cache decides to skip blocks from each "
                           "rank's own shard, so the ranks would drift apart and wait on each other for ever; run "
                           "context parallel without --cache (the exact text K/V reuse stays on)")
+    if getattr(args, "compile", False):
+        raise UnisonError("--compile under torchrun: compiling the blocks around context parallelism's collectives "
+                          "was not verified (and rank 0 alone would run compiled); run context parallel without "
+                          "--compile")
     session = ContextParallelSession(ulysses=args.ulysses, ring=args.ring, device=getattr(args, "device", None))
     with session:
         if not session.leader:
