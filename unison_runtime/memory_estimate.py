@@ -40,6 +40,9 @@ MAX_HEADER = 100 * 1024 * 1024
 TRANSFORMER_FACTOR = 1.0
 #: Frames a causal convolution of the Wan VAE keeps from the previous chunk (diffusers' ``CACHE_T``).
 VAE_CACHE_FRAMES = 2
+#: Chunk-sized tensors the CPU's 3D convolutions and allocator add beside the counted ones (fitted on
+#: the released-shape VAE decoding 128-256 pixel frames: bench_memory_vae, BENCHMARKS.md section 7).
+CPU_CONV_COPIES = 8
 OUTPUT_COPIES = 3.0  # decoded video: torch.cat of the chunks, then scaling/clamping, then the CPU copy
 #: A tiled decode keeps every tile's decoded clip until they are blended: 256-pixel tiles every
 #: 192 pixels (diffusers' tile_sample_min / tile_sample_stride) hold (256/192)^2 of the output.
@@ -264,7 +267,9 @@ def footprint_from_models(models: Any, *, stage_one: int = 0) -> ModelFootprint:
 
     text = models.text_encoder
     text_config = text.config.to_dict() if text is not None and hasattr(text.config, "to_dict") else {}
-    text_dtype = _DTYPE_NAMES.get(str(getattr(models, "text_dtype", None) or getattr(text, "dtype", "")), "fp32")
+    # The compute dtype: a norm's (vectors are converted at load; stored fp8 / fp16 matrices are not).
+    vectors = [p.dtype for p in (text.parameters() if text is not None else []) if p.ndim == 1]
+    text_dtype = dtype_name(vectors[0]) if vectors else "fp32"
     return ModelFootprint(transformer=size(models.transformer), vae=size(models.vae),
                           text_encoder=size(text),
                           transformer_config=dict(models.transformer.config), vae_config=dict(models.vae.config),
@@ -375,8 +380,9 @@ def vae_decode_bytes(width: int, height: int, num_frames: int, vae_config: Mappi
     block's input (kept for the shortcut), its normalised input, the causally padded copy
     (frames + 2) and the convolution's output, plus the cache clone (2 frames); or in an
     upsampler (the nearest-upsampled input and the 2D convolution's output at the next scale).
-    On the CPU a 3x3x3 convolution also unfolds its input (``slow_conv3d``'s columns: 27 x input
-    channels per output value); cuDNN's implicit GEMM needs no such buffer. ``tiled``: diffusers'
+    On the CPU, PyTorch's 3D convolutions (oneDNN's reordered copies, ``slow_conv3d``'s buffers) and
+    the allocator add ``CPU_CONV_COPIES`` chunk-sized tensors (fitted: ``bench/bench_memory_vae.py``,
+    BENCHMARKS.md section 7); cuDNN's implicit GEMM needs little beyond the tensors. ``tiled``: diffusers'
     tiled decode works on 256 x 256 tiles (the tiles' outputs are counted with the frames).
     """
     if tiled:
@@ -396,7 +402,7 @@ def vae_decode_bytes(width: int, height: int, num_frames: int, vae_config: Mappi
             frames_next = ahead["frames"] if video else 1
             work = max(work, level["channels"] * area_next * frames_next * 3 // 2 + level["channels"] * area * frames)
         if str(device).startswith("cpu"):
-            work += max(level["into"], level["channels"]) * 27 * frames * area
+            work += CPU_CONV_COPIES * level["channels"] * frames * area
         chunk = max(chunk, work)
     return int((cache + chunk) * dtype_bytes)
 
