@@ -58,20 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"batched guidance, whole decode": dict(batch_cfg=True, vae_tiling=False),
              "batched, tiled decode": dict(batch_cfg=True, vae_tiling=True),
              "two passes, tiled decode": dict(batch_cfg=False, vae_tiling=True)}
-    print("\nPeak VRAM (GiB), staged, umT5 fp8 kept, bf16 transformer, guidance 5, CUDA context counted:\n")
-    print("| output | " + " | ".join(modes) + " | encoding the prompt | planning (Qwen bf16) |")
+    print("\nPeak VRAM (GiB) of the sampling stage (transformer + VAE + work; staged: umT5 and Qwen released), bf16 "
+          "transformer, guidance 5, CUDA context counted; then the two stages before it:\n")
+    print("| output | " + " | ".join(modes) + " | encoding the prompt (umT5 fp8 kept) | planning (Qwen bf16) |")
     print("|---|" + "---|" * (len(modes) + 2))
     for label, task, w, h, n in OUTPUTS:
         plan = default_plan(task, width=w, height=h, num_frames=n)
         cells = []
         for mode in modes.values():
-            cells.append(gib(memory.estimate_run(plan, gpu, dataclasses.replace(base, **mode)).peak))
+            phases = memory.estimate_run(plan, gpu, dataclasses.replace(base, **mode)).phases
+            cells.append(gib(max(phases[p] for p in ("loading", "encoding", "sampling", "decoding"))))
         est = memory.estimate_run(plan, gpu, base)
         cells += [gib(est.phases["encoding the prompt"]), gib(est.phases.get("planning", 0))]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("\nCPU RAM (GiB), `run` defaults (staged, fp32 compute, narrow matrices kept), runtime counted:\n")
-    print("| output | planning (Qwen + LoRA) | encoding the prompt | sampling | decoding | peak |")
-    print("|---|---|---|---|---|---|")
+    print("| output | planning (Qwen, LoRA merged) | encoding the prompt | sampling | decoding | peak, rule planner "
+          "| peak, Qwen planner |")
+    print("|---|---|---|---|---|---|---|")
     for label, task, w, h, n in (("image 64x64", "text_to_image", 64, 64, 1), ("video 64x64, 9 frames",
                                  "text_to_video", 64, 64, 9), *OUTPUTS):
         plan = default_plan(task, width=w, height=h, num_frames=n)
@@ -79,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = memory.choose_memory_mode(plan, feet["cpu"], settings, available=None)
         est = memory.estimate_run(plan, feet["cpu"], dataclasses.replace(settings, batch_cfg=chosen.batch_cfg))
         phases = est.phases
+        rules = max(v for k, v in phases.items() if k != "planning")
         print(f"| {label} | {gib(phases.get('planning', 0))} | {gib(phases['encoding the prompt'])} | "
-              f"{gib(phases['sampling'])} | {gib(max(phases['decoding'], phases['encoding']))} | {gib(est.peak)} |")
+              f"{gib(phases['sampling'])} | {gib(max(phases['decoding'], phases['encoding']))} | {gib(rules)} | "
+              f"{gib(est.peak)} |")
     return 0
 
 
