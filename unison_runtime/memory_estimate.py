@@ -43,6 +43,12 @@ VAE_CACHE_FRAMES = 2
 #: Chunk-sized tensors the CPU's 3D convolutions and allocator add beside the counted ones (fitted on
 #: the released-shape VAE decoding 128-256 pixel frames: bench_memory_vae, BENCHMARKS.md section 7).
 CPU_CONV_COPIES = 8
+#: PyTorch runs a batch-1 3x3x3 convolution through oneDNN only when N x C x T x H exceeds this
+#: (aten/native/Convolution.cpp, ``use_mkldnn``); below, ``slow_conv3d`` unfolds its input (small VAEs).
+ONEDNN_MIN_ROWS = 20480
+#: Unfold-sized buffers alive at a ``slow_conv3d`` peak (fitted on the tiny VAEs of bench_memory_estimate:
+#: 1.09-1.64x of their measured peaks; with 2 the 128x128x9 case measured 0.78x).
+SLOW_CONV_COPIES = 3
 OUTPUT_COPIES = 3.0  # decoded video: torch.cat of the chunks, then scaling/clamping, then the CPU copy
 #: A tiled decode keeps every tile's decoded clip until they are blended: 256-pixel tiles every
 #: 192 pixels (diffusers' tile_sample_min / tile_sample_stride) hold (256/192)^2 of the output.
@@ -380,9 +386,10 @@ def vae_decode_bytes(width: int, height: int, num_frames: int, vae_config: Mappi
     block's input (kept for the shortcut), its normalised input, the causally padded copy
     (frames + 2) and the convolution's output, plus the cache clone (2 frames); or in an
     upsampler (the nearest-upsampled input and the 2D convolution's output at the next scale).
-    On the CPU, PyTorch's 3D convolutions (oneDNN's reordered copies, ``slow_conv3d``'s buffers) and
-    the allocator add ``CPU_CONV_COPIES`` chunk-sized tensors (fitted: ``bench/bench_memory_vae.py``,
-    BENCHMARKS.md section 7); cuDNN's implicit GEMM needs little beyond the tensors. ``tiled``: diffusers'
+    On the CPU, oneDNN's 3D convolutions and the allocator add ``CPU_CONV_COPIES`` chunk-sized
+    tensors (fitted: ``bench/bench_memory_vae.py``, BENCHMARKS.md section 7), and narrow layers that
+    PyTorch sends to ``slow_conv3d`` instead unfold their input (27 values per input channel); cuDNN's
+    implicit GEMM needs little beyond the tensors. ``tiled``: diffusers'
     tiled decode works on 256 x 256 tiles (the tiles' outputs are counted with the frames).
     """
     if tiled:
@@ -402,7 +409,11 @@ def vae_decode_bytes(width: int, height: int, num_frames: int, vae_config: Mappi
             frames_next = ahead["frames"] if video else 1
             work = max(work, level["channels"] * area_next * frames_next * 3 // 2 + level["channels"] * area * frames)
         if str(device).startswith("cpu"):
-            work += CPU_CONV_COPIES * level["channels"] * frames * area
+            rows = max(level["into"], level["channels"]) * (frames + 2) * (height // level["scale"] + 2)
+            if rows > ONEDNN_MIN_ROWS:  # oneDNN: reordered copies and allocator slack
+                work += CPU_CONV_COPIES * level["channels"] * frames * area
+            else:  # slow_conv3d: unfolded inputs, 27 values per input channel and output value
+                work += SLOW_CONV_COPIES * 27 * max(level["into"], level["channels"]) * frames * area
         chunk = max(chunk, work)
     return int((cache + chunk) * dtype_bytes)
 
