@@ -11,6 +11,7 @@ from .generation import UnisonProjector, UnisonVaceInputs, UnisonVaceSampler
 from .loaders import UnisonPlannerLoader, UnisonProjectorLoader, UnisonVaceDiffusersLoader, UnisonVaceLoader
 from .outputs import UnisonSaveText
 from .planning import UnisonOutputSwitch, UnisonPlanner, UnisonTaskRouter
+from .speed import UnisonSpeed
 
 comfy_bridge.register_model_folder()
 
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "UnisonProjector": UnisonProjector,
     "UnisonVaceInputs": UnisonVaceInputs,
     "UnisonVaceSampler": UnisonVaceSampler,
+    "UnisonSpeed": UnisonSpeed,
     "UnisonOutputSwitch": UnisonOutputSwitch,
     "UnisonSaveText": UnisonSaveText,
 }
@@ -38,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UnisonProjector": "Unison Projector",
     "UnisonVaceInputs": "Unison VACE Inputs",
     "UnisonVaceSampler": "Unison VACE Sampler",
+    "UnisonSpeed": "Unison Speed",
     "UnisonOutputSwitch": "Unison Output Switch",
     "UnisonSaveText": "Unison Save Text",
 }

@@ -10,6 +10,7 @@ from . import previews
 from . import vram_estimate as estimate
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
+from .speed import SPEED
 
 NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
@@ -184,6 +185,8 @@ class UnisonVaceSampler:
                     "tooltip": "Where the starting noise is drawn. cpu: the same noise for a seed on every machine "
                                "(as ComfyUI's own samplers). device: a generator on the sampling device, as the "
                                "Unison reference does (its exact noise on that GPU, different on another GPU)."}),
+                "speed": (SPEED, {"tooltip": "From a Unison Speed node: step cache, torch.compile, text K/V cache. "
+                                             "Not connected: no cache, no compile (text K/V computed once)."}),
             },
         }
 
@@ -199,14 +202,15 @@ class UnisonVaceSampler:
         return [name for name in ("vace", "tokens") if name in inputs and inputs[name] is None]
 
     def sample(self, vace: Any, plan: Any, seed: int, steps: int, guidance: float, shift: float,
-               negative_prompt: str, tokens: Any = None, noise_device: str = "cpu") -> dict[str, Any]:
+               negative_prompt: str, tokens: Any = None, noise_device: str = "cpu",
+               speed: dict[str, Any] | None = None) -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Sampler", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         sampler = runtime_module("vace.sampler")
         text = runtime_module("vace.text")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                          negative_prompt=negative_prompt, noise_device=noise_device)
+                                          negative_prompt=negative_prompt, noise_device=noise_device, **(speed or {}))
         # No load here: the parts are loaded stage by stage in work() (umT5 to encode, then the rest).
         used = inputs.used_plan(packet.plan)  # a source may set another size or length (as in Unison)
         options, memory_note = _memory_preflight(used, vace.models, options)

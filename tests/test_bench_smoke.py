@@ -162,3 +162,13 @@ def test_table_escapes_pipes_and_marks_missed_targets():
     assert "| a \\| b | 1,234 plans/s | 3 | > 5000 | **no** | n | m | `python -m bench.x` |" in text
     assert "| c | 0.0123 s | 1 |  |  |  | m |" in text
     assert format_value(float("nan"), "s") == "n/a"
+
+
+def test_speed_bench_quick(capsys):
+    rows, out = run_quick("bench_speed", capsys)
+    check_table(rows, out, "Speed: text K/V once, step caches, compile", "bench_speed")
+    exact = by_case(rows, "text K/V once: final latents vs recomputing")
+    assert exact.value == 0 and exact.met is True  # bit-identical, whatever the machine
+    for cache in ("first_block", "magcache", "taylorseer", "pab"):
+        settings = [row for row in rows if row.case.startswith(f"{cache} at ")]
+        assert len(settings) == 2 and all("calls" in row.note or "PAB" in row.note for row in settings)

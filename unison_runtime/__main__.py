@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_arg(ask)
 
     run = sub.add_parser("run", help="run the whole job: plan, then answer (.txt) or generate (.png / .mp4)")
-    run.add_argument("instruction")
+    run.add_argument("instruction", nargs="?", help="the instruction (or --batch FILE)")
     run.add_argument("--models", type=Path, required=True, help="models folder (sub-folders as in ComfyUI's models/)")
     run.add_argument("--out", type=Path, required=True,
                      help="output file (the extension is set from the task), or a folder to write <task>.<ext> in")
@@ -174,9 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "decode would not fit)")
     run.add_argument("--no-memory-check", action="store_true",
                      help="skip the memory estimate before loading (the job may then be killed by the OS)")
+    from .vace.speed_args import add_speed_arguments  # speed flags (issue 19): --cache, --compile, ...
+
+    add_speed_arguments(run)
     _input_dir_arg(run)
     _add_model_args(run)
     _quiet_arg(run)
+    # scale-out: --batch/--ray/--workers, --ulysses/--ring under torchrun (unison_runtime/parallel/cli.py)
+    from .parallel.cli import add_scaleout_args
+
+    add_scaleout_args(run)
 
     selftest = sub.add_parser(
         "selftest", help="build tiny random models and run all 12 tasks end to end on this machine"
@@ -314,13 +321,19 @@ def cmd_ask(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, progress: Progress) -> int:
+    from .parallel.cli import scaleout_command
     from .preflight import check_device_name, input_folder, output_stem
 
+    scaleout = scaleout_command(args)  # torchrun (context parallel), --batch [--ray]; None: one job here
+    if scaleout is None and args.instruction is None:
+        raise UnisonError("give an INSTRUCTION, or --batch FILE")
     output_stem(args.out)  # an unwritable --out is said now, not after the generation
     input_folder(args.models, "--models folder", "a models folder with diffusion_models/, vae/, text_encoders/, "
                  "unison/ sub-folders")
     _check_model_args(args)
     check_device_name(args.text_device, "--text-device")
+    if scaleout is not None:
+        return scaleout(args, out, progress)
     from .pipeline import run_cli_job
 
     result = run_cli_job(args, progress=progress)

@@ -634,24 +634,31 @@ def write_result(result: UnisonResult, out: str | Path, *, exact: bool = False) 
 def sampling_options_from_args(args: Any) -> SamplingOptions:
     """SamplingOptions with the CLI's overrides (``None`` keeps the reference default)."""
     from .vace.sampler import SamplingOptions
+    from .vace.speed_args import speed_values
 
     values = {name: getattr(args, attr, None) for name, attr in
               (("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"), ("seed", "seed"),
                ("negative_prompt", "negative_prompt"), ("noise_device", "noise_device"))}
     values["vae_tiling"] = bool(getattr(args, "vae_tiling", False))
+    values.update(speed_values(args))  # --cache, --compile, ... (vace/speed_args.py)
     return SamplingOptions(**{k: v for k, v in values.items() if v is not None})
 
 
-def pipeline_from_args(args: Any, progress: Progress | None = None) -> tuple[UnisonPipeline, ModelLocations]:
+def pipeline_from_args(args: Any, progress: Progress | None = None, *,
+                       prepare_vace: Callable[[VaceModels], VaceModels] | None = None,
+                       ) -> tuple[UnisonPipeline, ModelLocations]:
     """A pipeline over ``--models DIR``; ``--model``/``--lora`` override the stage-one folders.
 
     An explicit ``--model`` without ``--lora`` runs as given (it may be a merged planner): the
     LoRA found in ``DIR/unison`` is only added to the Qwen folder found next to it.
+    ``prepare_vace`` is applied to every VACE load (e.g. context parallelism, :mod:`.parallel`).
     """
     from functools import partial
 
     model, lora = getattr(args, "model", None), getattr(args, "lora", None)
     locations = locate_models(args.models)
+    if prepare_vace is not None and locations.load_vace is not None:
+        locations.load_vace = _then(locations.load_vace, prepare_vace)
     qwen = model or locations.qwen
     found_base = model is None or (locations.qwen is not None and Path(model).resolve() == locations.qwen.resolve())
     if lora is None and found_base:
@@ -685,6 +692,14 @@ def pipeline_from_args(args: Any, progress: Progress | None = None) -> tuple[Uni
                               roots=[getattr(args, "input_dir", None) or Path.cwd()], files=files,
                               release_text_encoder=low_memory, release_planner=low_memory, progress=progress)
     return pipeline, locations
+
+
+def _then(load: Callable[..., Any], prepare: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``load`` followed by ``prepare`` on what it loaded."""
+    def load_and_prepare(*args: Any, **kwargs: Any) -> Any:
+        return prepare(load(*args, **kwargs))
+
+    return load_and_prepare
 
 
 def _vace_options(args: Any) -> dict[str, Any]:
@@ -750,7 +765,8 @@ def stage_pipeline(pipeline: UnisonPipeline, locations: ModelLocations, args: An
     pipeline.release_text_encoder_after_encoding = pipeline.release_planner_before_sampling = True
 
 
-def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
+def run_cli_job(args: Any, progress: Progress | None = None, *,
+                prepare_vace: Callable[[VaceModels], VaceModels] | None = None) -> dict[str, Any]:
     """``python -m unison_runtime run``: the whole job, the output written at ``--out`` (suffix from the task).
 
     Before the VACE models load: the devices exist, the output path is writable, and the plan's
@@ -762,7 +778,7 @@ def run_cli_job(args: Any, progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or Progress()
     check_device_available(getattr(args, "device", None), "--device")
     check_device_available(getattr(args, "text_device", None), "--text-device")
-    pipeline, locations = pipeline_from_args(args, progress)
+    pipeline, locations = pipeline_from_args(args, progress, prepare_vace=prepare_vace)
     options = sampling_options_from_args(args)
     try:
         instruction, media = pipeline.read(args.instruction)

@@ -40,6 +40,8 @@ from ..errors import MediaError, SamplingCancelled, UnisonError
 from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset_model_caches
 from ..plan import Plan
 from .models import VaceModels
+from .speed import check_options as check_speed_options
+from .speed import sampling_speedups, write_calibration
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -84,6 +86,13 @@ class SamplingOptions:
     fps: int | None = None
     noise_device: str = "cpu"
     vae_tiling: bool = False
+    # Speed (issue 19; see vace/speed.py): text K/V once is exact and on; caches and compile are opt-in.
+    text_kv_cache: bool = True
+    cache: str = "none"
+    cache_threshold: float | None = None
+    cache_ratios: tuple[float, ...] | None = None
+    calibrate_cache: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
@@ -103,6 +112,7 @@ class SamplingOptions:
             raise UnisonError(f"sampling option noise_device={self.noise_device!r}: expected one of "
                               f"{', '.join(NOISE_DEVICES)} (cpu: the same noise on every machine; device: the "
                               "sampling device's generator, as the reference)")
+        check_speed_options(self)
 
     @property
     def uses_guidance(self) -> bool:
@@ -332,11 +342,8 @@ def denoise(
     scale = torch.full((len(transformer.config.vace_layers),), float(options.context_scale),
                        device=models.device, dtype=transformer.dtype)
     scheduler = make_scheduler(models, options.shift)
+    # WanGridUniPCScheduler.set_timesteps also pins the begin index to 0 (equal int timesteps at many steps).
     scheduler.set_timesteps(options.steps, device=models.device)
-    # The timesteps are sigmas * 1000 cast to int64: from ~300 steps on, neighbours near sigma = 1
-    # share an integer, and UniPC's first step would look its index up by value, land on the second
-    # copy and run one step past the end (`assert self.this_order > 0`). Start at index 0 explicitly.
-    scheduler.set_begin_index(0)
     latents = prepared.noise
     control = prepared.control
     total = len(scheduler.timesteps)
@@ -344,7 +351,7 @@ def denoise(
     # nothing for the next run however this one ends (finished, cancelled, out of memory).
     reset_model_caches(transformer)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sampling_speedups(transformer, options) as speed:
             for i, t in enumerate(scheduler.timesteps):
                 if cancel is not None and cancel():
                     raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {total}")
@@ -372,6 +379,10 @@ def denoise(
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if progress is not None:
                     progress(i + 1, total)
+        if notes is not None:
+            notes.extend(speed.notes)
+        if speed.calibration is not None:
+            write_calibration(options.calibrate_cache, speed.calibration, options.steps)
     finally:
         reset_model_caches(transformer)
     return latents
