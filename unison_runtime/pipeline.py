@@ -738,14 +738,16 @@ def cli_memory_footprint(args: Any, locations: ModelLocations, plan: Plan) -> tu
     return footprint, settings
 
 
-def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan, sampling: SamplingOptions) -> Any:
+def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan,
+                      sampling: SamplingOptions | None = None) -> Any:
     """Staging and guidance batching for a CLI job from the free memory and the estimate
     (:func:`.memory_estimate.choose_memory_mode`); ``--low-memory`` / ``--batch-cfg`` (or their
     ``--no-`` forms) override the choice."""
     from .memory_estimate import choose_memory_mode, free_memory
 
     footprint, settings = cli_memory_footprint(args, locations, plan)
-    settings = replace(settings, guidance=sampling.guidance, vae_tiling=sampling.vae_tiling)
+    if sampling is not None:
+        settings = replace(settings, guidance=sampling.guidance, vae_tiling=sampling.vae_tiling)
     return choose_memory_mode(plan, footprint, settings, available=free_memory(settings.device),
                               staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None),
                               single_job=True)
