@@ -328,7 +328,8 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
     return result
 
 
-def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197) -> dict:
+def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197,
+              guidance: float = 5.0) -> dict:
     """One text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
     ComfyUI started on loopback with ``--cpu``, the released-size files linked into a scratch models folder;
     returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time."""
@@ -355,6 +356,7 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
     try:
         idle = _proc_status(server.server.pid)
         prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=0)
+        prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
         run = server.run(prompt, timeout=6 * 3600)
         after = _proc_status(server.server.pid)
     finally:
