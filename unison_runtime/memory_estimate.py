@@ -239,7 +239,7 @@ def footprint_from_paths(
     else:
         parts = {name: [getattr(paths, name, None)] for name in ("transformer", "vae", "text_encoder")}
         configs = (_json_config(None, "wan2.1-vace-1.3b-transformer"), _json_config(None, "wan2.1-vae"),
-                   _json_config(None, "umt5-xxl-encoder"))
+                   _umt5_config_from_file(getattr(paths, "text_encoder", None)))
     keep = {"keep_narrower": cast_per_layer}
     return ModelFootprint(
         transformer=weight_bytes(parts["transformer"], transformer_dtype, **keep),
@@ -250,6 +250,26 @@ def footprint_from_paths(
         projector=weight_bytes([getattr(paths, "projector", None)], None),
         text_config=configs[2], text_dtype=text_dtype,
     )
+
+
+def _umt5_config_from_file(path: str | Path | None) -> dict[str, Any]:
+    """umT5's widths read from a single file's header (``shared.weight``, the gated FFN, the relative
+    bias), so a smaller encoder is not costed as umT5-XXL; the shipped XXL config otherwise."""
+    config = _json_config(None, "umt5-xxl-encoder")
+    if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return config
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError, UnisonError):
+        return config
+    shapes = {name.split("encoder.")[-1]: info.get("shape") for name, info in header.items() if isinstance(info, dict)}
+    for key, field_name, axis in (("shared.weight", "d_model", 1), ("block.0.layer.1.DenseReluDense.wi_0.weight",
+                                                                    "d_ff", 0),
+                                  ("block.0.layer.0.SelfAttention.relative_attention_bias.weight", "num_heads", 1)):
+        shape = shapes.get(key)
+        if isinstance(shape, list) and len(shape) > axis:
+            config[field_name] = int(shape[axis])
+    return config
 
 
 def footprint_from_models(models: Any, *, stage_one: int = 0) -> ModelFootprint:

@@ -478,7 +478,50 @@ def _lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({m.group("module") for key in state if (m := _LORA_KEY.match(key))})
 
 
-def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor]) -> list[str]:
+def _adapter_tensors(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors, with its whole matrices (``modules_to_save``) left on disk until used.
+
+    A safetensors adapter gives its LoRA weights (small) as tensors and each whole matrix as a meta
+    tensor of its shape (enough to check it fits) plus a reader that loads it when it replaces the
+    base's matrix: the Unison release's two fp32 vocabulary matrices (2.3 GiB) are then never in
+    memory together. Other formats are loaded whole (``sources`` empty).
+    """
+    if lora_file.suffix != ".safetensors":
+        return load_state_dict(lora_file, what="Unison LoRA adapter", device="cpu"), {}
+    from safetensors import safe_open
+
+    from ..weights import read_safetensors_header
+
+    header = read_safetensors_header(lora_file, what="Unison LoRA adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, Any] = {}
+    whole = [k for k in header if k != "__metadata__" and ".token_adapter" not in k
+             and not _LORA_KEY.match(normalize_adapter_key(k))]
+    small = [k for k in header if k != "__metadata__" and k not in whole]
+    try:
+        with safe_open(str(lora_file), framework="pt", device="cpu") as handle:
+            for key in small:
+                tensors[key] = handle.get_tensor(key)
+            for key in whole:
+                view = handle.get_slice(key)
+                tensors[key] = torch.empty(view.get_shape(), dtype=SAFETENSORS_DTYPES[view.get_dtype()], device="meta")
+                sources[key] = key
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise WeightsError(f"Unison LoRA adapter {lora_file}: truncated or not a safetensors file "
+                           f"({first_line(exc)})") from None
+    return tensors, {key: (lora_file, name) for key, name in sources.items()}
+
+
+def _read_whole(source: tuple[Path, str]) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path, name = source
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return handle.get_tensor(name)
+
+
+def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor],
+                           sources: dict[str, Any] | None = None) -> list[str]:
     """Put the adapter's whole trained matrices (``modules_to_save``: the Unison release trains
     ``embed_tokens`` and ``lm_head``) straight into ``model``, one at a time; returns their names.
 
@@ -497,6 +540,8 @@ def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor]) -> list[s
         module = modules[module_name]
         old = getattr(module, param_name)
         tensor = state.pop(key)
+        if tensor.is_meta:  # left on disk by _adapter_tensors: read it now, alone
+            tensor = _read_whole((sources or {})[key])
         new = torch.nn.Parameter(tensor.to(device=old.device, dtype=old.dtype, copy=True), requires_grad=False)
         del tensor, old
         setattr(module, param_name, new)
@@ -516,10 +561,11 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
             f"{lora_dir / 'adapter_config.json'} has peft_type {config_data.get('peft_type')!r}; expected 'LORA'"
         )
     lora_file = adapter_weight_file(lora_dir)
-    raw = load_state_dict(lora_file, what="Unison LoRA adapter", device="cpu")
+    raw, sources = _adapter_tensors(lora_file)
     state = {normalize_adapter_key(k): v for k, v in raw.items()}
     if len(state) != len(raw):
         raise WeightsError(f"LoRA adapter {lora_file} names some tensors twice (old and new layout)")
+    sources = {normalize_adapter_key(k): v for k, v in sources.items()}
     raw.clear()  # ``state`` holds the only references: each whole matrix can go as soon as it is used
     base_name = config_data.get("base_model_name_or_path")
     rows = check_adapter_fits(state, model, lora_file=lora_file, model_dir=model_dir, base_name=base_name)
@@ -549,7 +595,7 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
     config.layers_to_transform = None
     config.layers_pattern = None
     config.inference_mode = True
-    replaced = _replace_saved_modules(model, state)
+    replaced = _replace_saved_modules(model, state, sources)
     if replaced:
         config.modules_to_save = None  # already in place: peft would deep-copy each of them twice
     with warnings.catch_warnings():
