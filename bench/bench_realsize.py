@@ -357,6 +357,7 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
         idle = _proc_status(server.server.pid)
         prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=0)
         prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
+        prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
         run = server.run(prompt, timeout=6 * 3600)
         after = _proc_status(server.server.pid)
     finally:
