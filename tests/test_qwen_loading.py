@@ -388,8 +388,10 @@ def test_bf16_stored_base_on_cpu_loads_unmapped_and_equals_a_direct_fp32_load(ti
     _assert_identical(whole, reference)
     assert qwen_loading.embeddings_tied(whole)  # the 3B ties them, and still does after the upcast
 
-    # The default keeps the stored bf16 matrices and casts them per layer: half the memory, same outputs.
+    # The default keeps the stored bf16 matrices (loaded mapped) and casts them per layer: half the memory,
+    # same outputs.
     planner = load_planner(folder, device="cpu")
+    assert calls[-1]["dtype"] is torch.bfloat16 and "disable_mmap" not in calls[-1]
     assert planner.dtype is torch.float32
     layer = planner.model.model.language_model.layers[0]
     assert layer.self_attn.q_proj.weight.dtype is torch.bfloat16 and layer.input_layernorm.weight.dtype is torch.float32
@@ -409,7 +411,7 @@ def test_bf16_stored_merged_planner_with_the_tie_bug_loads_untied_and_identical(
     calls, _ = load_spy
     folder = _store_as(tiny_qwen.merged_tied, tmp_path / "merged-bf16", torch.bfloat16)
     planner = load_planner(folder, device="cpu")
-    assert calls[0]["disable_mmap"] is True
+    assert calls[0]["dtype"] is torch.bfloat16 and "disable_mmap" not in calls[0]  # kept as stored: mapped
     assert any("loaded untied" in note for note in planner.notes)
     assert not qwen_loading.embeddings_tied(planner.model)
     reference = _direct_load(folder, untie=True)

@@ -298,8 +298,9 @@ def _load_model(
         "attn_implementation": attention,
         "local_files_only": True,
     }
-    if upcast:
+    if upcast and not cast_per_layer:
         kwargs["disable_mmap"] = True  # read into private memory: no mapped file pages left resident
+    # Kept as stored (cast_per_layer): mapped like any same-dtype load, never a shard's bytes beside its tensors.
     if device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}
     try:
