@@ -42,9 +42,14 @@ GIB = 1024**3
 JOBS = {
     "image": "Create an image of a red fox in the snow at dawn, 64x64",
     "video": "Create a video of a red fox running in the snow, 64x64, 9 frames",
+    "plan": "Please create a video of a lion walking around in its habitat, 2 seconds long.",
 }
+#: New tokens the random-weight planner may generate in the ``plan`` job (it never emits a stop token;
+#: the peak is reached while loading, merging and in the first forward, not by later tokens).
+PLAN_TOKENS = 4
 _POOL_ELEMENTS = 8 * 1024 * 1024
-_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8"}
+_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8",
+                torch.bfloat16: "BF16"}
 
 
 # --------------------------------------------------------------------------- piecewise safetensors writer
@@ -57,6 +62,7 @@ class _Pool:
         g = torch.Generator().manual_seed(seed)
         base = torch.randn(_POOL_ELEMENTS, generator=g) * 0.02
         self.bytes = {torch.float16: base.half().numpy().tobytes(),
+                      torch.bfloat16: base.to(torch.bfloat16).view(torch.int16).numpy().tobytes(),
                       torch.float32: base.numpy().tobytes(),
                       torch.float8_e4m3fn: (base * 100).to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()}
         self.offset = 0
@@ -161,6 +167,91 @@ def write_released_files(directory: Path) -> dict[str, Path]:
     return out
 
 
+# --------------------------------------------------------------------------- stage one: Qwen2.5-VL-3B + LoRA
+
+#: Qwen2.5-VL-3B-Instruct's released sizes (its config.json); token ids come from the small tokenizer.
+QWEN_TEXT = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}}
+QWEN_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 2048,
+               "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}
+LORA_RANK = 64
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _legacy_name(name: str) -> str:
+    """Today's transformers names as the released checkpoint spells them (``model.layers``, ``visual``)."""
+    if name.startswith("model.language_model."):
+        return "model." + name.removeprefix("model.language_model.")
+    return name.removeprefix("model.") if name.startswith("model.visual.") else name
+
+
+def write_qwen(directory: Path, pool: _Pool) -> tuple[Path, Path]:
+    """``unison/Qwen2.5-VL-3B-Instruct`` (bf16, two shards, tied embeddings, as released) and ``unison/unison-lora``
+    (rank-64 LoRA on the language model's projections + ``embed_tokens`` / ``lm_head`` saved whole in fp32,
+    the planner tokens in its tokenizer), written piecewise."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from unison_runtime.testing import tiny_qwen
+
+    base, lora = directory / "unison" / "Qwen2.5-VL-3B-Instruct", directory / "unison" / "unison-lora"
+    if (base / "config.json").is_file() and (lora / "adapter_config.json").is_file():
+        return base, lora
+    scratch = directory / "unison" / ".tiny"
+    tiny_base = tiny_qwen.build_tiny_qwen(scratch / "base")
+    tiny_lora = tiny_qwen.build_tiny_unison_lora(tiny_base, scratch / "lora")
+    tokenizer = tiny_qwen.build_tiny_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={**QWEN_TEXT, "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>")},
+        vision_config=QWEN_VISION, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True, dtype="bfloat16")
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    shapes = {_legacy_name(n): tuple(t.shape) for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    del model
+    base.mkdir(parents=True, exist_ok=True)
+    names = list(shapes)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for index, part in enumerate(halves, start=1):
+        shard = f"model-0000{index}-of-00002.safetensors"
+        write_safetensors(base / shard, {n: (torch.bfloat16, shapes[n], None) for n in part}, pool)
+        weight_map.update(dict.fromkeys(part, shard))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "generation_config.json"):
+        (base / name).write_bytes((tiny_base / name).read_bytes())
+    Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2).save_pretrained(base)
+
+    hidden, ffn, kv = QWEN_TEXT["hidden_size"], QWEN_TEXT["intermediate_size"], 256
+    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+            "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden)}
+    tensors: dict = {}
+    for layer in range(QWEN_TEXT["num_hidden_layers"]):
+        for target in _LORA_TARGETS:
+            where = "mlp" if target.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{where}.{target}"
+            fan_in, fan_out = dims[target]
+            tensors[f"{prefix}.lora_A.weight"] = (torch.float32, (LORA_RANK, fan_in), None)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.float32, (fan_out, LORA_RANK), None)
+    rows = (QWEN_TEXT["vocab_size"], hidden)
+    tensors["base_model.model.model.embed_tokens.weight"] = (torch.float32, rows, None)
+    tensors["base_model.model.lm_head.weight"] = (torch.float32, rows, None)
+    write_safetensors(lora / "adapter_model.safetensors", tensors, pool)
+    adapter = json.loads((tiny_lora / "adapter_config.json").read_text())
+    adapter.update(r=LORA_RANK, lora_alpha=2 * LORA_RANK, base_model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct",
+                   target_modules=list(_LORA_TARGETS), modules_to_save=["embed_tokens", "lm_head"])
+    (lora / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_lora / name).is_file():
+            (lora / name).write_bytes((tiny_lora / name).read_bytes())
+    return base, lora
+
+
 # --------------------------------------------------------------------------- the measured child
 
 
@@ -203,6 +294,11 @@ def child(argv: list[str]) -> None:
         return timed(lambda *_: f"load {name}", original_get)(self, name)
 
     pipeline_module.UnisonPipeline._get = get
+    from unison_runtime.planner import qwen as qwen_module
+
+    qwen_module.load_qwen = timed(lambda *a, **k: "load Qwen2.5-VL (+ LoRA merge)", qwen_module.load_qwen)
+    qwen_module.QwenPlanner.plan = timed(lambda *a: f"plan ({PLAN_TOKENS} new tokens)", qwen_module.QwenPlanner.plan)
+    qwen_module.PLAN_MAX_NEW_TOKENS = PLAN_TOKENS
     text_module.encode_text = timed(lambda *a: "umT5 encode", text_module.encode_text)
     sampler_module.sample = timed(lambda *a: "sample + decode", sampler_module.sample)
     import io
@@ -216,8 +312,12 @@ def child(argv: list[str]) -> None:
 
 
 def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Path) -> dict:
-    argv = ["run", JOBS[job], "--models", str(directory), "--out", str(out_dir / job), "--steps", str(steps),
-            "--input-dir", str(out_dir), *extra]
+    if job == "plan":
+        base, lora = write_qwen(directory, _Pool(1))
+        argv = ["plan", "--model", str(base), "--lora", str(lora), JOBS[job], *extra]
+    else:
+        argv = ["run", JOBS[job], "--models", str(directory), "--out", str(out_dir / job), "--steps", str(steps),
+                "--input-dir", str(out_dir), *extra]
     done = subprocess.run([sys.executable, "-m", "bench.bench_realsize", "--child", json.dumps(argv)], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -228,13 +328,65 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
     return result
 
 
+def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197,
+              guidance: float = 5.0) -> dict:
+    """One text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
+    ComfyUI started on loopback with ``--cpu``, the released-size files linked into a scratch models folder;
+    returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time."""
+    import shutil
+
+    from bench.bench_caching import ComfyServer, api_prompt
+
+    base = directory / "comfy-base"
+    for sub in ("custom_nodes", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    files = {"transformer": ("diffusion_models", "wan2.1_vace_1.3B_fp16.safetensors"),
+             "vae": ("vae", "wan_2.1_vae.safetensors"),
+             "text_encoder": ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors")}
+    for folder, name in files.values():
+        link = base / "models" / folder / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(directory / folder / name)
+    pack = base / "custom_nodes" / "ComfyUI-Unison"
+    if pack.is_symlink() or pack.exists():
+        pack.unlink() if pack.is_symlink() else shutil.rmtree(pack)
+    pack.symlink_to(ROOT, target_is_directory=True)
+    server = ComfyServer(comfyui, python, base, port, timeout=600)
+    try:
+        idle = _proc_status(server.server.pid)
+        prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=0)
+        prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
+        prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
+        run = server.run(prompt, timeout=6 * 3600)
+        after = _proc_status(server.server.pid)
+    finally:
+        server.stop()
+    return {"seconds": round(run["seconds"], 1), "idle_rss_gib": round(idle["VmRSS"] / GIB, 2),
+            "rss_after_gib": round(after["VmRSS"] / GIB, 2), "peak_gib": round(after["VmHWM"] / GIB, 2),
+            "log": str(server.log)}
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    values = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--jobs", nargs="+", default=["image", "video"], choices=list(JOBS),
+                        help="plan: stage one alone (Qwen2.5-VL-3B + LoRA written on first use), plan --model --lora")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags for run")
     parser.add_argument("--write-only", action="store_true")
+    parser.add_argument("--comfyui", type=Path, help="also run one workflow in this ComfyUI checkout (--cpu)")
+    parser.add_argument("--comfyui-python", default=sys.executable, help="the Python that runs that ComfyUI")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -250,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     for job in args.jobs:
         result = run_job(args.dir, job, args.steps, args.extra, out_dir)
         print(json.dumps({"job": job, "flags": args.extra, **result}, indent=1), flush=True)
+    if args.comfyui is not None:
+        result = comfy_job(args.dir, args.comfyui, args.comfyui_python, args.steps)
+        print(json.dumps({"job": "comfyui text-to-image 64x64", **result}, indent=1), flush=True)
     return 0
 
 

@@ -264,30 +264,5 @@ class UnisonVaceSampler:
 
 
 def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[str]]:
-    """Refuse a plan whose estimated peak does not fit the device's free memory, before it runs.
-
-    A clear node error (``MemoryWontFit``, with the estimate and what to change) instead of a
-    server taken down by the OOM killer; VAE tiling is switched on when only the decode would not
-    fit. The loaded weights already sit on the device, so they are counted as in use.
-    """
-    import dataclasses
-
-    memory = runtime_module("memory_estimate")
-    footprint = memory.footprint_from_models(models)
-    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-    vae_dtype = getattr(models.vae, "dtype", None)
-    settings = memory.RunSettings(device=str(models.device), text_device=str(models.text_device),
-                                  transformer_dtype=names.get(str(models.dtype), "fp32"),
-                                  vae_dtype=names.get(str(vae_dtype), "fp32"), batch_cfg=options.batch_cfg,
-                                  guidance=options.guidance, vae_tiling=options.vae_tiling,
-                                  num_references=sum(1 for ref in plan.media if ref.role == "reference"))
-    # Staged (comfy_bridge.load_for_use): umT5 is loaded only to encode and ComfyUI may offload it before
-    # the transformer and VAE load, so it is not counted beside them; every model ComfyUI holds on the
-    # device (ours from an earlier run, others) can be offloaded for this run, so its memory counts as free.
-    settings = dataclasses.replace(settings, text_device="cpu")
-    resident = comfy.evictable_bytes(settings.device)
-    decision = memory.check_fits(plan, footprint, settings, resident=resident, where="comfyui", runtime=False)
-    if decision.tiling_switched_on:
-        return dataclasses.replace(options, vae_tiling=True), [
-            "VAE tiling switched on: decoding whole frames would not fit in the free memory"]
-    return options, []
+    """The plan's memory check (``vram_estimate.preflight``), counting what ComfyUI can offload as free."""
+    return estimate.preflight(plan, models, options, evictable=comfy.evictable_bytes(str(models.device)))

@@ -298,14 +298,17 @@ def _folder_bytes(path: Path | None) -> int:
 #: umT5-XXL encoder at its released shape: 5.68 B parameters (the 1.05 B-value embedding counted once).
 #: Computed from the shipped config (unison_runtime/configs/umt5-xxl-encoder), not measured on a GPU.
 TEXT_DEVICE_TOOLTIP = (
-    "Where umT5-XXL (5.7 B parameters) runs. Its cost: 10.6 GiB in bf16/fp16, 21.2 GiB in fp32 (the CPU "
-    "default), plus ~0.2 GiB to encode a prompt. auto = ComfyUI's text-encoder device (the CPU under --lowvram / "
-    "--novram): it is loaded only to encode the prompts and ComfyUI may offload it before sampling. cpu: "
-    "never on the GPU, slower prompt encoding (once per run), costs system RAM instead. main device = the GPU "
-    "while encoding.")
+    "Where umT5-XXL (5.7 B parameters) runs. Its weights stay in the file's precision and are cast layer by layer: "
+    "6.3 GiB from umt5_xxl_fp8_e4m3fn_scaled, 10.6 GiB from umt5_xxl_fp16 (an fp32 file: 10.6 GiB in bf16, "
+    "21.2 GiB in fp32), plus ~0.7 GiB to encode a prompt; the same in RAM or VRAM. auto = ComfyUI's text-encoder "
+    "device (the CPU under --lowvram / --novram): it is loaded only to encode the prompts and ComfyUI may "
+    "offload it before sampling. cpu: never on the GPU, slower prompt encoding (once per run), costs system RAM "
+    "instead. main device = the GPU while encoding.")
 TEXT_DTYPE_TOOLTIP = (
-    "umT5-XXL weight dtype: auto = bf16 on a capable GPU, fp32 on the CPU (21.2 GiB of RAM). bf16/fp16 halve it "
-    "to 10.6 GiB (on the CPU too); fp32 is the reference precision.")
+    "umT5-XXL compute dtype: auto = bf16 on a capable GPU, fp32 on the CPU (bf16 on a CPU with native bf16). "
+    "fp8 / fp16 files stay as stored whatever you choose (6.3 / 10.6 GiB; cast one layer at a time), so this "
+    "changes precision and speed, not their memory; only a file stored wider (fp32) is converted: 10.6 GiB in "
+    "bf16/fp16, 21.2 GiB in fp32. fp32 is the reference precision.")
 
 
 class _VaceLoaderNode:
@@ -320,9 +323,11 @@ class _VaceLoaderNode:
     @staticmethod
     def _device_inputs() -> dict[str, Any]:
         return {
-            "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer dtype (2.15 B parameters: 4.0 GiB in bf16/"
-                                                            "fp16, 8.0 GiB in fp32); auto = bf16 on a capable GPU, "
-                                                            "fp32 on the CPU."}),
+            "dtype": (DTYPES, {"default": AUTO, "tooltip": "Transformer compute dtype (2.15 B parameters): the "
+                                                            "fp16 file stays fp16 whatever you choose (4.0 GiB, cast "
+                                                            "one layer at a time); an fp32 file takes 4.0 GiB in "
+                                                            "bf16/fp16, 8.0 GiB in fp32. auto = bf16 on a capable "
+                                                            "GPU, fp32 on the CPU."}),
             "text_encoder_device": ([AUTO, CPU, MAIN_DEVICE], {"default": AUTO, "tooltip": TEXT_DEVICE_TOOLTIP}),
         }
 

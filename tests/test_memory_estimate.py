@@ -24,7 +24,8 @@ def tiny_dir(tmp_path_factory):
 REAL = memory.ModelFootprint(
     transformer=1_420_000_000 * 2, vae=127_000_000 * 4, text_encoder=5_680_000_000 * 2,
     transformer_config=memory._json_config(None, "wan2.1-vace-1.3b-transformer"),
-    vae_config=memory._json_config(None, "wan2.1-vae"), stage_one=3_750_000_000 * 2)
+    vae_config=memory._json_config(None, "wan2.1-vae"), stage_one=3_750_000_000 * 2,
+    text_config=memory._json_config(None, "umt5-xxl-encoder"), text_dtype="bf16")
 
 
 def test_weight_bytes_from_headers_match_the_loaded_parameters(tiny_dir):
@@ -64,7 +65,14 @@ def test_parts_grow_with_what_they_depend_on():
     assert tiled.parts["decoding: VAE"] < small.parts["decoding: VAE"]
     low = memory.estimate_run(default_plan("text_to_video"), REAL,
                               dataclasses.replace(settings, text_device=None, low_memory=True))
-    assert low.phases["sampling"] < low.phases["loading"] + low.parts["sampling: block activations"]
+    resident = memory.estimate_run(default_plan("text_to_video"), REAL,
+                                   dataclasses.replace(settings, text_device=None, low_memory=False))
+    # Staged: stage one and umT5 are gone before the transformer loads, and each is held alone while it runs.
+    assert resident.phases["sampling"] - low.phases["sampling"] == REAL.text_encoder + REAL.stage_one
+    assert low.phases["planning"] == REAL.stage_one + memory.RUNTIME_OVERHEAD["cuda"]
+    assert low.phases["encoding the prompt"] == (REAL.text_encoder + low.parts["encoding the prompt: umT5"]
+                                                 + memory.RUNTIME_OVERHEAD["cuda"])
+    assert low.peak < resident.peak
 
 
 def test_2048_video_is_refused_with_a_size_that_fits_and_the_flags():
@@ -109,3 +117,32 @@ def test_estimate_is_within_0_9x_and_2x_of_the_measured_peak(tiny_dir, width, he
     ratio = result["estimate"] / result["measured"]
     assert LOW <= ratio <= HIGH, result
     assert result["runtime_measured"] <= memory.RUNTIME_OVERHEAD["cpu"] * 1.1  # the fixed cost added for a cold run
+
+
+def test_vae_decode_counts_the_feature_cache_of_every_causal_convolution_of_the_released_decoder():
+    import torch
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    config = memory._json_config(None, "wan2.1-vae")
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**{k: v for k, v in config.items() if not k.startswith("_")})
+    cached: dict[int, int] = {}
+    last = len(config["dim_mult"]) - 1
+    for name, module in vae.decoder.named_modules():
+        if not isinstance(module, WanCausalConv3d) or "conv_shortcut" in name:
+            continue  # the 1x1x1 shortcut runs without a cache
+        level = int(name.split(".")[1]) if name.startswith("up_blocks.") else (last if name == "conv_out" else 0)
+        cached[level] = cached.get(level, 0) + module.in_channels
+    levels = memory._decoder_levels(config)
+    assert {i: level["cached"] for i, level in enumerate(levels)} == cached
+    # The working set depends on the frame size, not the frame count (one 4-frame chunk at a time).
+    whole = memory.vae_decode_bytes(832, 480, 81, config, 4, device="cuda")
+    assert whole == memory.vae_decode_bytes(832, 480, 9, config, 4, device="cuda")
+    cache = sum(level["cached"] * 2 * (480 // level["scale"]) * (832 // level["scale"]) for level in levels) * 4
+    assert cache < whole <= cache + 96 * 20 * 832 * 480 * 4  # + one chunk: 96 channels x (4 x 4 + 4) frames
+    assert 6 * 1024**3 < whole < 7 * 1024**3
+    tiled = memory.vae_decode_bytes(832, 480, 81, config, 4, tiled=True, device="cuda")
+    assert tiled == memory.vae_decode_bytes(256, 256, 81, config, 4, device="cuda")
+    assert memory.vae_decode_bytes(256, 256, 9, config, 4, device="cpu") > memory.vae_decode_bytes(
+        256, 256, 9, config, 4, device="cuda")

@@ -6,6 +6,7 @@ every model resident), so "results unchanged" is checked bit for bit where the d
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -15,8 +16,10 @@ import torch
 from PIL import Image
 
 from tests.harness.counting import CountingLoader
+from unison_runtime import memory_estimate
 from unison_runtime.__main__ import main
-from unison_runtime.memory_plan import GIB, choose_memory_mode, cpu_has_native_bf16
+from unison_runtime.devices import cpu_has_native_bf16
+from unison_runtime.memory_estimate import GIB, choose_memory_mode
 from unison_runtime.pipeline import UnisonPipeline
 from unison_runtime.planner.rules import RulePlanner
 from unison_runtime.testing import tiny_wan_files as tw
@@ -120,18 +123,18 @@ def test_bf16_compute_within_bf16_tolerance_of_fp32(tmp_path):
 
 
 def test_cpu_bf16_detection_and_default_dtypes(monkeypatch):
-    from unison_runtime import memory_plan
+    from unison_runtime import devices
     from unison_runtime.vace.loading import resolve_dtype
 
     assert cpu_has_native_bf16("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
     assert cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags\t\t: fpu sse avx2 avx512f f16c\n")
-    monkeypatch.setattr(memory_plan, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype(None, "cpu", role="transformer") == torch.bfloat16
     assert resolve_dtype(None, "cpu", role="text_encoder") == torch.bfloat16
     assert resolve_dtype(None, "cpu", role="vae") == torch.float32
     assert resolve_dtype("fp32", "cpu", role="transformer") == torch.float32  # an explicit choice wins
-    monkeypatch.setattr(memory_plan, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype(None, "cpu", role="transformer") == torch.float32
 
 
@@ -209,23 +212,45 @@ def test_staged_pipeline_releases_stage_one_before_umt5(comfy_dir):
 # --------------------------------------------------------------------------- the CLI's choice
 
 
+#: The released sizes as held on a CPU by default: Qwen bf16 kept (7 GiB), scaled-fp8 umT5 kept (6.3 GiB),
+#: fp16 transformer kept (4 GiB), fp32 VAE.
+HELD = memory_estimate.ModelFootprint(
+    transformer=4 * GIB, vae=int(0.47 * GIB), text_encoder=int(6.3 * GIB), stage_one=7 * GIB,
+    transformer_config=memory_estimate._json_config(None, "wan2.1-vace-1.3b-transformer"),
+    vae_config=memory_estimate._json_config(None, "wan2.1-vae"),
+    text_config=memory_estimate._json_config(None, "umt5-xxl-encoder"))
+
+
 def test_memory_choice_from_free_memory():
-    sizes = dict(stage_one=7 * GIB, text_encoder=int(6.7 * GIB), sampler_weights=int(4.8 * GIB))
-    small = choose_memory_mode(available=12 * GIB, width=832, height=480, num_frames=81, **sizes)
-    assert small.staged and not small.batch_cfg
-    assert "staged" in small.reason and "two-pass" in small.reason and "12.0 GiB free" in small.reason
-    big = choose_memory_mode(available=96 * GIB, width=64, height=64, num_frames=1, **sizes)
+    from unison_runtime.plan import default_plan
+
+    settings = memory_estimate.RunSettings(device="cuda", transformer_dtype="bf16", vae_tiling=True)
+    video = default_plan("text_to_video", width=832, height=480, num_frames=81)
+    image = default_plan("text_to_image", width=64, height=64)
+
+    def peak(plan, staged, batched):
+        return memory_estimate.estimate_run(plan, HELD, dataclasses.replace(
+            settings, low_memory=staged, batch_cfg=batched)).peak
+
+    # The choice is the estimate's: staged when everything resident would not fit, batched when its peak fits.
+    assert peak(image, True, True) < peak(image, False, True)  # staging lowers the peak
+    tight = peak(image, False, False) + memory_estimate.HEADROOM_BYTES - 1
+    small = choose_memory_mode(image, HELD, settings, available=tight)
+    assert small.staged and small.batch_cfg == (peak(image, True, True) + memory_estimate.HEADROOM_BYTES <= tight)
+    assert "staged" in small.reason and f"{tight / GIB:.1f} GiB free" in small.reason
+    big = choose_memory_mode(image, HELD, settings, available=96 * GIB)
     assert not big.staged and big.batch_cfg and "all models resident" in big.reason
-    unknown = choose_memory_mode(available=None, width=64, height=64, num_frames=1, **sizes)
+    unknown = choose_memory_mode(image, HELD, settings, available=None)
     assert unknown.staged and not unknown.batch_cfg
-    forced = choose_memory_mode(available=96 * GIB, width=64, height=64, num_frames=1, staged=True, batch_cfg=False,
-                                **sizes)
+    forced = choose_memory_mode(image, HELD, settings, available=96 * GIB, staged=True, batch_cfg=False)
     assert forced.staged and not forced.batch_cfg and "as asked" in forced.reason
-    # Staging frees room for batched guidance that would not fit with everything resident.
-    mid = choose_memory_mode(available=20 * GIB, width=832, height=480, num_frames=17, **sizes)
-    assert mid.staged and mid.batch_cfg
-    one_job = choose_memory_mode(available=96 * GIB, width=64, height=64, num_frames=1, single_job=True, **sizes)
-    assert one_job.staged and one_job.batch_cfg and "one job" in one_job.reason
+    # Batching doubles the sampler's activations: at 832x480x81 it fits only with more room.
+    between = (peak(video, True, False) + peak(video, True, True)) // 2 + memory_estimate.HEADROOM_BYTES
+    assert peak(video, True, False) < peak(video, True, True)
+    mid = choose_memory_mode(video, HELD, settings, available=between, single_job=True)
+    assert mid.staged and not mid.batch_cfg and "one job" in mid.reason
+    one_job = choose_memory_mode(image, HELD, settings, available=96 * GIB, single_job=True)
+    assert one_job.staged and one_job.batch_cfg
 
 
 def _cli(*argv, capsys=None):
@@ -235,17 +260,15 @@ def _cli(*argv, capsys=None):
 
 
 def test_cli_default_says_what_it_chose_and_staging_changes_nothing(comfy_dir, tmp_path, capsys, monkeypatch):
-    from unison_runtime import memory_plan
-
     root, _ = comfy_dir
     base = ("run", T2I, "--models", str(root), "--steps", "2", "--input-dir", str(tmp_path), "--device", "cpu")
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda device=None: 1 * GIB)
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device=None: 1 * GIB)
     code, tight = _cli(*base, "--out", str(tmp_path / "tight"))
     assert code == 0
     err = capsys.readouterr().err
     assert "memory: staged" in err and "two-pass guidance" in err and "1.0 GiB free" in err
     assert any(note.startswith("memory: staged") for note in tight["notes"])
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda device=None: 512 * GIB)
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device=None: 512 * GIB)
     code, roomy = _cli(*base, "--out", str(tmp_path / "roomy"), "--no-batch-cfg", "--no-low-memory")
     assert code == 0 and "memory: all models resident, two-pass guidance (as asked)" in capsys.readouterr().err
     code, _ = _cli(*base, "--out", str(tmp_path / "auto"))  # one job: staged anyway; roomy: batched

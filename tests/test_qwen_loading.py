@@ -377,20 +377,30 @@ def _assert_identical(model, reference) -> None:
 def test_bf16_stored_base_on_cpu_loads_unmapped_and_equals_a_direct_fp32_load(tiny_qwen, tmp_path, load_spy, shards):
     calls, mapped = load_spy
     folder = _store_as(tiny_qwen.base, tmp_path / "bf16", torch.bfloat16, shards=shards)
-    planner = load_planner(folder, device="cpu")
-    assert planner.dtype is torch.float32
+    whole = qwen_loading.load_qwen(folder, device="cpu", cast_per_layer=False).model  # converted whole
     assert [(c["dtype"], c.get("disable_mmap")) for c in calls] == [(torch.bfloat16, True)]
     assert not [p for p in mapped if p.parent == folder]  # read into memory, no mapping kept
-    assert {p.dtype for p in planner.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in whole.parameters()} == {torch.float32}
 
     reference = _direct_load(folder)
     assert calls[-1]["dtype"] is torch.float32 and "disable_mmap" not in calls[-1]
     assert any(p.parent == folder for p in mapped)  # the spy does see transformers' mapped load
-    _assert_identical(planner.model, reference)
-    assert qwen_loading.embeddings_tied(planner.model)  # the 3B ties them, and still does after the upcast
+    _assert_identical(whole, reference)
+    assert qwen_loading.embeddings_tied(whole)  # the 3B ties them, and still does after the upcast
 
+    # The default keeps the stored bf16 matrices (loaded mapped) and casts them per layer: half the memory,
+    # same outputs.
+    planner = load_planner(folder, device="cpu")
+    assert calls[-1]["dtype"] is torch.bfloat16 and "disable_mmap" not in calls[-1]
+    assert planner.dtype is torch.float32
+    layer = planner.model.model.language_model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype is torch.bfloat16 and layer.input_layernorm.weight.dtype is torch.float32
+    assert planner.model.get_input_embeddings().weight.dtype is torch.bfloat16
+    assert any("cast to float32 layer by layer" in note for note in planner.notes)
+    assert qwen_loading.embeddings_tied(planner.model)
     ids = planner.processor.tokenizer("Make a video of a lion walking", return_tensors="pt").input_ids
     assert torch.equal(_logits(planner.model, ids), _logits(reference, ids))
+    assert layer.self_attn.q_proj.weight.dtype is torch.bfloat16  # put back after the forward
     with torch.no_grad():
         generated = planner.model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
         expected = reference.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
@@ -401,13 +411,15 @@ def test_bf16_stored_merged_planner_with_the_tie_bug_loads_untied_and_identical(
     calls, _ = load_spy
     folder = _store_as(tiny_qwen.merged_tied, tmp_path / "merged-bf16", torch.bfloat16)
     planner = load_planner(folder, device="cpu")
-    assert calls[0]["disable_mmap"] is True
+    assert calls[0]["dtype"] is torch.bfloat16 and "disable_mmap" not in calls[0]  # kept as stored: mapped
     assert any("loaded untied" in note for note in planner.notes)
     assert not qwen_loading.embeddings_tied(planner.model)
     reference = _direct_load(folder, untie=True)
-    _assert_identical(planner.model, reference)
+    _assert_identical(qwen_loading.load_qwen(folder, device="cpu", cast_per_layer=False).model, reference)
     head = load_file(folder / "model.safetensors")["lm_head.weight"]
-    assert torch.equal(planner.model.lm_head.weight, head.float())
+    assert torch.equal(planner.model.lm_head.weight, head)  # kept as stored
+    ids = _probe_ids(planner.processor.tokenizer)
+    assert torch.equal(_logits(planner.model, ids), _logits(reference, ids))
 
 
 def test_fp32_stored_folder_keeps_the_direct_load(tiny_qwen, load_spy):
@@ -429,20 +441,26 @@ def test_bf16_stored_folder_asked_for_bf16_keeps_the_direct_load(tiny_qwen, tmp_
 def test_lora_on_a_bf16_stored_base_equals_the_direct_load(tiny_qwen, tmp_path, load_spy, monkeypatch):
     calls, _ = load_spy
     folder = _store_as(tiny_qwen.base, tmp_path / "bf16", torch.bfloat16)
-    planner = load_planner(folder, lora=tiny_qwen.lora, device="cpu")
+    whole = qwen_loading.load_qwen(folder, lora=tiny_qwen.lora, device="cpu", cast_per_layer=False)
     assert calls[0]["disable_mmap"] is True
-    assert planner.has_planning_lora
-    assert planner.model.lm_head.weight is not planner.model.get_input_embeddings().weight
+    assert whole.model.lm_head.weight is not whole.model.get_input_embeddings().weight
     adapter = load_file(tiny_qwen.lora / "adapter_model.safetensors")
-    assert torch.equal(planner.model.lm_head.weight, adapter["base_model.model.lm_head.weight"])
+    assert torch.equal(whole.model.lm_head.weight, adapter["base_model.model.lm_head.weight"])
+    kept = load_planner(folder, lora=tiny_qwen.lora, device="cpu")  # the default: merged into the stored bf16
+    assert kept.has_planning_lora and kept.model.lm_head.weight.dtype is torch.bfloat16
 
     monkeypatch.setattr(qwen_loading, "stored_float_dtype", lambda headers: None)  # today's direct path
     direct = load_planner(folder, lora=tiny_qwen.lora, device="cpu")
     assert "disable_mmap" not in calls[-1]
-    _assert_identical(planner.model, direct.model)
-    assert planner.notes == direct.notes
-    ids = _probe_ids(planner.processor.tokenizer)
-    assert torch.equal(_logits(planner.model, ids), _logits(direct.model, ids))
+    _assert_identical(whole.model, direct.model)
+    assert list(whole.notes) == list(direct.notes)
+    ids = _probe_ids(whole.processor.tokenizer)
+    expected = _logits(direct.model, ids)
+    assert torch.equal(_logits(whole.model, ids), expected)
+    # Merged in bf16 (rounded once, as a bf16 run merges), computed in fp32: within bf16 tolerance.
+    got = _logits(kept.model, ids)
+    assert not torch.equal(got, expected)
+    assert torch.allclose(got, expected, rtol=0.02, atol=0.02 * float(expected.abs().max()))
 
 
 def test_stored_float_dtype_reads_the_headers(tiny_qwen, tmp_path):

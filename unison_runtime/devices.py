@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,3 +156,21 @@ def default_compute_dtype(device: str | torch.device, role: str) -> torch.dtype:
     _say_once(card.device, role, f"{card.label}: {reason}: the {what} runs in fp32 (more memory; choose a dtype "
                                  "explicitly to override)")
     return torch.float32
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``).
+
+    Without them PyTorch emulates bf16 matmuls: measured ~58x slower than fp32 on this project's
+    AVX2 test machine (BENCHMARKS.md, real-size section), so bf16 is the CPU default only here.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False

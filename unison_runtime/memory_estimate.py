@@ -8,7 +8,9 @@ hint tensors, batched or two-pass guidance, and the VAE encode/decode of N frame
 or not) — and :func:`check_fits` compares it with what the device has free, raising
 :class:`MemoryWontFit` with one line: the estimate, what is free, and concrete ways out.
 
-The numbers are an accounting, not a simulation: each part is a count of the tensors that are
+This is the pack's one memory accounting: the CLI's preflight, its choice of staging and guidance
+batching (:func:`choose_memory_mode`), the pipeline and the ComfyUI nodes (``nodes/vram_estimate.py``)
+all ask it. The numbers are an accounting, not a simulation: each part is a count of the tensors that are
 alive together at that part's peak (from diffusers' ``WanVACETransformer3DModel`` forward and
 ``AutoencoderKLWan`` decode), times a small factor fitted on measured peaks of tiny models
 (``tests/test_memory_estimate.py`` compares them; BENCHMARKS.md shows the table). Only the
@@ -36,16 +38,21 @@ MAX_HEADER = 100 * 1024 * 1024
 
 # Fitted on measured peaks (see the module docstring): live copies of each part's unit tensor.
 TRANSFORMER_FACTOR = 1.0
-#: Single-frame (image) VAE work. 6.0 was fitted on one 256x256 image run (0.97x); repeated runs of
-#: the same job on the merged engine measured 136-164 MiB of peak RSS against 120 MiB estimated, so
-#: 8.0 (167 MiB): an over-count refuses little that fits, an under-count lets the OOM killer in. At
-#: the released VAE's shapes this counts ~31 KB per output pixel against ~22 KB measured on the CPU.
-VAE_WORK_FACTOR = 8.0
-#: Videos go through the VAE in 4-frame chunks, and a fresh process pays the causal 3D convolutions'
-#: workspaces for each new shape on top: measured 3.5-5.5x the single-frame accounting at the old
-#: 6.0 on the CPU (bench_memory_estimate). The product with VAE_WORK_FACTOR stays the fitted 6.0 x 5.5 = 33.
-VAE_VIDEO_FACTOR = 33.0 / VAE_WORK_FACTOR
+#: Frames a causal convolution of the Wan VAE keeps from the previous chunk (diffusers' ``CACHE_T``).
+VAE_CACHE_FRAMES = 2
+#: Chunk-sized tensors the CPU's 3D convolutions and allocator add beside the counted ones (fitted on
+#: the released-shape VAE decoding 128-256 pixel frames: bench_memory_vae, BENCHMARKS.md section 7).
+CPU_CONV_COPIES = 8
+#: PyTorch runs a batch-1 3x3x3 convolution through oneDNN only when N x C x T x H exceeds this
+#: (aten/native/Convolution.cpp, ``use_mkldnn``); below, ``slow_conv3d`` unfolds its input (small VAEs).
+ONEDNN_MIN_ROWS = 20480
+#: Unfold-sized buffers alive at a ``slow_conv3d`` peak (fitted on the tiny VAEs of bench_memory_estimate:
+#: 1.09-1.64x of their measured peaks; with 2 the 128x128x9 case measured 0.78x).
+SLOW_CONV_COPIES = 3
 OUTPUT_COPIES = 3.0  # decoded video: torch.cat of the chunks, then scaling/clamping, then the CPU copy
+#: A tiled decode keeps every tile's decoded clip until they are blended: 256-pixel tiles every
+#: 192 pixels (diffusers' tile_sample_min / tile_sample_stride) hold (256/192)^2 of the output.
+TILE_OVERLAP = (256 / 192) ** 2
 SOURCE_COPIES = 5.0  # source video in [-1, 1], its mask, the two masked copies, and the float input frames
 #: Libraries, kernels and allocator pools a first job adds to the process (measured: bench_memory_estimate).
 RUNTIME_OVERHEAD = {"cpu": 448 * 1024**2, "cuda": 512 * 1024**2}  # CUDA: the context and cuBLAS/cuDNN workspaces
@@ -80,6 +87,8 @@ class ModelFootprint:
     vae_config: Mapping[str, Any]
     stage_one: int = 0
     projector: int = 0
+    text_config: Mapping[str, Any] = field(default_factory=dict)
+    text_dtype: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,8 @@ class RunSettings:
     umT5 (``None``: ``device``), ``stage_one_device`` the Qwen planner (``None``: ``device``).
 
     ``attention``: ``"math"`` (eager / SDPA's math kernel) keeps the L x L scores; ``"sdpa"`` and
-    ``"flash"`` work in blocks. ``low_memory``: stage one and umT5 are released before sampling.
+    ``"flash"`` work in blocks. ``low_memory``: staged, one model at a time (stage one plans and
+    is released, umT5 encodes and is released, then the transformer and VAE load).
     """
 
     device: str = "cpu"
@@ -149,12 +159,14 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
         return json.loads(handle.read(length))
 
 
-def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None) -> int:
-    """Bytes the weights in ``paths`` (files or folders) take once loaded in ``dtype``.
+def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None, *, keep_narrower: bool = False) -> int:
+    """Bytes the weights in ``paths`` (files or folders) take once loaded to compute in ``dtype``.
 
     safetensors files are counted from their headers (each floating tensor at ``dtype``'s width,
     integer tensors as stored); other files (``.pth``, ``.bin``) by their size on disk.
-    ``dtype`` ``None`` keeps the stored widths.
+    ``dtype`` ``None`` keeps the stored widths. ``keep_narrower``: matrices stored narrower than
+    ``dtype`` stay as stored (:mod:`unison_runtime.vace.stored_precision` casts them layer by
+    layer), so they count at their stored width; vectors (norms, biases) are converted.
     """
     width = DTYPE_BYTES.get(str(dtype).lower()) if dtype is not None else None
     total = 0
@@ -171,9 +183,13 @@ def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None) -> int:
             if name == "__metadata__" or not isinstance(info, dict):
                 continue
             stored = str(info.get("dtype", "F32"))
-            count = math.prod(int(n) for n in info.get("shape", []))
+            shape = [int(n) for n in info.get("shape", [])]
+            count = math.prod(shape)
             floating = stored.startswith(("F", "BF"))
-            total += count * (width if floating and width else _SAFETENSORS_BYTES.get(stored, 4))
+            size = _SAFETENSORS_BYTES.get(stored, 4)
+            if floating and width and not (keep_narrower and len(shape) == 2 and size < width):
+                size = width
+            total += count * size
     return total
 
 
@@ -202,12 +218,15 @@ def _json_config(folder: Path | None, fallback: str) -> dict[str, Any]:
 
 def footprint_from_paths(
     paths: Any, *, transformer_dtype: str, vae_dtype: str = "fp32", text_dtype: str | None = None,
-    stage_one: Iterable[str | Path | None] = (), stage_one_dtype: str | None = None,
+    stage_one: Iterable[str | Path | None] = (), stage_one_dtype: str | None = None, cast_per_layer: bool = True,
 ) -> ModelFootprint:
     """A footprint from the files :func:`unison_runtime.models_dir.find_models` found (``ModelPaths``).
 
-    A diffusers folder gives its own configs; single files use the shipped Wan2.1-VACE-1.3B and
-    Wan VAE configs (the files' layout was already identified as those by the search).
+    Each dtype is the one the part computes in; ``cast_per_layer`` (the loaders' default) keeps
+    matrices stored narrower than that as stored (fp8 umT5, fp16 transformer, the bf16 Qwen
+    release on a CPU computing in fp32). A diffusers folder gives its own configs; single files
+    use the shipped Wan2.1-VACE-1.3B, Wan VAE and umT5-XXL configs (the files' layout was already
+    identified as those by the search).
     """
     text_dtype = text_dtype or transformer_dtype
     folder = getattr(paths, "diffusers_dir", None)
@@ -215,33 +234,95 @@ def footprint_from_paths(
         folder = Path(folder)
         parts = {name: [folder / name] for name in ("transformer", "vae", "text_encoder")}
         configs = (_json_config(folder / "transformer", "wan2.1-vace-1.3b-transformer"),
-                   _json_config(folder / "vae", "wan2.1-vae"))
+                   _json_config(folder / "vae", "wan2.1-vae"),
+                   _json_config(folder / "text_encoder", "umt5-xxl-encoder"))
     else:
         parts = {name: [getattr(paths, name, None)] for name in ("transformer", "vae", "text_encoder")}
-        configs = (_json_config(None, "wan2.1-vace-1.3b-transformer"), _json_config(None, "wan2.1-vae"))
+        configs = (_json_config(None, "wan2.1-vace-1.3b-transformer"), _json_config(None, "wan2.1-vae"),
+                   _umt5_config_from_file(getattr(paths, "text_encoder", None)))
+    keep = {"keep_narrower": cast_per_layer}
     return ModelFootprint(
-        transformer=weight_bytes(parts["transformer"], transformer_dtype),
+        transformer=weight_bytes(parts["transformer"], transformer_dtype, **keep),
         vae=weight_bytes(parts["vae"], vae_dtype),
-        text_encoder=weight_bytes(parts["text_encoder"], text_dtype),
+        text_encoder=weight_bytes(parts["text_encoder"], text_dtype, **keep),
         transformer_config=configs[0], vae_config=configs[1],
-        stage_one=weight_bytes(stage_one, stage_one_dtype),
+        stage_one=weight_bytes(stage_one, stage_one_dtype, **keep),
         projector=weight_bytes([getattr(paths, "projector", None)], None),
+        text_config=configs[2], text_dtype=text_dtype,
     )
 
 
+def _umt5_config_from_file(path: str | Path | None) -> dict[str, Any]:
+    """umT5's widths read from a single file's header (``shared.weight``, the gated FFN, the relative
+    bias), so a smaller encoder is not costed as umT5-XXL; the shipped XXL config otherwise."""
+    config = _json_config(None, "umt5-xxl-encoder")
+    if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return config
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError, UnisonError):
+        return config
+    shapes = {name.split("encoder.")[-1]: info.get("shape") for name, info in header.items() if isinstance(info, dict)}
+    for key, field_name, axis in (("shared.weight", "d_model", 1), ("block.0.layer.1.DenseReluDense.wi_0.weight",
+                                                                    "d_ff", 0),
+                                  ("block.0.layer.0.SelfAttention.relative_attention_bias.weight", "num_heads", 1)):
+        shape = shapes.get(key)
+        if isinstance(shape, list) and len(shape) > axis:
+            config[field_name] = int(shape[axis])
+    return config
+
+
 def footprint_from_models(models: Any, *, stage_one: int = 0) -> ModelFootprint:
-    """A footprint from loaded :class:`~unison_runtime.vace.models.VaceModels` (the Sampler node)."""
+    """A footprint from loaded :class:`~unison_runtime.vace.models.VaceModels` (the Sampler node).
+
+    Each distinct tensor counts once (umT5's tied embedding), at the size it is held in (stored
+    fp8 / fp16 weights at their stored size).
+    """
 
     def size(module: Any) -> int:
         if module is None:
             return 0
-        tensors = [*module.parameters(), *module.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        seen: set[int] = set()
+        total = 0
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_meta or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+        return total
 
+    text = models.text_encoder
+    text_config = text.config.to_dict() if text is not None and hasattr(text.config, "to_dict") else {}
+    # The compute dtype: a norm's (vectors are converted at load; stored fp8 / fp16 matrices are not).
+    vectors = [p.dtype for p in (text.parameters() if text is not None else []) if p.ndim == 1]
+    text_dtype = dtype_name(vectors[0]) if vectors else "fp32"
     return ModelFootprint(transformer=size(models.transformer), vae=size(models.vae),
-                          text_encoder=size(models.text_encoder),
+                          text_encoder=size(text),
                           transformer_config=dict(models.transformer.config), vae_config=dict(models.vae.config),
-                          stage_one=stage_one)
+                          stage_one=stage_one, text_config=text_config, text_dtype=text_dtype)
+
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for a torch dtype (or its name); fp32 for anything else."""
+    return _DTYPE_NAMES.get(str(dtype), str(dtype) if str(dtype) in DTYPE_BYTES else "fp32")
+
+
+def text_encoding_bytes(text_config: Mapping[str, Any], dtype: str = "fp32", *, tokens: int = 512) -> int:
+    """umT5 encoding one prompt of up to ``tokens`` tokens, beside its weights.
+
+    A few [tokens, d_ff] / [tokens, d_model] activations and the [heads, tokens, tokens] float32
+    scores, plus the feed-forward's three matrices cast to the compute dtype while that layer
+    runs (weights kept stored, :mod:`unison_runtime.vace.stored_precision`).
+    """
+    if not text_config:
+        return 0
+    size = DTYPE_BYTES.get(dtype, 4)
+    d_ff, d_model = int(text_config.get("d_ff", 10240)), int(text_config.get("d_model", 4096))
+    return (tokens * (3 * d_ff + 6 * d_model) * size + int(text_config.get("num_heads", 64)) * tokens * tokens * 4
+            + 3 * d_ff * d_model * size)
 
 
 # --------------------------------------------------------------------------- the accounting
@@ -285,39 +366,91 @@ def transformer_parts(tokens: int, config: Mapping[str, Any], *, batch: int, dty
     return parts
 
 
-def vae_work(width: int, height: int, vae_config: Mapping[str, Any], dtype_bytes: int, tiled: bool,
-             video: bool = False) -> int:
-    """Working set of decoding one latent frame (4 output frames) with diffusers' AutoencoderKLWan.
+def _decoder_levels(vae_config: Mapping[str, Any]) -> list[dict[str, int]]:
+    """The Wan 2.1 decoder level by level (diffusers' ``WanDecoder3d``): per level its scale, the
+    channels its residual blocks carry, the output frames of one chunk there, and the input
+    channels of every causal convolution that keeps a feature cache at that level."""
+    base = int(vae_config.get("base_dim", 96))
+    mults = list(vae_config.get("dim_mult", [1, 2, 4, 4]))
+    blocks = int(vae_config.get("num_res_blocks", 2)) + 1
+    up_time = list(reversed(vae_config.get("temperal_downsample", [False, True, True])))
+    dims = [base * m for m in [mults[-1], *reversed(mults)]]
+    count = len(mults)
+    levels, frames = [], 1
+    for i in range(count):
+        into, out = (dims[i] // 2 if i else dims[i]), dims[i + 1]
+        cached = [into] + [out] * (2 * blocks - 1)  # conv1/conv2 of each residual block
+        if i == 0:
+            cached += [int(vae_config.get("z_dim", 16))] + [dims[0]] * 4  # conv_in, the middle block's two blocks
+        upsample = i < count - 1
+        if upsample and i < len(up_time) and up_time[i]:
+            cached.append(out)  # the upsampler's time_conv
+        if i == count - 1:
+            cached.append(out)  # conv_out
+        levels.append({"scale": 2 ** (count - 1 - i), "channels": out, "into": into, "frames": frames,
+                       "cached": sum(cached), "upsample": int(upsample)})
+        if upsample and i < len(up_time) and up_time[i]:
+            frames *= 2
+    return levels
 
-    The decoder upsamples level by level; each level's activations (channels x frames x area) and
-    its causal-conv caches (2 frames per conv) are alive together. Tiling decodes 256x256 tiles.
+
+def vae_decode_bytes(width: int, height: int, num_frames: int, vae_config: Mapping[str, Any], dtype_bytes: int, *,
+                     tiled: bool = False, device: str = "cuda") -> int:
+    """Working set of a Wan VAE decode (or encode) beside its weights, decoded frames not included.
+
+    diffusers' ``AutoencoderKLWan`` decodes one latent frame at a time (1 output frame, then 4 per
+    chunk) and keeps, for every causal 3D convolution, the last ``VAE_CACHE_FRAMES`` frames of its
+    input for the next chunk: that feature cache plus one chunk's activations is the working set,
+    so it grows with the frame size, not the frame count (``num_frames`` only says whether later
+    4-frame chunks exist). One chunk's peak sits in a residual block of the level it runs at: the
+    block's input (kept for the shortcut), its normalised input, the causally padded copy
+    (frames + 2) and the convolution's output, plus the cache clone (2 frames); or in an
+    upsampler (the nearest-upsampled input and the 2D convolution's output at the next scale).
+    On the CPU, oneDNN's 3D convolutions and the allocator add ``CPU_CONV_COPIES`` chunk-sized
+    tensors (fitted: ``bench/bench_memory_vae.py``, BENCHMARKS.md section 7), and narrow layers that
+    PyTorch sends to ``slow_conv3d`` instead unfold their input (27 values per input channel); cuDNN's
+    implicit GEMM needs little beyond the tensors. ``tiled``: diffusers'
+    tiled decode works on 256 x 256 tiles (the tiles' outputs are counted with the frames).
     """
     if tiled:
         width, height = min(width, VAE_TILE), min(height, VAE_TILE)
-    base = int(vae_config.get("base_dim", 96))
-    mults = list(vae_config.get("dim_mult", [1, 2, 4, 4]))
-    up_time = list(reversed(vae_config.get("temperal_downsample", [False, True, True])))
-    levels = len(mults)
-    frames, total = 1, 0
-    for level in range(levels):
-        channels = base * mults[levels - 1 - level]
-        scale = 2 ** (levels - 1 - level)
-        total += channels * (height // scale) * (width // scale) * (frames + 2)
-        if level < len(up_time) and up_time[level]:
-            frames *= 2
-    return int(total * dtype_bytes * VAE_WORK_FACTOR * (VAE_VIDEO_FACTOR if video else 1.0))
+    video = num_frames > 1
+    cache_frames = VAE_CACHE_FRAMES if video else 1
+    levels = _decoder_levels(vae_config)
+    cache = chunk = 0
+    for i, level in enumerate(levels):
+        area = (height // level["scale"]) * (width // level["scale"])
+        frames = level["frames"] if video else 1
+        cache += level["cached"] * cache_frames * area
+        work = level["channels"] * area * (4 * frames + 2 + 2)
+        if level["upsample"]:
+            ahead = levels[i + 1]
+            area_next = (height // ahead["scale"]) * (width // ahead["scale"])
+            frames_next = ahead["frames"] if video else 1
+            work = max(work, level["channels"] * area_next * frames_next * 3 // 2 + level["channels"] * area * frames)
+        if str(device).startswith("cpu"):
+            rows = max(level["into"], level["channels"]) * (frames + 2) * (height // level["scale"] + 2)
+            if rows > ONEDNN_MIN_ROWS:  # oneDNN: reordered copies and allocator slack
+                work += CPU_CONV_COPIES * level["channels"] * frames * area
+            else:  # slow_conv3d: unfolded inputs, 27 values per input channel and output value
+                work += SLOW_CONV_COPIES * 27 * max(level["into"], level["channels"]) * frames * area
+        chunk = max(chunk, work)
+    return int((cache + chunk) * dtype_bytes)
 
 
 def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None = None, *,
                  runtime: bool = True) -> MemoryEstimate:
     """The peak memory of generating ``plan`` (its width, height, num_frames) with these models.
 
-    Phases on ``settings.device``: ``loading`` (every weight resident as the pipeline holds
-    them), ``encoding`` (weights + the VAE encoding the source frames), ``sampling`` (weights +
-    the transformer's working set; stage one and umT5 are gone with ``low_memory``) and
-    ``decoding`` (the VAE's working set and the decoded frames). Weights on another device
-    (umT5 or stage one kept on the CPU) are counted in ``other_devices``. ``runtime``: add the
-    fixed cost of the libraries and kernels a first job loads (off for a process already warm).
+    Phases on ``settings.device``: ``planning`` (the Qwen stage one, held alone when staged),
+    ``encoding the prompt`` (umT5 and its activations), ``loading`` (the weights the pipeline
+    holds together), ``encoding`` (+ the VAE encoding the source frames), ``sampling`` (+ the
+    transformer's working set) and ``decoding`` (+ the VAE's working set and the decoded frames).
+    Staged (``low_memory``), stage one and umT5 are released before the transformer and VAE load,
+    so each phase holds only its own models; all-resident, every phase holds every weight.
+    Weights on another device (umT5 or stage one kept on the CPU) are counted in
+    ``other_devices``. ``runtime``: add the fixed cost of the libraries and kernels a first job
+    loads (off for a process already warm).
     """
     settings = settings or RunSettings()
     width, height, frames = int(plan.width), int(plan.height), int(plan.num_frames)
@@ -327,25 +460,26 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
 
     parts: dict[str, int] = {"weights: transformer": models.transformer, "weights: VAE": models.vae}
     other: dict[str, int] = {}
-    resident_after_encoding = models.transformer + models.vae + models.projector
+    sampler_weights = models.transformer + models.vae + models.projector
 
-    def place(name: str, size: int, where: str | None, released: bool) -> int:
-        """Count a model's weights on its device; return what stays on ``device`` through sampling."""
+    def place(name: str, size: int, where: str | None) -> int:
+        """Count a model's weights on its device; return what it holds on ``device``."""
         if not size:
             return 0
         if where is not None and not same_device(where, device):
-            other[where] = other.get(where, 0) + size
+            other[where] = max(other.get(where, 0), size) if settings.low_memory else other.get(where, 0) + size
             return 0
         parts[name] = size
-        return 0 if released else size
+        return size
 
-    text_kept = place("weights: umT5 text encoder", models.text_encoder, settings.text_device, settings.low_memory)
-    stage_kept = place("weights: stage one (Qwen2.5-VL)", models.stage_one, settings.stage_one_device,
-                       settings.low_memory)
+    text_here = place("weights: umT5 text encoder", models.text_encoder, settings.text_device)
+    stage_here = place("weights: stage one (Qwen2.5-VL)", models.stage_one, settings.stage_one_device)
     if models.projector:
         parts["weights: projector"] = models.projector
-    all_weights = sum(size for name, size in parts.items() if name.startswith("weights"))
-    sampling_weights = resident_after_encoding + text_kept + stage_kept
+    encode_text = text_encoding_bytes(models.text_config, models.text_dtype) if text_here else 0
+    if encode_text:
+        parts["encoding the prompt: umT5"] = encode_text
+    kept = 0 if settings.low_memory else text_here + stage_here  # beside the transformer and VAE
 
     tokens = latent_tokens(width, height, frames, models.transformer_config, models.vae_config,
                            settings.num_references)
@@ -358,23 +492,28 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
     parts.update(sampling)
 
     pixels = 3 * frames * width * height
-    work = vae_work(width, height, models.vae_config, v_bytes, settings.vae_tiling, video=frames > 1)
+    work = vae_decode_bytes(width, height, frames, models.vae_config, v_bytes, tiled=settings.vae_tiling,
+                            device=device)
     parts["encoding: source frames"] = int(pixels * 4 * SOURCE_COPIES)
     parts["encoding: VAE"] = work
     parts["decoding: VAE"] = work
-    parts["decoding: frames"] = int(pixels * 4 * OUTPUT_COPIES)
+    parts["decoding: frames"] = int(pixels * 4 * (OUTPUT_COPIES + (TILE_OVERLAP if settings.vae_tiling else 0)))
 
     overhead = RUNTIME_OVERHEAD.get(str(device).split(":")[0], 0) if runtime else 0
     if overhead:
         parts["runtime: libraries and kernels"] = overhead
-        all_weights += overhead
-        sampling_weights += overhead
+    held = sampler_weights + kept + overhead
     phases = {
-        "loading": all_weights,
-        "encoding": all_weights + parts["encoding: source frames"] + work,
-        "sampling": sampling_weights + sum(sampling.values()),
-        "decoding": sampling_weights + work + parts["decoding: frames"],
+        "loading": held,
+        "encoding": held + parts["encoding: source frames"] + work,
+        "sampling": held + sum(sampling.values()),
+        "decoding": held + work + parts["decoding: frames"],
     }
+    if stage_here:
+        phases["planning"] = overhead + (stage_here if settings.low_memory else stage_here + text_here)
+    if text_here:
+        phases["encoding the prompt"] = overhead + encode_text + (
+            text_here if settings.low_memory else text_here + stage_here + sampler_weights)
     return MemoryEstimate(device=device, peak=max(phases.values()), phases=phases, parts=parts,
                           settings=settings, other_devices=other)
 
@@ -409,6 +548,58 @@ def free_memory(device: str) -> int | None:
         free, _total = torch.cuda.mem_get_info(index)
         return int(free)
     return None
+
+
+GIB = 1024**3
+#: Kept free beyond the estimate when choosing staging and guidance batching: the allocator, the OS.
+HEADROOM_BYTES = int(1.5 * GIB)
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    """Staging and guidance batching chosen for a job, and why (the ``reason`` is printed and noted)."""
+
+    staged: bool
+    batch_cfg: bool
+    reason: str
+
+
+def choose_memory_mode(plan: Any, models: ModelFootprint, settings: RunSettings, *, available: int | None,
+                       staged: bool | None = None, batch_cfg: bool | None = None, single_job: bool = False,
+                       runtime: bool = True) -> MemoryChoice:
+    """Staging (one model at a time) and guidance batching for ``plan``, from the same estimate as the check.
+
+    Staged when everything resident would not fit in ``available`` (with ``HEADROOM_BYTES`` to
+    spare); ``single_job`` (the CLI: each model is loaded once either way, so staging only lowers
+    the peak) always stages. Batched guidance (both branches in one forward, a little faster) only
+    when its peak fits too. ``available`` ``None`` (unknown): staged, two passes. An explicit
+    ``staged`` / ``batch_cfg`` wins.
+    """
+
+    def peak(staging: bool, batched: bool) -> int:
+        return estimate_run(plan, models, replace(settings, low_memory=staging, batch_cfg=batched),
+                            runtime=runtime).peak
+
+    if available is None:
+        auto_staged, auto_batched, free = True, False, "unknown free memory"
+    else:
+        free = f"{available / GIB:.1f} GiB free"
+        auto_staged = single_job or peak(False, False) + HEADROOM_BYTES > available
+        auto_batched = peak(auto_staged if staged is None else staged, True) + HEADROOM_BYTES <= available
+    chosen_staged = auto_staged if staged is None else staged
+    chosen_batched = auto_batched if batch_cfg is None else batch_cfg
+    how = "staged (one model at a time: stage one, umT5, then transformer + VAE)" if chosen_staged \
+        else "all models resident"
+    guidance = "batched guidance" if chosen_batched else "two-pass guidance"
+    said = []
+    if staged is None:
+        everything = models.stage_one + models.text_encoder + models.transformer + models.vae + models.projector
+        said.append(f"models {everything / GIB:.1f} GiB as held" + (", one job: staging costs no extra loading"
+                                                                    if single_job else ""))
+    if batch_cfg is None:
+        said.append(f"estimated peak {peak(chosen_staged, chosen_batched) / GIB:.1f} GiB")
+    basis = f" (chosen from {free}; {', '.join(said)})" if said else " (as asked)"
+    return MemoryChoice(chosen_staged, chosen_batched, f"memory: {how}, {guidance}{basis}")
 
 
 @dataclass(frozen=True)

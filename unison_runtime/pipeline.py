@@ -714,28 +714,43 @@ def _vace_files(locations: ModelLocations) -> list[Path | None]:
     return [found.transformer, found.vae, found.text_encoder, found.tokenizer]
 
 
-def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan) -> Any:
-    """Staging and guidance batching for a CLI job from the free memory and the files' sizes
-    (:mod:`unison_runtime.memory_plan`); ``--low-memory`` / ``--batch-cfg`` (or their ``--no-``
-    forms) override the choice."""
-    from .memory_plan import available_bytes, choose_memory_mode, stored_bytes
+def cli_memory_footprint(args: Any, locations: ModelLocations, plan: Plan) -> tuple[Any, Any]:
+    """The footprint and settings of a CLI job for :mod:`.memory_estimate` (the one accounting the
+    staging choice and the preflight share): weights as the loaders will hold them, in the dtypes
+    the CLI's flags resolve to."""
+    import torch
 
-    found = locations.paths
-    device = getattr(args, "device", None)
-    qwen = stored_bytes([getattr(args, "model", None) or locations.qwen])
-    stage_one_dtype = getattr(args, "dtype", None)
-    if (device in (None, "cpu") and stage_one_dtype in (None, "auto", "fp32")) or stage_one_dtype == "fp32":
-        qwen *= 2  # the bf16 release computes in fp32 on the CPU by default
-    if found.diffusers_dir is not None:
-        text = stored_bytes([found.diffusers_dir / "text_encoder"])
-        sampler = stored_bytes([found.diffusers_dir / "transformer", found.diffusers_dir / "vae"])
-    else:
-        text = stored_bytes([found.text_encoder])
-        sampler = stored_bytes([found.transformer]) + 2 * stored_bytes([found.vae])  # the VAE computes in fp32
-    return choose_memory_mode(
-        available=available_bytes(device), stage_one=qwen, text_encoder=text, sampler_weights=sampler,
-        width=plan.width, height=plan.height, num_frames=plan.num_frames,
-        staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None), single_job=True)
+    from .memory_estimate import RunSettings, dtype_name, footprint_from_paths
+    from .planner.qwen_loading import resolve_dtype as qwen_dtype
+    from .vace.loading import default_device, resolve_dtype
+
+    device = getattr(args, "device", None) or default_device()
+    text_device = getattr(args, "text_device", None) or device
+    transformer = dtype_name(resolve_dtype(getattr(args, "vace_dtype", None), device, role="transformer"))
+    text = dtype_name(resolve_dtype(getattr(args, "text_dtype", None), text_device, role="text_encoder"))
+    stage_one = getattr(args, "model", None) or locations.qwen
+    footprint = footprint_from_paths(
+        locations.paths, transformer_dtype=transformer, vae_dtype=dtype_name(resolve_dtype(None, device, role="vae")),
+        text_dtype=text, stage_one=[stage_one] if stage_one is not None else [],
+        stage_one_dtype=dtype_name(qwen_dtype(getattr(args, "dtype", None), torch.device(device))))
+    settings = RunSettings(device=device, text_device=text_device, transformer_dtype=transformer,
+                           num_references=sum(1 for ref in plan.media if ref.role == "reference"))
+    return footprint, settings
+
+
+def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan,
+                      sampling: SamplingOptions | None = None) -> Any:
+    """Staging and guidance batching for a CLI job from the free memory and the estimate
+    (:func:`.memory_estimate.choose_memory_mode`); ``--low-memory`` / ``--batch-cfg`` (or their
+    ``--no-`` forms) override the choice."""
+    from .memory_estimate import choose_memory_mode, free_memory
+
+    footprint, settings = cli_memory_footprint(args, locations, plan)
+    if sampling is not None:
+        settings = replace(settings, guidance=sampling.guidance, vae_tiling=sampling.vae_tiling)
+    return choose_memory_mode(plan, footprint, settings, available=free_memory(settings.device),
+                              staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None),
+                              single_job=True)
 
 
 def stage_pipeline(pipeline: UnisonPipeline, locations: ModelLocations, args: Any) -> None:
@@ -777,7 +792,7 @@ def run_cli_job(args: Any, progress: Progress | None = None, *,
             locations.paths.require_generation()  # names each missing file and the folder searched
         path = output_path(args.out, plan.task.value, OUTPUT_SUFFIX[plan.output])
         if plan.output != "text":
-            choice = choose_cli_memory(args, locations, plan)
+            choice = choose_cli_memory(args, locations, plan, options)
             if choice.staged:
                 stage_pipeline(pipeline, locations, args)
             options = replace(options, batch_cfg=choice.batch_cfg)
@@ -811,30 +826,11 @@ def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options:
     """Refuse a plan that will not fit (:class:`~.memory_estimate.MemoryWontFit`), before VACE loads."""
     import dataclasses
 
-    from .memory_estimate import RunSettings, check_fits, footprint_from_paths
-    from .vace.loading import default_device, resolve_dtype
+    from .memory_estimate import check_fits
 
-    device = getattr(args, "device", None) or default_device()
-    text_device = getattr(args, "text_device", None) or device
-    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-
-    def dtype_name(choice: Any, where: str, role: str) -> str:
-        return names.get(str(resolve_dtype(choice, where, role=role)), "fp32")
-
-    stage_one = [locations.qwen] if locations.qwen is not None and getattr(args, "model", None) is None else \
-        [getattr(args, "model", None)]
-    qwen_dtype = "fp32" if str(device).startswith("cpu") else "bf16"
-    if getattr(args, "dtype", None) not in (None, "auto"):
-        qwen_dtype = args.dtype
-    footprint = footprint_from_paths(
-        locations.paths, transformer_dtype=dtype_name(getattr(args, "vace_dtype", None), device, "transformer"),
-        vae_dtype=dtype_name(None, device, "vae"), text_dtype=dtype_name(None, text_device, "text_encoder"),
-        stage_one=stage_one, stage_one_dtype=qwen_dtype)
-    refs = sum(1 for ref in plan.media if ref.role == "reference")
-    settings = RunSettings(device=device, text_device=text_device, transformer_dtype=dtype_name(
-        getattr(args, "vace_dtype", None), device, "transformer"), vae_tiling=options.vae_tiling,
-        batch_cfg=options.batch_cfg, guidance=options.guidance, low_memory=staged,
-        num_references=refs)
+    footprint, settings = cli_memory_footprint(args, locations, plan)
+    settings = dataclasses.replace(settings, vae_tiling=options.vae_tiling, batch_cfg=options.batch_cfg,
+                                   guidance=options.guidance, low_memory=staged)
     progress.stage("estimating the memory this job needs")
     decision = check_fits(plan, footprint, settings)
     free = f", {decision.free / 1024**3:.1f} GB free" if decision.free is not None else ""

@@ -17,7 +17,12 @@ they downloaded:
 Nothing reaches for a hub (``local_files_only=True``); only safetensors weights are read, and
 every file is checked (header, byte ranges) before transformers touches it. A checkpoint stored
 in bf16/fp16 (as released) and computed in fp32 on the CPU is read in its stored dtype without
-a file mapping and upcast tensor by tensor, so loading peaks near the fp32 size, not 1.5x it.
+a file mapping. By default (``cast_per_layer=True``) its matrices then stay as stored and are cast
+to fp32 one layer at a time while it runs (:mod:`unison_runtime.vace.stored_precision`; vectors are
+converted): the 3B planner holds ~7.5 GB instead of 15 GB, computes exactly as an fp32 load (the
+cast is exact), and a LoRA is merged into the stored bf16 matrices (rounded once, as a bf16 run
+merges). ``cast_per_layer=False`` upcasts every tensor instead (peak near the fp32 size, not 1.5x).
+On a CPU with native bf16 (AVX512-BF16 / AMX) the planner computes in bf16 by default.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from .. import attention as attention_choice
 from ..attention import HALF_DTYPES, qwen_attention
-from ..devices import default_compute_dtype
+from ..devices import cpu_has_native_bf16, default_compute_dtype
 from ..errors import UnisonError, WeightsError, first_line
 from ..plan import PLANNER_TOKENS
 from ..weights import DTYPE_NAMES, SAFETENSORS_DTYPES, load_state_dict, read_safetensors_header
@@ -91,6 +96,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16  # native bf16 on this CPU: half the memory, faster (issue 16)
         return default_compute_dtype(device, "planner")
     try:
         return _DTYPES[str(dtype).lower()]
@@ -272,8 +279,13 @@ def _load_model(
     dtype: torch.dtype,
     attention: str,
     stored: torch.dtype | None = None,
+    cast_per_layer: bool = False,
 ) -> Any:
-    """The model in ``dtype`` on ``device``; see :func:`load_stored_then_convert` for the CPU upcast path."""
+    """The model in ``dtype`` on ``device``; see :func:`load_stored_then_convert` for the CPU upcast path.
+
+    ``cast_per_layer``: on that path, leave the model in its stored dtype (the caller merges a LoRA,
+    then :func:`compute_in` keeps the matrices stored and casts them per layer).
+    """
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -286,8 +298,9 @@ def _load_model(
         "attn_implementation": attention,
         "local_files_only": True,
     }
-    if upcast:
+    if upcast and not cast_per_layer:
         kwargs["disable_mmap"] = True  # read into private memory: no mapped file pages left resident
+    # Kept as stored (cast_per_layer): mapped like any same-dtype load, never a shard's bytes beside its tensors.
     if device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}
     try:
@@ -296,9 +309,39 @@ def _load_model(
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise WeightsError(f"cannot load Qwen2.5-VL weights from {model_dir}: {first_line(exc)}") from None
-    if upcast:
+    if upcast and not cast_per_layer:
         _upcast_in_place(model, dtype)
     return model.eval()
+
+
+def compute_in(model: Any, dtype: torch.dtype) -> int:
+    """Make a model loaded in a narrower stored dtype compute in ``dtype`` with its matrices kept stored.
+
+    Linear and embedding weights stay as stored and are cast one layer at a time while it runs
+    (:func:`~unison_runtime.vace.stored_precision.apply_stored_precision`); every other floating
+    tensor (norms, biases, the vision patch embedding, rotary buffers) is converted in place, as
+    :func:`_upcast_in_place` would. Returns how many modules cast per layer. Exact: a bf16 -> fp32
+    cast loses nothing, so the outputs equal an fp32 load's.
+    """
+    from ..vace.stored_precision import apply_stored_precision, plan_stored
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    kept = plan_stored(model, {name: p.dtype for name, p in params.items()}, dict.fromkeys(params, dtype))
+    kept_ids = {id(params[name]) for name in kept}
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if (tensor is not None and id(tensor) not in kept_ids and tensor.is_floating_point()
+                            and tensor.dtype != dtype):
+                        tensor.data = tensor.data.to(dtype)
+    count = apply_stored_precision(model, kept)
+    model.config.dtype = dtype
+    for key in model.config.sub_configs:
+        if (sub_config := getattr(model.config, key, None)) is not None:
+            sub_config.dtype = dtype
+    gc.collect()
+    return count
 
 
 def _upcast_in_place(model: Any, dtype: torch.dtype) -> None:
@@ -436,7 +479,50 @@ def _lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({m.group("module") for key in state if (m := _LORA_KEY.match(key))})
 
 
-def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor]) -> list[str]:
+def _adapter_tensors(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors, with its whole matrices (``modules_to_save``) left on disk until used.
+
+    A safetensors adapter gives its LoRA weights (small) as tensors and each whole matrix as a meta
+    tensor of its shape (enough to check it fits) plus a reader that loads it when it replaces the
+    base's matrix: the Unison release's two fp32 vocabulary matrices (2.3 GiB) are then never in
+    memory together. Other formats are loaded whole (``sources`` empty).
+    """
+    if lora_file.suffix != ".safetensors":
+        return load_state_dict(lora_file, what="Unison LoRA adapter", device="cpu"), {}
+    from safetensors import safe_open
+
+    from ..weights import read_safetensors_header
+
+    header = read_safetensors_header(lora_file, what="Unison LoRA adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, Any] = {}
+    whole = [k for k in header if k != "__metadata__" and ".token_adapter" not in k
+             and not _LORA_KEY.match(normalize_adapter_key(k))]
+    small = [k for k in header if k != "__metadata__" and k not in whole]
+    try:
+        with safe_open(str(lora_file), framework="pt", device="cpu") as handle:
+            for key in small:
+                tensors[key] = handle.get_tensor(key)
+            for key in whole:
+                view = handle.get_slice(key)
+                tensors[key] = torch.empty(view.get_shape(), dtype=SAFETENSORS_DTYPES[view.get_dtype()], device="meta")
+                sources[key] = key
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise WeightsError(f"Unison LoRA adapter {lora_file}: truncated or not a safetensors file "
+                           f"({first_line(exc)})") from None
+    return tensors, {key: (lora_file, name) for key, name in sources.items()}
+
+
+def _read_whole(source: tuple[Path, str]) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path, name = source
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return handle.get_tensor(name)
+
+
+def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor],
+                           sources: dict[str, Any] | None = None) -> list[str]:
     """Put the adapter's whole trained matrices (``modules_to_save``: the Unison release trains
     ``embed_tokens`` and ``lm_head``) straight into ``model``, one at a time; returns their names.
 
@@ -455,6 +541,8 @@ def _replace_saved_modules(model: Any, state: dict[str, torch.Tensor]) -> list[s
         module = modules[module_name]
         old = getattr(module, param_name)
         tensor = state.pop(key)
+        if tensor.is_meta:  # left on disk by _adapter_tensors: read it now, alone
+            tensor = _read_whole((sources or {})[key])
         new = torch.nn.Parameter(tensor.to(device=old.device, dtype=old.dtype, copy=True), requires_grad=False)
         del tensor, old
         setattr(module, param_name, new)
@@ -474,10 +562,11 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
             f"{lora_dir / 'adapter_config.json'} has peft_type {config_data.get('peft_type')!r}; expected 'LORA'"
         )
     lora_file = adapter_weight_file(lora_dir)
-    raw = load_state_dict(lora_file, what="Unison LoRA adapter", device="cpu")
+    raw, sources = _adapter_tensors(lora_file)
     state = {normalize_adapter_key(k): v for k, v in raw.items()}
     if len(state) != len(raw):
         raise WeightsError(f"LoRA adapter {lora_file} names some tensors twice (old and new layout)")
+    sources = {normalize_adapter_key(k): v for k, v in sources.items()}
     raw.clear()  # ``state`` holds the only references: each whole matrix can go as soon as it is used
     base_name = config_data.get("base_model_name_or_path")
     rows = check_adapter_fits(state, model, lora_file=lora_file, model_dir=model_dir, base_name=base_name)
@@ -507,7 +596,7 @@ def merge_lora(model: Any, processor: Any, *, model_dir: Path, lora_dir: Path, n
     config.layers_to_transform = None
     config.layers_pattern = None
     config.inference_mode = True
-    replaced = _replace_saved_modules(model, state)
+    replaced = _replace_saved_modules(model, state, sources)
     if replaced:
         config.modules_to_save = None  # already in place: peft would deep-copy each of them twice
     with warnings.catch_warnings():
@@ -539,8 +628,13 @@ def load_qwen(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     attention: str | None = None,
+    cast_per_layer: bool = True,
 ) -> LoadedQwen:
-    """Load a Qwen2.5-VL directory, optionally with the Unison LoRA merged in; see the module docstring."""
+    """Load a Qwen2.5-VL directory, optionally with the Unison LoRA merged in; see the module docstring.
+
+    ``cast_per_layer``: a checkpoint stored narrower than ``dtype`` on the CPU keeps its matrices
+    as stored and casts them per layer (see the module docstring); ``False`` converts them whole.
+    """
     model_dir = _require_dir(model_dir, "Qwen2.5-VL model")
     lora_dir = _require_dir(lora, "LoRA adapter") if lora is not None else None
     if lora_dir is not None and not (lora_dir / "adapter_config.json").is_file():
@@ -557,16 +651,23 @@ def load_qwen(
     if untie:
         notes.append(f"{model_dir.name}: config ties embeddings but the checkpoint has its own lm_head; loaded untied")
     processor = _load_processor(model_dir, lora_dir)
+    stored = stored_float_dtype(headers)
+    keep_stored = cast_per_layer and load_stored_then_convert(stored, resolved_device, resolved_dtype)
     model = _load_model(
         model_dir,
         untie=untie,
         device=resolved_device,
         dtype=resolved_dtype,
         attention=resolved_attention,
-        stored=stored_float_dtype(headers),
+        stored=stored,
+        cast_per_layer=keep_stored,
     )
     if lora_dir is not None:
         model = merge_lora(model, processor, model_dir=model_dir, lora_dir=lora_dir, notes=notes)
+    if keep_stored:
+        compute_in(model, resolved_dtype)
+        notes.append(f"weights kept in {str(stored).removeprefix('torch.')} as stored, cast to "
+                     f"{str(resolved_dtype).removeprefix('torch.')} layer by layer")
     return LoadedQwen(
         model=model,
         processor=processor,

@@ -59,7 +59,7 @@ def resolve_dtype(dtype: Any, device: str, *, role: str = "transformer") -> Any:
             raise WeightsError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16")
         return found
     if torch.device(device).type == "cpu" and role != "vae":
-        from ..memory_plan import cpu_has_native_bf16
+        from ..devices import cpu_has_native_bf16
 
         if cpu_has_native_bf16():
             return torch.bfloat16
