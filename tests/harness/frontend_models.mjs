@@ -1,0 +1,47 @@
+// What ComfyUI's missing-models warning offers for each shipped workflow on a fresh install (no model files).
+//
+//   NODE_PATH=<dir with node_modules/playwright-core> node frontend_models.mjs http://127.0.0.1:8190 OUTDIR a.json ...
+//
+// Loads each workflow with the warning on (Comfy.Workflow.ShowMissingModelsWarning) and reports, per
+// workflow, which of the given model names the page then shows, and a screenshot. Run by
+// tests/harness/live_comfyui.py --frontend after it moved the model files away.
+
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { join } from "node:path";
+
+const require = createRequire(import.meta.url);
+const { chromium } = require(require.resolve("playwright-core", { paths: (process.env.NODE_PATH || "").split(":") }));
+
+const [server, outdir, ...files] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const report = { workflows: {}, screenshots: [] };
+await page.goto(server, { waitUntil: "load", timeout: 120000 });
+await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
+report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+await page.evaluate(async () => {
+  await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", true);
+});
+for (const file of files) {
+  const workflow = JSON.parse(readFileSync(file, "utf8"));
+  const names = [...new Set([...(workflow.models ?? []), ...workflow.nodes.flatMap((n) => n.properties?.models ?? [])]
+    .map((m) => m.name))];
+  await page.keyboard.press("Escape"); // close what the previous workflow opened
+  await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
+  await sleep(3000);
+  const text = await page.evaluate(() => document.body.innerText);
+  const name = file.split("/").pop().replace(".json", "");
+  const path = join(outdir, `missing-models-${name}.png`);
+  await page.screenshot({ path });
+  report.screenshots.push(path);
+  report.workflows[name] = { declared: names, shown: names.filter((n) => text.includes(n)),
+                             downloadButtons: (text.match(/Download/g) ?? []).length };
+}
+console.log(JSON.stringify(report));
+await browser.close();
