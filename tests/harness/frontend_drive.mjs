@@ -46,6 +46,49 @@ const shot = async (name) => {
   report.screenshots.push(path);
 };
 
+// Every workflow in every view, as a user opens it (a fresh page, before any run: a run's outputs
+// (answer text, video previews) make nodes grow): node boxes in graph units, read from the page.
+async function measureLayouts(hasVue) {
+  const page = await browser.newPage({ viewport: { width: 4800, height: 2400 } });
+  await page.goto(server, { waitUntil: "load", timeout: 120000 });
+  await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
+  await page.evaluate(async () => {
+    await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", false);
+  });
+  const layouts = {};
+  for (const vue of hasVue ? [false, true] : [false]) {
+    for (const path of [file, ...others]) {
+      const wf = JSON.parse(readFileSync(path, "utf8"));
+      await page.evaluate(async ({ wf, key, vue, hasVue }) => {
+        if (hasVue) await window.app.extensionManager.setting.set(key, vue);
+        await window.app.loadGraphData(wf);
+        window.app.canvas.ds.scale = 1;
+        window.app.canvas.ds.offset = [40, 80];
+        window.app.canvas.setDirty(true, true);
+      }, { wf, key: VUE, vue, hasVue });
+      await sleep(2500);
+      layouts[`${vue ? "Nodes 2.0" : "classic"} ${path.split("/").pop()}`] = await page.evaluate(() => {
+        const app = window.app;
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        return app.graph._nodes.map((node) => {
+          const el = document.querySelector(`[data-node-id="${node.id}"]`);
+          if (el) {
+            const r = el.getBoundingClientRect();
+            const [x0, y0] = app.canvas.ds.convertCanvasToOffset([r.left - rect.left, r.top - rect.top]);
+            const [x1, y1] = app.canvas.ds.convertCanvasToOffset([r.right - rect.left, r.bottom - rect.top]);
+            return { id: node.id, type: node.type, box: [x0, y0, x1, y1], drawn: r.width > 0 };
+          }
+          const b = node.getBounding ? node.getBounding() : [node.pos[0], node.pos[1] - 30, node.size[0], node.size[1] + 30];
+          return { id: node.id, type: node.type, box: [b[0], b[1], b[0] + b[2], b[1] + b[3]], drawn: true };
+        });
+      });
+    }
+  }
+  if (hasVue) await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
+  await page.close();
+  return layouts;
+}
+
 await page.goto(server, { waitUntil: "load", timeout: 120000 });
 await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
 report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
@@ -53,6 +96,7 @@ const VUE = "Comfy.VueNodes.Enabled"; // the "Nodes 2.0" view; absent from front
 const hasVue = await page.evaluate((key) => {
   try { return window.app.extensionManager.setting.get(key) !== undefined; } catch { return false; }
 }, VUE);
+report.layouts = await measureLayouts(hasVue);
 await page.evaluate(async ({ key, hasVue }) => {
   const settings = window.app.extensionManager.setting;
   await settings.set("Comfy.Workflow.ShowMissingModelsWarning", false);
@@ -233,37 +277,6 @@ if (hasVue) {
   await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
 }
 
-// Every workflow in every view: node boxes in graph units, read from the page.
-report.layouts = {};
-await page.setViewportSize({ width: 4800, height: 2400 });
-for (const vue of hasVue ? [false, true] : [false]) {
-  for (const path of [file, ...others]) {
-    const wf = JSON.parse(readFileSync(path, "utf8"));
-    await page.evaluate(async ({ wf, key, vue, hasVue }) => {
-      if (hasVue) await window.app.extensionManager.setting.set(key, vue);
-      await window.app.loadGraphData(wf);
-      window.app.canvas.ds.scale = 1;
-      window.app.canvas.ds.offset = [40, 80];
-      window.app.canvas.setDirty(true, true);
-    }, { wf, key: VUE, vue, hasVue });
-    await sleep(2500);
-    report.layouts[`${vue ? "Nodes 2.0" : "classic"} ${path.split("/").pop()}`] = await page.evaluate(() => {
-      const app = window.app;
-      const rect = app.canvas.canvas.getBoundingClientRect();
-      return app.graph._nodes.map((node) => {
-        const el = document.querySelector(`[data-node-id="${node.id}"]`);
-        if (el) {
-          const r = el.getBoundingClientRect();
-          const [x0, y0] = app.canvas.ds.convertCanvasToOffset([r.left - rect.left, r.top - rect.top]);
-          const [x1, y1] = app.canvas.ds.convertCanvasToOffset([r.right - rect.left, r.bottom - rect.top]);
-          return { id: node.id, type: node.type, box: [x0, y0, x1, y1], drawn: r.width > 0 };
-        }
-        const b = node.getBounding ? node.getBounding() : [node.pos[0], node.pos[1] - 30, node.size[0], node.size[1] + 30];
-        return { id: node.id, type: node.type, box: [b[0], b[1], b[0] + b[2], b[1] + b[3]], drawn: true };
-      });
-    });
-  }
-}
-if (hasVue) await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
+
 console.log(JSON.stringify(report));
 await browser.close();
