@@ -332,11 +332,8 @@ def denoise(
     scale = torch.full((len(transformer.config.vace_layers),), float(options.context_scale),
                        device=models.device, dtype=transformer.dtype)
     scheduler = make_scheduler(models, options.shift)
+    # WanGridUniPCScheduler.set_timesteps also pins the begin index to 0 (equal int timesteps at many steps).
     scheduler.set_timesteps(options.steps, device=models.device)
-    # The timesteps are sigmas * 1000 cast to int64: from ~300 steps on, neighbours near sigma = 1
-    # share an integer, and UniPC's first step would look its index up by value, land on the second
-    # copy and run one step past the end (`assert self.this_order > 0`). Start at index 0 explicitly.
-    scheduler.set_begin_index(0)
     latents = prepared.noise
     control = prepared.control
     total = len(scheduler.timesteps)
