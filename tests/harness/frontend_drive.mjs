@@ -46,46 +46,66 @@ const shot = async (name) => {
   report.screenshots.push(path);
 };
 
-// Every workflow in every view, as a user opens it (a fresh page, before any run: a run's outputs
-// (answer text, video previews) make nodes grow): node boxes in graph units, read from the page.
-async function measureLayouts(hasVue) {
-  const page = await browser.newPage({ viewport: { width: 4800, height: 2400 } });
-  await page.goto(server, { waitUntil: "load", timeout: 120000 });
-  await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
-  await page.evaluate(async () => {
-    await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", false);
+// Node boxes in graph units as the page draws them (DOM nodes in the Nodes 2.0 view, the canvas otherwise).
+async function readBoxes(page) {
+  return await page.evaluate(() => {
+    const app = window.app;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    return app.graph._nodes.map((node) => {
+      const el = document.querySelector(`[data-node-id="${node.id}"]`);
+      if (el) {
+        const r = el.getBoundingClientRect();
+        const [x0, y0] = app.canvas.ds.convertCanvasToOffset([r.left - rect.left, r.top - rect.top]);
+        const [x1, y1] = app.canvas.ds.convertCanvasToOffset([r.right - rect.left, r.bottom - rect.top]);
+        return { id: node.id, type: node.type, box: [x0, y0, x1, y1], drawn: r.width > 0 };
+      }
+      const b = node.getBounding ? node.getBounding() : [node.pos[0], node.pos[1] - 30, node.size[0], node.size[1] + 30];
+      return { id: node.id, type: node.type, box: [b[0], b[1], b[0] + b[2], b[1] + b[3]], drawn: true };
+    });
   });
+}
+
+// Every workflow in every view, as a user opens it: each in a fresh browser context, before any run (a run's outputs,
+// such as answer text and video previews, make nodes grow; and 1.27.10's Nodes 2.0 view keeps the node
+// sizes of the graph shown before when another is loaded into the same page, by node id). Node boxes
+// in graph units, read from the page.
+async function measureLayouts(hasVue) {
   const layouts = {};
   for (const vue of hasVue ? [false, true] : [false]) {
     for (const path of [file, ...others]) {
+      // a new browser context: no workflow restored from the last page's storage
+      const context = await browser.newContext({ viewport: { width: 4800, height: 2400 } });
+      const page = await context.newPage();
+      await page.goto(server, { waitUntil: "load", timeout: 120000 });
+      await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null,
+                                 { timeout: 120000 });
       const wf = JSON.parse(readFileSync(path, "utf8"));
       await page.evaluate(async ({ wf, key, vue, hasVue }) => {
-        if (hasVue) await window.app.extensionManager.setting.set(key, vue);
+        // Loaded in the classic view, then switched: 1.27.10's Nodes 2.0 view, when on while a graph loads
+        // into a fresh page, keeps drawing the default graph's nodes at the new graph's positions.
+        await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", false);
+        if (hasVue) await window.app.extensionManager.setting.set(key, false);
         await window.app.loadGraphData(wf);
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        if (hasVue && vue) await window.app.extensionManager.setting.set(key, true);
         window.app.canvas.ds.scale = 1;
         window.app.canvas.ds.offset = [40, 80];
         window.app.canvas.setDirty(true, true);
       }, { wf, key: VUE, vue, hasVue });
-      await sleep(2500);
-      layouts[`${vue ? "Nodes 2.0" : "classic"} ${path.split("/").pop()}`] = await page.evaluate(() => {
-        const app = window.app;
-        const rect = app.canvas.canvas.getBoundingClientRect();
-        return app.graph._nodes.map((node) => {
-          const el = document.querySelector(`[data-node-id="${node.id}"]`);
-          if (el) {
-            const r = el.getBoundingClientRect();
-            const [x0, y0] = app.canvas.ds.convertCanvasToOffset([r.left - rect.left, r.top - rect.top]);
-            const [x1, y1] = app.canvas.ds.convertCanvasToOffset([r.right - rect.left, r.bottom - rect.top]);
-            return { id: node.id, type: node.type, box: [x0, y0, x1, y1], drawn: r.width > 0 };
-          }
-          const b = node.getBounding ? node.getBounding() : [node.pos[0], node.pos[1] - 30, node.size[0], node.size[1] + 30];
-          return { id: node.id, type: node.type, box: [b[0], b[1], b[0] + b[2], b[1] + b[3]], drawn: true };
-        });
-      });
+      // The page settles its layout over a few frames (slower on a loaded machine): measure until two
+      // readings half a second apart agree.
+      let boxes = null;
+      for (let attempt = 0; attempt < 40; attempt++) {
+        await sleep(500);
+        const now = await readBoxes(page);
+        if (attempt >= 3 && JSON.stringify(now) === JSON.stringify(boxes)) break;
+        boxes = now;
+      }
+      layouts[`${vue ? "Nodes 2.0" : "classic"} ${path.split("/").pop()}`] = boxes;
+      if (hasVue && vue) await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
+      await context.close();
     }
   }
-  if (hasVue) await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
-  await page.close();
   return layouts;
 }
 
