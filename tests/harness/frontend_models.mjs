@@ -35,6 +35,12 @@ for (const file of files) {
   await page.keyboard.press("Escape"); // close what the previous workflow opened
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
   await sleep(3000);
+  // 1.58 reports missing models as "issues" on a toast; its details panel lists the files
+  const details = page.getByRole("button", { name: "View details" });
+  if (await details.count()) {
+    await details.first().click();
+    await sleep(1500);
+  }
   const text = await page.evaluate(() => document.body.innerText);
   const name = file.split("/").pop().replace(".json", "");
   const path = join(outdir, `missing-models-${name}.png`);
