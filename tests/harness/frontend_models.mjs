@@ -19,26 +19,30 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"],
 });
-const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const report = { workflows: {}, screenshots: [] };
-await page.goto(server, { waitUntil: "load", timeout: 120000 });
-await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
-report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
-await page.evaluate(async () => {
-  await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", true);
-});
 for (const file of files) {
+  // each workflow in a new browser context, as a user opening it (no dialog left from the one before)
+  const context = await browser.newContext({ viewport: { width: 1600, height: 900 } });
+  const page = await context.newPage();
+  await page.goto(server, { waitUntil: "load", timeout: 120000 });
+  await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null,
+                             { timeout: 120000 });
+  report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  await page.evaluate(async () => {
+    await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", true);
+  });
   const workflow = JSON.parse(readFileSync(file, "utf8"));
   const names = [...new Set([...(workflow.models ?? []), ...workflow.nodes.flatMap((n) => n.properties?.models ?? [])]
     .map((m) => m.name))];
-  await page.keyboard.press("Escape"); // close what the previous workflow opened
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
   await sleep(3000);
   // 1.58 reports missing models as "issues" on a toast; its details panel lists the files
   const details = page.getByRole("button", { name: "View details" });
   if (await details.count()) {
-    await details.first().click();
+    await page.keyboard.press("Escape"); // a first-visit dialog (templates) may sit over it
+    await sleep(500);
+    await details.first().click({ timeout: 10000 }).catch(() => {});
     await sleep(1500);
   }
   const text = await page.evaluate(() => document.body.innerText);
@@ -48,6 +52,7 @@ for (const file of files) {
   report.screenshots.push(path);
   report.workflows[name] = { declared: names, shown: names.filter((n) => text.includes(n)),
                              downloadButtons: (text.match(/Download/g) ?? []).length };
+  await context.close();
 }
 console.log(JSON.stringify(report));
 await browser.close();
