@@ -55,7 +55,7 @@ FOLDER_MODELS = {QWEN: "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct", LOR
 # missing-models dialog checks against the folder's recursive file list (``directory/name`` relative
 # paths) without needing a widget to hold the name; it downloads only .safetensors/.sft from known hosts,
 # so the Qwen base's weight shards are offered (its small json/txt files come with
-# ``python -m unison_runtime download``; the Planner Loader's error says so). 1.58's dialog only reports
+# ``python -m unison_runtime download``, as the README and the notes say). 1.58's dialog only reports
 # files a widget names, so there the folders stay in the note and the README. The LoRA folder's file
 # names in the Unison release are not confirmed, so it is not listed.
 QWEN_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
