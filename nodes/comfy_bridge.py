@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -432,3 +433,36 @@ def is_blocked(value: Any) -> bool:
     if graph_utils is not None and isinstance(value, graph_utils.ExecutionBlocker):
         return True
     return isinstance(value, Blocked)
+
+
+# --------------------------------------------------------------------------- the prompt around a node
+
+
+def linked_consumers(prompt: dict[str, Any] | None, node_id: Any, slot: int) -> list[tuple[str, str, str]]:
+    """``(node id, class_type, input name)`` of every input the API ``prompt`` links to output ``slot`` of
+    ``node_id`` (links are ``[source id, slot]``, ComfyUI's ``comfy_execution/graph_utils.is_link``)."""
+    found = []
+    for consumer, node in (prompt or {}).items():
+        for name, value in (node.get("inputs") or {}).items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(node_id) and value[1] == slot:
+                found.append((str(consumer), str(node.get("class_type")), name))
+    return found
+
+
+def node_class(class_type: str) -> type | None:
+    """The class ComfyUI registered as ``class_type`` (core or custom), or ``None`` when unknown.
+
+    Inside ComfyUI the top-level ``nodes`` module is ComfyUI's own registry (``nodes.py``), which holds
+    every loaded node, V1 and V3; it is read, never imported anew.
+    """
+    registry = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", None)
+    return registry.get(class_type) if isinstance(registry, dict) else None
+
+
+def input_is_optional(class_type: str, input_name: str) -> bool:
+    """Whether ``class_type`` declares ``input_name`` optional: then "nothing" (``None``) is a value it
+    takes, ComfyUI's form of an unconnected optional input. Unknown nodes count as not optional."""
+    cls = node_class(class_type)
+    if cls is None:
+        return False
+    return input_name in (cls.INPUT_TYPES().get("optional") or {})

@@ -96,8 +96,9 @@ class UnisonVaceInputs:
         "control_video.",
         "Masks, 1 = generate, 0 = keep (soft along resized edges); WanVaceToVideo's control_masks.",
         "The first reference image on a white canvas, for WanVaceToVideo's reference_image. Only reference tasks "
-        "have one: for other tasks this output carries no image (None), which WanVaceToVideo reads as 'no "
-        "reference'; so wire it to WanVaceToVideo, not to Preview/Save Image.",
+        "have one. For other tasks there is no image: inputs that are optional (WanVaceToVideo's) receive "
+        "nothing, which they read as 'no reference'; a node that needs an image (Preview/Save Image) is blocked "
+        "with a message saying the plan has no reference.",
         "Width actually used: the plan's, or a source's aspect ratio at the plan's area; WanVaceToVideo's width.",
         "Height actually used; WanVaceToVideo's height.",
         "Frames actually used (a source clip sets the length, as in Unison); WanVaceToVideo's length.",
@@ -106,9 +107,10 @@ class UnisonVaceInputs:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         tooltip = "A generation plan (the Task Router's plan, image or video output)."
-        return {"required": {"plan": (PLAN, {"tooltip": tooltip})}}
+        return {"required": {"plan": (PLAN, {"tooltip": tooltip})},
+                "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
-    def prepare(self, plan: Any) -> dict[str, Any]:
+    def prepare(self, plan: Any, prompt: dict[str, Any] | None = None, unique_id: Any = None) -> dict[str, Any]:
         packet = generation_packet(plan, "Unison VACE Inputs", on_text=_GENERATE_INSTEAD)
         sources = runtime_module("vace.sources")
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
@@ -117,9 +119,37 @@ class UnisonVaceInputs:
         if inputs.references.shape[0] > 1:
             notes.append(f"{inputs.references.shape[0]} reference images; WanVaceToVideo takes only the first "
                          "(the Unison VACE Sampler uses all)")
+        if reference is None:
+            reference = _no_reference(packet.plan, prompt, unique_id)
+            if comfy.is_blocked(reference):
+                notes.append("no reference image for this task: the node(s) wired to reference_image that need "
+                             "an image are blocked")
         (width, height), length = inputs.size, inputs.num_frames
         text = "\n".join([f"{length} frame(s) {width}x{height}", *notes])
         return {"ui": {"text": [text]}, "result": (control_video, control_masks, reference, width, height, length)}
+
+
+REFERENCE_SLOT = 2  # UnisonVaceInputs.RETURN_NAMES.index("reference_image")
+
+
+def _no_reference(plan: Any, prompt: dict[str, Any] | None, unique_id: Any) -> Any:
+    """What ``reference_image`` carries when the plan has no reference image.
+
+    ``None`` is ComfyUI's "nothing connected" for an optional input, and WanVaceToVideo reads it as
+    "no reference"; no IMAGE value means that (an empty batch breaks its VAE encode, and core Save /
+    Preview Image read ``images[0]``). So when a consumer needs an image (a required input, e.g. Preview
+    Image), the output is blocked with a message naming it instead of handing it ``None`` to crash on;
+    one output value reaches every consumer, so a WanVaceToVideo on the same output is then blocked too.
+    """
+    needy = [f"{class_type} #{node_id}.{name}"
+             for node_id, class_type, name in comfy.linked_consumers(prompt, unique_id, REFERENCE_SLOT)
+             if not comfy.input_is_optional(class_type, name)]
+    if not needy:
+        return None
+    return comfy.execution_blocker(
+        f"Unison VACE Inputs: the plan's task {plan.task.value} has no reference image (only image_reference and "
+        f"video_reference have one), so reference_image carries none; {', '.join(needy)} needs an image. Wire "
+        "reference_image only to inputs that may be empty, such as WanVaceToVideo's reference_image.")
 
 
 def _salient_for(plan: Any) -> Any:

@@ -115,8 +115,8 @@ class LoadedPlanner:
             comfy.unload([self.patcher])
             for name in list(self.patcher.model._modules):
                 delattr(self.patcher.model, name)
-        if hasattr(self.planner, "model"):
-            self.planner.model = None
+        if hasattr(self.planner, "unload"):  # QwenPlanner.model is read-only; unload() drops it
+            self.planner.unload()
 
 
 class UnisonPlannerLoader:

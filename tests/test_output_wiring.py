@@ -3,14 +3,18 @@
 IMAGE outputs go into core Save Image (the test double reads ``images[0]`` first, as ComfyUI's does,
 so ``None`` or an empty batch would fail it), MASK outputs through Mask To Image's conversion into
 Save Image, everything else into Preview Any. Outputs the tooltips call blocked must carry ComfyUI's
-``ExecutionBlocker`` (their consumers then do not run). The one exception is VACE Inputs'
-``reference_image`` for a task without a reference: it is ``None``, what WanVaceToVideo's optional
-input reads as "no reference" (a blocker would stop WanVaceToVideo itself; core Save Image rejects
-both ``None`` and an empty batch), and its tooltip says to wire it to WanVaceToVideo only.
+``ExecutionBlocker`` (their consumers then do not run). VACE Inputs' ``reference_image`` for a task
+without a reference is decided by who is wired to it (the node reads the prompt, as ComfyUI hands it
+the hidden ``PROMPT``/``UNIQUE_ID``): ``None`` for optional inputs only (WanVaceToVideo's "no
+reference"), a blocker with a message naming the consumer when one needs an image. The same graphs
+are queued in a real ComfyUI by ``tests/harness/live_comfyui.py`` (step 3, "VACE Inputs wired into
+core nodes").
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -69,23 +73,86 @@ def test_planner_and_router_outputs_for_each_output_kind(comfy) -> None:  # noqa
     assert wired["text"] == wired["image"] == "blocked" and wired["video"] == "PreviewAny"
 
 
-def test_vace_inputs_outputs(comfy) -> None:  # noqa: F811
-    _, routed = run_plan("Generate a photo of the person in ###image1### as reference, in a cafe.",
-                         image1=torch.rand(1, 24, 32, 3))
-    result = UnisonVaceInputs().prepare(routed[0])["result"]
+def vace_inputs_graph(instruction: str, consumers: list[tuple[str, str]], **media: Any) -> dict[str, Any]:
+    """An API prompt: Planner → Router → VACE Inputs (#5), each of ``consumers`` (class, input) on reference_image."""
+    media_inputs = {name: ["1", 0] for name in media}
+    prompt: dict[str, Any] = {
+        "1": {"class_type": "LoadImage", "inputs": {}},  # stands for the graph's media; never run here
+        "3": {"class_type": "UnisonPlanner", "inputs": {"instruction": instruction, **media_inputs}},
+        "4": {"class_type": "UnisonTaskRouter", "inputs": {"plan": ["3", 0]}},
+        "5": {"class_type": "UnisonVaceInputs", "inputs": {"plan": ["4", 0]}},
+    }
+    for i, (class_type, name) in enumerate(consumers):
+        prompt[str(10 + i)] = {"class_type": class_type, "inputs": {name: ["5", 2]}}
+    return prompt
+
+
+def prepare_in(prompt: dict[str, Any], **media: Any) -> tuple[Any, ...]:
+    """Run VACE Inputs #5 of ``prompt`` with the hidden inputs ComfyUI gives it."""
+    _, routed = run_plan(prompt["3"]["inputs"]["instruction"], **media)
+    return UnisonVaceInputs().prepare(routed[0], prompt=prompt, unique_id="5")["result"]
+
+
+def test_vace_inputs_outputs_with_a_reference(comfy) -> None:  # noqa: F811
+    image = {"image1": torch.rand(1, 24, 32, 3)}
+    prompt = vace_inputs_graph("Generate a photo of the person in ###image1### as reference, in a cafe.",
+                               [("SaveImage", "images"), ("WanVaceToVideo", "reference_image")], **image)
+    result = prepare_in(prompt, **image)
     assert wire_all("UnisonVaceInputs", result) == {
         **dict.fromkeys(("control_video", "control_masks", "reference_image"), "SaveImage"),
         **dict.fromkeys(("width", "height", "length"), "PreviewAny"),  # the size used, for WanVaceToVideo
     }
-    _, routed = run_plan("A watercolor painting of a harbor.")
-    control_video, control_masks, reference, *_size = UnisonVaceInputs().prepare(routed[0])["result"]
-    assert consume("IMAGE", control_video) == consume("MASK", control_masks) == "SaveImage"
-    assert reference is None  # WanVaceToVideo's "no reference"; see the module docstring
-    assert "None" in UnisonVaceInputs.OUTPUT_TOOLTIPS[2] and "WanVaceToVideo" in UnisonVaceInputs.OUTPUT_TOOLTIPS[2]
-    with pytest.raises(TypeError):  # why it is not wired into Save Image
-        consume("IMAGE", reference)
-    with pytest.raises(IndexError):  # nor could an empty batch be
-        consume("IMAGE", torch.zeros(0, 32, 32, 3))
+    assert result[2].shape[0] == 1
+
+
+SAVE, PREVIEW, NATIVE = ("SaveImage", "images"), ("PreviewImage", "images"), ("WanVaceToVideo", "reference_image")
+
+
+@pytest.mark.parametrize("instruction", ["A watercolor painting of a harbor.",
+                                         "Create a video of waves rolling onto a beach, 2 seconds."])
+def test_vace_inputs_outputs_without_a_reference(comfy, instruction: str) -> None:  # noqa: F811
+    result = prepare_in(vace_inputs_graph(instruction, [SAVE]))
+    assert wire_all("UnisonVaceInputs", result) == {
+        **dict.fromkeys(("control_video", "control_masks"), "SaveImage"),
+        "reference_image": "blocked",  # not None, which core Save Image would crash on
+        **dict.fromkeys(("width", "height", "length"), "PreviewAny"),
+    }
+    task = "text_to_image" if "painting" in instruction else "text_to_video"
+    assert result[2].message.startswith(f"Unison VACE Inputs: the plan's task {task} has no reference image")
+    assert "SaveImage #10.images needs an image" in result[2].message
+    assert "WanVaceToVideo" in result[2].message
+
+    # Only WanVaceToVideo behind it: None, its optional input's "no reference" (no reference frame, trim 0).
+    reference = prepare_in(vace_inputs_graph(instruction, [NATIVE]))[2]
+    assert reference is None
+    native = core_nodes.WanVaceToVideo().execute(None, None, None, 32, 32, 5, 1, 1.0, reference_image=reference)
+    assert native[3] == 0
+    assert prepare_in(vace_inputs_graph(instruction, []))[2] is None  # nothing wired: nothing to block
+
+    # Preview Image and WanVaceToVideo on the same output: one value reaches both, so both are blocked.
+    both = prepare_in(vace_inputs_graph(instruction, [NATIVE, PREVIEW]))[2]
+    assert comfy_bridge.is_blocked(both) and "PreviewImage #11.images" in both.message
+    assert "WanVaceToVideo #10" not in both.message  # only the consumer that needs an image is named
+
+
+def test_reference_tooltip_says_what_the_output_carries() -> None:
+    tooltip = UnisonVaceInputs.OUTPUT_TOOLTIPS[UnisonVaceInputs.RETURN_NAMES.index("reference_image")]
+    assert "Only reference tasks have one" in tooltip and "WanVaceToVideo" in tooltip and "blocked" in tooltip
+    assert "hidden" in UnisonVaceInputs.INPUT_TYPES()  # it is handed the prompt to see its consumers
+
+
+def test_optional_inputs_are_read_from_comfyuis_registry(monkeypatch) -> None:
+    registry = types.ModuleType("nodes")
+    registry.NODE_CLASS_MAPPINGS = dict(core_nodes.CORE_NODES)
+    monkeypatch.setitem(sys.modules, "nodes", registry)
+    assert comfy_bridge.input_is_optional("WanVaceToVideo", "reference_image")
+    assert not comfy_bridge.input_is_optional("SaveImage", "images")
+    assert not comfy_bridge.input_is_optional("NoSuchNode", "images")  # unknown: treated as needing a value
+    prompt = {"7": {"class_type": "SaveImage", "inputs": {"images": ["5", 2], "filename_prefix": "x"}},
+              "8": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+              "9": {"class_type": "PreviewAny", "inputs": {"source": ["50", 2]}}}
+    assert comfy_bridge.linked_consumers(prompt, 5, 2) == [("7", "SaveImage", "images")]
+    assert comfy_bridge.linked_consumers(None, "5", 2) == []
 
 
 @pytest.mark.slow

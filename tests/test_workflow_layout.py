@@ -45,7 +45,7 @@ def inside(inner: tuple[float, ...], outer: tuple[float, ...]) -> bool:
 
 @pytest.fixture(params=WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def workflow(request) -> dict[str, Any]:
-    return load(request.param)
+    return {**load(request.param), "_name": request.param.stem}
 
 
 def test_every_node_and_its_title_bar_sits_in_one_group_below_the_group_title(workflow) -> None:
@@ -73,6 +73,26 @@ def test_no_nodes_or_groups_overlap(workflow) -> None:
     assert not any(overlaps(box(note), g) for g in bounds)
 
 
+def test_the_note_is_a_banner_with_nothing_beside_it(workflow) -> None:
+    """1.27.10's "Nodes 2.0" view draws a note as wide as its text (about the window): nothing may sit to
+    its right, so every other node and group starts below it."""
+    (note,) = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
+    bottom = box(note)[3]
+    assert all(box(n)[1] > bottom for n in workflow["nodes"] if n is not note)
+    assert all(g["bounding"][1] > bottom for g in workflow["groups"])
+
+
+def test_nodes_are_saved_as_large_as_the_nodes_2_view_draws_them(workflow) -> None:
+    """Saved sizes reserve what both views draw (the live harness measures the real boxes in both)."""
+    graph = build_workflows.BUILDERS[workflow["_name"]](build_workflows._classes())
+    for saved, built in zip(workflow["nodes"], graph.nodes, strict=True):
+        if saved["type"] == "MarkdownNote":
+            continue
+        width, height = saved["size"]
+        assert width == build_workflows.NODE_WIDTH, saved["type"]
+        assert height >= graph._nodes2_height(built), saved["type"]
+
+
 def test_the_note_is_fully_visible_at_the_saved_view(workflow) -> None:
     ds = workflow["extra"]["ds"]
     (note,) = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
@@ -96,9 +116,25 @@ def test_loaders_carry_the_official_download_locations(workflow) -> None:
                                         f"split_files/{model['directory']}/{model['name']}")
             else:
                 assert model["url"] == "https://huggingface.co/ali-vilab/Unison"
-    # the folders (Qwen base, LoRA) cannot be expressed as files: the note names where they are
+    # the folders (Qwen base, LoRA) are not files a widget names: the note says where they are
     (note,) = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
     assert "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct" in note["widgets_values"][0]
+
+
+def test_the_qwen_folder_is_offered_file_by_file_in_the_workflow_models(workflow) -> None:
+    """1.27's missing-models dialog checks the workflow's top-level ``models`` against ``models/<directory>``'s
+    recursive file list and downloads .safetensors from huggingface.co: the Qwen base's weight shards,
+    under the folder the Planner Loader chooses."""
+    (loader,) = [n for n in workflow["nodes"] if n["type"] == "UnisonPlannerLoader"]
+    folder = loader["widgets_values"][0]
+    assert folder == "Qwen2.5-VL-3B-Instruct"
+    assert workflow["models"] == [
+        {"name": f"{folder}/model-0000{i}-of-00002.safetensors", "directory": "unison",
+         "url": f"https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/resolve/main/model-0000{i}-of-00002.safetensors"}
+        for i in (1, 2)]
+    urls = [m["url"] for n in workflow["nodes"] for m in n["properties"].get("models", [])] + \
+        [m["url"] for m in workflow["models"]]
+    assert all(url.startswith("https://huggingface.co/") for url in urls)
 
 
 def test_nodes_carry_their_registry_ids(workflow) -> None:

@@ -7,8 +7,15 @@
 // grows over its neighbours; long text scrolls. The widget is
 // never serialized: not into the saved workflow's widgets_values (it is the last widget, so the
 // node definition's widget order is kept) and not into the API prompt.
+//
+// A node whose result ComfyUI reuses from its cache does not run, and ComfyUI sends "executed" only
+// for nodes that run and for output nodes (execution.py), so a run where the planner's decision was
+// cached (e.g. after reloading the page) would leave the box empty. ComfyUI lists the cached nodes in
+// "execution_cached" and keeps their ui output in the prompt's history entry: after the run, the box
+// of each cached node shows that text. Only app.js / api.js (the frontend's public modules) are used.
 
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const SHOWS_TEXT = new Set([
   "UnisonPlanner",
@@ -70,8 +77,48 @@ function show(node, text) {
   node.setDirtyCanvas?.(true, true);
 }
 
+const cachedByPrompt = new Map(); // prompt id -> ids of the nodes ComfyUI did not run (cached)
+
+function graphNode(id) {
+  return app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id) ?? null;
+}
+
+async function historyOutputs(promptId) {
+  // The history entry is written just after "execution_success" is sent: ask a few times.
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const response = await api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
+    if (response.ok) {
+      const entry = (await response.json())[promptId];
+      if (entry) return entry.outputs ?? {};
+    }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  return {};
+}
+
+async function showCached({ detail }) {
+  const promptId = detail?.prompt_id;
+  const cached = cachedByPrompt.get(promptId);
+  cachedByPrompt.delete(promptId);
+  const ours = (cached ?? []).map((id) => [id, graphNode(id)]).filter(([, node]) => SHOWS_TEXT.has(node?.comfyClass));
+  if (!ours.length) return;
+  const outputs = await historyOutputs(promptId);
+  for (const [id, node] of ours) show(node, outputs[id]?.text);
+}
+
 app.registerExtension({
   name: "unison.planDisplay",
+  async setup() {
+    api.addEventListener("execution_cached", ({ detail }) => {
+      if (detail?.prompt_id) cachedByPrompt.set(detail.prompt_id, detail.nodes ?? []);
+    });
+    api.addEventListener("execution_success", (event) => {
+      showCached(event).catch((error) => console.debug("unison.planDisplay: no cached plan text", error));
+    });
+    for (const end of ["execution_error", "execution_interrupted"]) {
+      api.addEventListener(end, ({ detail }) => cachedByPrompt.delete(detail?.prompt_id));
+    }
+  },
   async nodeCreated(node) {
     if (SHOWS_TEXT.has(node.comfyClass)) addDisplay(node);
   },

@@ -51,13 +51,31 @@ MODEL_FILES = {
     PROJECTOR: {"url": UNISON_URL, "directory": "unison"},
 }
 FOLDER_MODELS = {QWEN: "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct", LORA: UNISON_URL}
+# A folder can still be offered file by file in the workflow's top-level ``models`` list, which 1.27's
+# missing-models dialog checks against the folder's recursive file list (``directory/name`` relative
+# paths) without needing a widget to hold the name; it downloads only .safetensors/.sft from known hosts,
+# so the Qwen base's weight shards are offered (its small json/txt files come with
+# ``python -m unison_runtime download``, as the README and the notes say). 1.58's dialog only reports
+# files a widget names, so there the folders stay in the note and the README. The LoRA folder's file
+# names in the Unison release are not confirmed, so it is not listed.
+QWEN_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+WORKFLOW_MODELS = [{"name": f"{QWEN}/{shard}", "url": f"{FOLDER_MODELS[QWEN]}/resolve/main/{shard}",
+                    "directory": "unison"} for shard in QWEN_SHARDS]
 
 # Layout (litegraph units): a node's title bar sits above its pos; a group's title band at its top.
 NODE_TITLE_HEIGHT = 30
 GROUP_TITLE_HEIGHT = 50  # font_size 24 plus the band's padding, with room for the node badges below it
 GROUP_PADDING = 20
-GAP = 80  # between stacked nodes: the "Nodes 2.0" view draws nodes taller than their saved size
-COLUMN = 120  # between columns: and wider (about 90 units for a loader)
+GAP = 80  # between stacked nodes
+COLUMN = 60  # between columns
+# 1.27.10's "Nodes 2.0" view draws a node up to 430 units wide whatever its saved width: every node is
+# saved that wide, so both views agree.
+NODE_WIDTH = 430
+PITCH = NODE_WIDTH + COLUMN  # from one column to the next
+# The note is a banner above the graph: in 1.27.10's Nodes 2.0 view a note is as wide as its text
+# (about the window's width), so nothing may sit to its right.
+NOTE_SIZE = (1500, 420)
+TOP = NOTE_SIZE[1] + GAP + 50 + 30  # the first node's pos y: below the note, a group title and a node title
 VIEW = {"scale": 0.6, "width": 1280, "height": 720}  # the saved view shows the note at this window size
 # Nodes whose plan text the web extension shows in a box of this height (web/unison.js DISPLAY_HEIGHT).
 DISPLAY_HEIGHT = 140
@@ -81,12 +99,16 @@ def _classes() -> dict[str, type]:
     import nodes
     from harness import comfy_env, core_nodes
 
-    class _SetItem:
+    class _Patch:  # what comfy_env.install needs of pytest.MonkeyPatch, applied for good
         @staticmethod
         def setitem(mapping: dict[str, Any], key: str, value: Any) -> None:
             mapping[key] = value
 
-    comfy_env.install(_SetItem(), Path(tempfile.mkdtemp(prefix="unison-workflows-")) / "ComfyUI")
+        @staticmethod
+        def setattr(target: Any, name: str, value: Any) -> None:
+            setattr(target, name, value)
+
+    comfy_env.install(_Patch(), Path(tempfile.mkdtemp(prefix="unison-workflows-")) / "ComfyUI")
     return {**core_nodes.CORE_NODES, **nodes.NODE_CLASS_MAPPINGS}
 
 
@@ -120,7 +142,7 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def note(self, text: str, pos: tuple[int, int], size: tuple[int, int] = (420, 260)) -> Node:
+    def note(self, text: str, pos: tuple[int, int] = (0, 0), size: tuple[int, int] = NOTE_SIZE) -> Node:
         node = self.add("MarkdownNote", pos, size=size)
         node.widgets = {"text": text}
         node.color, node.title = "#432", None
@@ -226,10 +248,16 @@ class Graph:
                 for slot, (name, type_) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
 
     def _size(self, node: Node) -> list[int]:
-        if node.size:
-            return list(node.size)
+        """The saved size: what the classic view needs, and at least what the "Nodes 2.0" view draws.
+
+        1.27.10's Nodes 2.0 view sizes a node by its content (up to NODE_WIDTH wide, rows taller than
+        the canvas's), whatever the saved size; 1.58's keeps the saved size. Reserving the larger of the
+        two keeps the layout free of overlaps in every view (the live harness measures them).
+        """
         if node.type == "MarkdownNote":
-            return [420, 260]
+            return list(node.size or NOTE_SIZE)
+        if node.size:
+            return [max(node.size[0], NODE_WIDTH), max(node.size[1], self._nodes2_height(node))]
         rows = max(len(self._input_entries(node)), len(self._outputs(node)))
         height = 40 + 22 * rows
         for name, type_, options, _optional in self._spec(node):
@@ -241,7 +269,22 @@ class Graph:
                     height += 260
         if node.type in SHOWS_TEXT:
             height += DISPLAY_HEIGHT + 10
-        return [340, height]
+        return [NODE_WIDTH, max(height, self._nodes2_height(node))]
+
+    def _nodes2_height(self, node: Node) -> int:
+        """The body height 1.27.10's Nodes 2.0 view gives ``node`` (fitted to its measured nodes, rounded up)."""
+        from harness.workflow import extra_widget_values, is_widget
+
+        sockets = [e for e in self._input_entries(node) if "widget" not in e]
+        height = 80 + 24 * max(len(sockets), len(self._outputs(node)))
+        for name, type_, options, _optional in self._spec(node):
+            if is_widget(type_, options):  # a linked widget keeps its row there
+                height += 110 if options.get("multiline") else 40 * (1 + extra_widget_values(name, type_, options))
+                if options.get("image_upload") or options.get("video_upload"):
+                    height += 470  # the upload button and the picture / video preview
+        if node.type in SHOWS_TEXT:
+            height += 40  # the plan box's row (that view of 1.27.10 does not draw the box itself)
+        return height
 
     def _order(self) -> dict[int, int]:
         incoming: dict[int, set[int]] = {n.id: set() for n in self.nodes}
@@ -294,6 +337,7 @@ class Graph:
             "links": links,
             "groups": [self._group_json(i, *group) for i, group in enumerate(self.groups, start=1)],
             "config": {},
+            **({"models": WORKFLOW_MODELS} if any(n.type == "UnisonPlannerLoader" for n in self.nodes) else {}),
             "extra": {"ds": self._view(), "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
@@ -324,38 +368,38 @@ class StageOne:
     right: int  # the x where the next group may start
 
 
-def stage_one(g: Graph, instruction: str, *, x: int, y: int = 0, projector_here: bool = True) -> StageOne:
+def stage_one(g: Graph, instruction: str, *, x: int, y: int = TOP, projector_here: bool = True) -> StageOne:
     """Loaders + Planner + Router (+ Projector): the part every Unison workflow shares."""
     planner_loader = g.add("UnisonPlannerLoader", (0, 0), model=QWEN, lora=LORA)
     projector_loader = g.add("UnisonProjectorLoader", (0, 0), projector=PROJECTOR)
-    planner = g.add("UnisonPlanner", (0, 0), size=(420, 740), instruction=instruction)
-    router = g.add("UnisonTaskRouter", (0, 0), size=(360, 600))
+    planner = g.add("UnisonPlanner", (0, 0), size=(NODE_WIDTH, 740), instruction=instruction)
+    router = g.add("UnisonTaskRouter", (0, 0), size=(NODE_WIDTH, 600))
     projector = g.add("UnisonProjector", (0, 0))
     stack(g, [planner_loader, projector_loader], x, y)
-    stack(g, [planner], x + 340 + COLUMN, y)
-    stack(g, [router, projector] if projector_here else [router], x + 760 + 2 * COLUMN, y)
+    stack(g, [planner], x + PITCH, y)
+    stack(g, [router, projector] if projector_here else [router], x + 2 * PITCH, y)
     g.connect(planner_loader, "planner", planner, "planner")
     g.connect(planner, "plan", router, "plan")
     g.connect(projector_loader, "projector", projector, "projector")
     g.connect(planner, "hidden", projector, "hidden")
     members = [planner_loader, projector_loader, planner, router] + ([projector] if projector_here else [])
     g.group("Stage one: plan (Ctrl+B on the Planner Loader: rule planner)", members)
-    return StageOne(planner, router, projector, right=x + 1120 + 2 * COLUMN + GROUP_PADDING * 2 + GAP)
+    return StageOne(planner, router, projector, right=x + 3 * PITCH - COLUMN + GROUP_PADDING * 2 + GAP)
 
 
-def unison_outputs(g: Graph, one: StageOne, *, y: int = 0) -> None:
+def unison_outputs(g: Graph, one: StageOne, *, y: int = TOP) -> None:
     """Router branches → answer preview / image sampler + save / video sampler + save."""
     x = one.right + GROUP_PADDING
     vace = g.add("UnisonVaceLoader", (0, 0), transformer=TRANSFORMER, vae=VAE, text_encoder=TEXT_ENCODER)
-    preview = g.add("PreviewAny", (0, 0), title="Answer (understanding tasks)", size=(340, 200))
+    preview = g.add("PreviewAny", (0, 0), title="Answer (understanding tasks)", size=(NODE_WIDTH, 200))
     image_sampler = g.add("UnisonVaceSampler", (0, 0), title="Unison VACE Sampler (image)")
-    save_image = g.add("SaveImage", (0, 0), size=(400, 420), filename_prefix="unison/image")
+    save_image = g.add("SaveImage", (0, 0), size=(NODE_WIDTH, 420), filename_prefix="unison/image")
     video_sampler = g.add("UnisonVaceSampler", (0, 0), title="Unison VACE Sampler (video)")
     create_video = g.add("CreateVideo", (0, 0), fps=24.0)
-    save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/video")
+    save_video = g.add("SaveVideo", (0, 0), size=(NODE_WIDTH, 420), filename_prefix="unison/video")
     stack(g, [preview, vace], x, y)
-    stack(g, [image_sampler, video_sampler], x + 340 + COLUMN, y)
-    stack(g, [save_image, create_video, save_video], x + 680 + 2 * COLUMN, y)
+    stack(g, [image_sampler, video_sampler], x + PITCH, y)
+    stack(g, [save_image, create_video, save_video], x + 2 * PITCH, y)
     g.connect(one.router, "text", preview, "source")
     g.connect(one.router, "image", image_sampler, "plan")
     g.connect(one.router, "video", video_sampler, "plan")
@@ -388,13 +432,12 @@ Router** opens only the matching branch: the answer preview, the image sampler, 
   Planner and write `###image1###`.
 * Override any decision on the Router (0 / auto = keep).""" + MODELS_NOTE
 
-NOTE_WIDTH = 440
 
 
 def unison_auto(classes: dict[str, type]) -> Graph:
     g = Graph("unison_auto", classes)
-    g.note(AUTO_NOTE, (0, 0), size=(NOTE_WIDTH, 560))
-    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.", x=NOTE_WIDTH + COLUMN)
+    g.note(AUTO_NOTE)
+    one = stage_one(g, "A red fox trotting through fresh snow at dawn, cinematic, 3 seconds.", x=0)
     unison_outputs(g, one)
     return g
 
@@ -403,12 +446,11 @@ def _family(name: str, note: str, instruction: str, classes: dict[str, type],
             media: list[tuple[str, dict[str, Any]]]) -> tuple[Graph, StageOne, list[Node]]:
     """Note, a group with the media loaders, then stage one and stage two."""
     g = Graph(name, classes)
-    g.note(note + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 480))
+    g.note(note + MODELS_NOTE)
     loaders = [g.add(type_, (0, 0), **widgets) for type_, widgets in media]
-    x = NOTE_WIDTH + COLUMN
-    stack(g, loaders, x, 0)
+    stack(g, loaders, 0, TOP)
     g.group("Your media", loaders, color="#a1309b")
-    one = stage_one(g, instruction, x=x + 340 + GROUP_PADDING * 2 + COLUMN)
+    one = stage_one(g, instruction, x=PITCH + GROUP_PADDING * 2 + GAP)
     unison_outputs(g, one)
     return g, one, loaders
 
@@ -422,7 +464,7 @@ Image node → Open in MaskEditor). Its IMAGE is `###image1###` and its MASK `##
 For a video edit, name files instead: `Replace the car in ###clip.mp4### with a bus, mask
 ###clip_mask.mp4###`.""", "Replace the masked area of ###image1### with a bouquet of sunflowers, using ###mask1### "
                                "as the mask.", classes, [("LoadImage", {"image": EXAMPLE_MASKED})])
-    image.size = (340, 420)
+    image.size = (NODE_WIDTH, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     g.connect(image, "MASK", one.planner, "mask1")
     return g
@@ -434,7 +476,7 @@ The person, character or product in `###image1###` is kept; the instruction says
 it. Ask for a video ("a 3 second clip of ...") and the same graph makes a video.""",
                                "Generate a photo of the person in ###image1### as reference, reading a book in a sunny "
                                "cafe.", classes, [("LoadImage", {"image": EXAMPLE_IMAGE})])
-    image.size = (340, 420)
+    image.size = (NODE_WIDTH, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     return g
 
@@ -445,7 +487,7 @@ def unison_frame_to_video(classes: dict[str, type]) -> Graph:
 frame"); the Router's frame_index overrides it.""",
                                "Turn ###image1### into a 3 second video of the scene slowly coming to life, starting "
                                "from this frame.", classes, [("LoadImage", {"image": EXAMPLE_IMAGE})])
-    image.size = (340, 420)
+    image.size = (NODE_WIDTH, 420)
     g.connect(image, "IMAGE", one.planner, "image1")
     return g
 
@@ -473,16 +515,15 @@ Generation tasks only (a question stops at VACE Inputs with a message)."""
 
 def unison_native_wan(classes: dict[str, type]) -> Graph:
     g = Graph("unison_native_wan", classes)
-    g.note(NATIVE_NOTE + MODELS_NOTE, (0, 0), size=(NOTE_WIDTH, 520))
-    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.", x=NOTE_WIDTH + COLUMN,
-                    projector_here=False)
+    g.note(NATIVE_NOTE + MODELS_NOTE)
+    one = stage_one(g, "A paper boat drifting down a rainy street, 480P, 2 seconds.", x=0, projector_here=False)
     x = one.right + GROUP_PADDING
     vace_inputs = g.add("UnisonVaceInputs", (0, 0))
     clip = g.add("CLIPLoader", (0, 0), clip_name=TEXT_ENCODER, type="wan")
     vae = g.add("VAELoader", (0, 0), vae_name=VAE)
     unet = g.add("UNETLoader", (0, 0), unet_name=TRANSFORMER)
-    positive = g.add("CLIPTextEncode", (0, 0), title="umT5: the plan's prompt", size=(400, 160), text="")
-    negative = g.add("CLIPTextEncode", (0, 0), title="umT5: negative prompt", size=(400, 200),
+    positive = g.add("CLIPTextEncode", (0, 0), title="umT5: the plan's prompt", size=(NODE_WIDTH, 160), text="")
+    negative = g.add("CLIPTextEncode", (0, 0), title="umT5: negative prompt", size=(NODE_WIDTH, 200),
                      text=_wan_negative_prompt())
     projector = one.projector
     sampling = g.add("ModelSamplingSD3", (0, 0), shift=5.0)
@@ -491,14 +532,14 @@ def unison_native_wan(classes: dict[str, type]) -> Graph:
     trim = g.add("TrimVideoLatent", (0, 0))
     decode = g.add("VAEDecode", (0, 0))
     switch = g.add("UnisonOutputSwitch", (0, 0))
-    save_image = g.add("SaveImage", (0, 0), size=(400, 420), filename_prefix="unison/native_image")
+    save_image = g.add("SaveImage", (0, 0), size=(NODE_WIDTH, 420), filename_prefix="unison/native_image")
     create_video = g.add("CreateVideo", (0, 0), fps=24.0)
-    save_video = g.add("SaveVideo", (0, 0), size=(400, 420), filename_prefix="unison/native_video")
-    stack(g, [vace_inputs, clip, vae, unet], x, 0)
-    stack(g, [positive, negative, sampling], x + 340 + COLUMN, 0)
-    stack(g, [projector, wan], x + 740 + 2 * COLUMN, 0)
-    stack(g, [ksampler, trim, decode, switch], x + 1080 + 3 * COLUMN, 0)
-    stack(g, [save_image, create_video, save_video], x + 1420 + 4 * COLUMN, 0)
+    save_video = g.add("SaveVideo", (0, 0), size=(NODE_WIDTH, 420), filename_prefix="unison/native_video")
+    stack(g, [vace_inputs, clip, vae, unet], x, TOP)
+    stack(g, [positive, negative, sampling], x + PITCH, TOP)
+    stack(g, [projector, wan], x + 2 * PITCH, TOP)
+    stack(g, [ksampler, trim, decode, switch], x + 3 * PITCH, TOP)
+    stack(g, [save_image, create_video, save_video], x + 4 * PITCH, TOP)
 
     g.connect(one.router, "plan", vace_inputs, "plan")
     g.connect(one.router, "prompt", positive, "text")

@@ -218,7 +218,12 @@ def install(monkeypatch: Any, base: Path) -> ComfyEnv:
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    import nodes as pack
     import nodes.comfy_bridge as bridge
 
+    from .core_nodes import CORE_NODES
+
+    # ComfyUI's node registry (its nodes.NODE_CLASS_MAPPINGS): the core doubles and this pack.
+    monkeypatch.setattr(bridge, "node_class", {**CORE_NODES, **pack.NODE_CLASS_MAPPINGS}.get)
     bridge.register_model_folder()
     return env

@@ -160,6 +160,17 @@ class SaveImage:
         return {"ui": {"images": results}}
 
 
+class PreviewImage(SaveImage):
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"images": ("IMAGE", {})}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    OUTPUT_NODE = True
+
+    def save_images(self, images: torch.Tensor, filename_prefix: str = "preview", **_: Any) -> dict[str, Any]:
+        return super().save_images(images, filename_prefix)
+
+
 class CreateVideo:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -354,7 +365,7 @@ class VAEDecode:
 
 CORE_NODES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (LoadImage, LoadVideo, GetVideoComponents, PreviewAny, SaveImage, CreateVideo, SaveVideo, UNETLoader,
-                CLIPLoader, VAELoader, CLIPTextEncode, ModelSamplingSD3, WanVaceToVideo, KSampler, TrimVideoLatent,
-                VAEDecode)
+    for cls in (LoadImage, LoadVideo, GetVideoComponents, PreviewAny, SaveImage, PreviewImage, CreateVideo, SaveVideo,
+                UNETLoader, CLIPLoader, VAELoader, CLIPTextEncode, ModelSamplingSD3, WanVaceToVideo, KSampler,
+                TrimVideoLatent, VAEDecode)
 }

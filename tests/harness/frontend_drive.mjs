@@ -1,6 +1,6 @@
 // Drive ComfyUI's editor as a user would (headless Chromium), then report what happened as JSON.
 //
-//   NODE_PATH=<dir with node_modules/playwright-core> node frontend_drive.mjs http://127.0.0.1:8190 OUTDIR auto.json
+//   NODE_PATH=<dir with node_modules/playwright-core> node frontend_drive.mjs http://127.0.0.1:8190 OUTDIR auto.json [more.json ...]
 //
 // 1. opens the workflow and takes a screenshot at its saved view;
 // 2. bypasses the Planner Loader (click its title, Ctrl+B), then sets widgets by clicking them and
@@ -8,8 +8,12 @@
 //    type, Enter), the video Sampler's steps and guidance; reads the values back;
 // 3. queues with Ctrl+Enter, waits for the run, takes a screenshot with the Router in view, and
 //    measures the plan display box against its node;
+//    reads the plan boxes (they must show what the run decided), reloads the graph (fresh boxes) and
+//    queues it again: every node is cached then, and the boxes must still show the decision;
 // 4. with the frontend's "Nodes 2.0" view (Comfy.VueNodes.Enabled, where it exists) reloads the
-//    workflow, takes a screenshot and measures the display boxes against their nodes again.
+//    workflow, takes a screenshot and measures the display boxes against their nodes again;
+// 5. loads every workflow given in both views and reports each node's box on the page (the canvas
+//    drawn at scale 1 in a window large enough that no node is culled), for the overlap check.
 // Console errors and warnings are collected throughout. Run by tests/harness/live_comfyui.py --frontend.
 
 import { readFileSync } from "node:fs";
@@ -19,7 +23,7 @@ import { join } from "node:path";
 const require = createRequire(import.meta.url);
 const { chromium } = require(require.resolve("playwright-core", { paths: (process.env.NODE_PATH || "").split(":") }));
 
-const [server, outdir, file] = process.argv.slice(2);
+const [server, outdir, file, ...others] = process.argv.slice(2);
 const workflow = JSON.parse(readFileSync(file, "utf8"));
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -42,6 +46,69 @@ const shot = async (name) => {
   report.screenshots.push(path);
 };
 
+// Node boxes in graph units as the page draws them (DOM nodes in the Nodes 2.0 view, the canvas otherwise).
+async function readBoxes(page) {
+  return await page.evaluate(() => {
+    const app = window.app;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    return app.graph._nodes.map((node) => {
+      const el = document.querySelector(`[data-node-id="${node.id}"]`);
+      if (el) {
+        const r = el.getBoundingClientRect();
+        const [x0, y0] = app.canvas.ds.convertCanvasToOffset([r.left - rect.left, r.top - rect.top]);
+        const [x1, y1] = app.canvas.ds.convertCanvasToOffset([r.right - rect.left, r.bottom - rect.top]);
+        return { id: node.id, type: node.type, box: [x0, y0, x1, y1], drawn: r.width > 0 };
+      }
+      const b = node.getBounding ? node.getBounding() : [node.pos[0], node.pos[1] - 30, node.size[0], node.size[1] + 30];
+      return { id: node.id, type: node.type, box: [b[0], b[1], b[0] + b[2], b[1] + b[3]], drawn: true };
+    });
+  });
+}
+
+// Every workflow in every view, as a user opens it: each in a fresh browser context, before any run (a run's outputs,
+// such as answer text and video previews, make nodes grow; and 1.27.10's Nodes 2.0 view keeps the node
+// sizes of the graph shown before when another is loaded into the same page, by node id). Node boxes
+// in graph units, read from the page.
+async function measureLayouts(hasVue) {
+  const layouts = {};
+  for (const vue of hasVue ? [false, true] : [false]) {
+    for (const path of [file, ...others]) {
+      // a new browser context: no workflow restored from the last page's storage
+      const context = await browser.newContext({ viewport: { width: 4800, height: 2400 } });
+      const page = await context.newPage();
+      await page.goto(server, { waitUntil: "load", timeout: 120000 });
+      await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null,
+                                 { timeout: 120000 });
+      const wf = JSON.parse(readFileSync(path, "utf8"));
+      await page.evaluate(async ({ wf, key, vue, hasVue }) => {
+        // Loaded in the classic view, then switched: 1.27.10's Nodes 2.0 view, when on while a graph loads
+        // into a fresh page, keeps drawing the default graph's nodes at the new graph's positions.
+        await window.app.extensionManager.setting.set("Comfy.Workflow.ShowMissingModelsWarning", false);
+        if (hasVue) await window.app.extensionManager.setting.set(key, false);
+        await window.app.loadGraphData(wf);
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        if (hasVue && vue) await window.app.extensionManager.setting.set(key, true);
+        window.app.canvas.ds.scale = 1;
+        window.app.canvas.ds.offset = [40, 80];
+        window.app.canvas.setDirty(true, true);
+      }, { wf, key: VUE, vue, hasVue });
+      // The page settles its layout over a few frames (slower on a loaded machine): measure until two
+      // readings half a second apart agree.
+      let boxes = null;
+      for (let attempt = 0; attempt < 40; attempt++) {
+        await sleep(500);
+        const now = await readBoxes(page);
+        if (attempt >= 3 && JSON.stringify(now) === JSON.stringify(boxes)) break;
+        boxes = now;
+      }
+      layouts[`${vue ? "Nodes 2.0" : "classic"} ${path.split("/").pop()}`] = boxes;
+      if (hasVue && vue) await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
+      await context.close();
+    }
+  }
+  return layouts;
+}
+
 await page.goto(server, { waitUntil: "load", timeout: 120000 });
 await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
 report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
@@ -49,6 +116,7 @@ const VUE = "Comfy.VueNodes.Enabled"; // the "Nodes 2.0" view; absent from front
 const hasVue = await page.evaluate((key) => {
   try { return window.app.extensionManager.setting.get(key) !== undefined; } catch { return false; }
 }, VUE);
+report.layouts = await measureLayouts(hasVue);
 await page.evaluate(async ({ key, hasVue }) => {
   const settings = window.app.extensionManager.setting;
   await settings.set("Comfy.Workflow.ShowMissingModelsWarning", false);
@@ -101,6 +169,23 @@ async function pickFromList(title, widget, value) {
   report.steps.push(`picked ${value} from ${title}.${widget}`);
 }
 
+async function waitForRun(before) {
+  return await page.evaluate(async (before) => {
+    for (let i = 0; i < 600; i++) {
+      const history = await (await fetch("/history")).json();
+      const ids = Object.keys(history);
+      if (ids.length > before) return history[ids[ids.length - 1]];
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    return null;
+  }, before);
+}
+
+// What each plan box shows, by node title.
+const displayTexts = async () => await page.evaluate(() => Object.fromEntries(window.app.graph._nodes
+  .map((n) => [n.title, n.widgets?.find((w) => w.name === "unison_display")?.element?.textContent])
+  .filter(([, text]) => text !== undefined)));
+
 const values = async () => await page.evaluate(() => {
   const out = {};
   for (const n of window.app.graph._nodes) {
@@ -129,19 +214,23 @@ try {
   await page.mouse.click(5, 450); // focus the canvas, nothing selected
   await page.keyboard.press("Control+Enter");
   report.steps.push("queued with Ctrl+Enter");
-  report.history = await page.evaluate(async (before) => {
-    for (let i = 0; i < 600; i++) {
-      const history = await (await fetch("/history")).json();
-      const ids = Object.keys(history);
-      if (ids.length > before) return history[ids[ids.length - 1]];
-      await new Promise((r) => setTimeout(r, 500));
-    }
-    return null;
-  }, before);
+  report.history = await waitForRun(before);
   await sleep(1000);
   await point("Unison Task Router");
   await sleep(500);
+  report.displaysAfterRun = await displayTexts();
   await shot("3-after-run-router.png");
+  // The same graph again in fresh nodes: ComfyUI reuses every result, so no node of ours runs.
+  await page.evaluate(async () => { await window.app.loadGraphData(window.app.graph.serialize()); });
+  await sleep(1500);
+  report.displaysBeforeCachedRun = await displayTexts();
+  const count = await page.evaluate(async () => Object.keys(await (await fetch("/history")).json()).length);
+  await page.mouse.click(5, 450);
+  await page.keyboard.press("Control+Enter");
+  report.steps.push("reloaded the graph and queued it again with Ctrl+Enter (everything cached)");
+  report.cachedHistory = await waitForRun(count);
+  await sleep(2500);
+  report.displaysAfterCachedRun = await displayTexts();
   await point("Unison VACE Sampler (video)");
   await sleep(500);
   await shot("4-after-run-sampler.png");
@@ -207,5 +296,7 @@ if (hasVue) {
   await shot("6-nodes-2.0-view.png");
   await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
 }
+
+
 console.log(JSON.stringify(report));
 await browser.close();

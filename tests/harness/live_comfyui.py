@@ -287,6 +287,72 @@ def run_checks(server: str, base: Path, log: Path) -> None:
     if "decided by: lora" not in planner_text or "32x16, 5 frames" not in planner_text:
         raise Check(f"planner shows {planner_text!r}")
     say("    Planner node text: " + planner_text.replace("\n", " | "))
+    check_vace_inputs_wiring(server, classes)
+
+
+def queue_watching(server: str, prompt: dict[str, Any], timeout: float = 600) -> tuple[dict[str, Any], list[Any]]:
+    """Queue ``prompt`` with a websocket open; its history entry and the messages the run sent."""
+    import asyncio
+
+    import aiohttp
+
+    client = f"unison-{uuid.uuid4()}"
+
+    async def run() -> list[Any]:
+        messages: list[Any] = []
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.replace('http', 'ws', 1)}/ws?clientId={client}") as ws:
+            prompt_id = str(uuid.uuid4())
+            async with session.post(f"{server}/prompt", json={"prompt": prompt, "prompt_id": prompt_id,
+                                                                "client_id": client}) as response:
+                answer = await response.json()
+                if response.status != 200 or answer.get("node_errors"):
+                    raise Check(f"POST /prompt refused ({response.status}): {json.dumps(answer)[:2000]}")
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    messages.append(data)
+                    if data["type"] == "executing" and data["data"].get("node") is None \
+                            and data["data"].get("prompt_id") == prompt_id:
+                        return [prompt_id, messages]
+        return [prompt_id, messages]
+
+    prompt_id, messages = asyncio.run(asyncio.wait_for(run(), timeout=timeout))
+    return request(f"{server}/history/{prompt_id}")[1][prompt_id], messages
+
+
+def check_vace_inputs_wiring(server: str, classes: dict[str, type]) -> None:
+    """VACE Inputs' outputs into core nodes for a task without a reference (reference_image used to be None).
+
+    Every output goes into a core Preview Image (a MASK through Mask To Image), Save Image or Preview Any.
+    (WanVaceToVideo's side, None as "no reference", is in tests/test_output_wiring.py: ComfyUI's own VAE
+    loader cannot load the tiny test VAE, so the native workflow does not run here.)
+    """
+    workflow = json.loads((REPO / "workflows" / "unison_auto.json").read_text(encoding="utf-8"))
+    prompt = prompt_for(workflow, classes, rule_planner=True, instruction="A watercolor painting of a harbor.",
+                        router={"width": 32, "height": 32})
+    router = next(i for i, n in prompt.items() if n["class_type"] == "UnisonTaskRouter")
+    prompt = {i: n for i, n in prompt.items() if n["class_type"] in ("UnisonPlanner", "UnisonTaskRouter")}
+    prompt["100"] = {"class_type": "UnisonVaceInputs", "inputs": {"plan": [router, 0]}, "_meta": {"title": "in"}}
+    prompt["101"] = {"class_type": "PreviewImage", "inputs": {"images": ["100", 0]}, "_meta": {"title": "video"}}
+    prompt["102"] = {"class_type": "MaskToImage", "inputs": {"mask": ["100", 1]}, "_meta": {"title": "mask"}}
+    prompt["103"] = {"class_type": "PreviewImage", "inputs": {"images": ["102", 0]}, "_meta": {"title": "masks"}}
+    prompt["104"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 2], "filename_prefix": "ref"},
+                     "_meta": {"title": "reference"}}
+    for slot, name in ((3, "width"), (4, "height"), (5, "length")):
+        prompt[str(105 + slot)] = {"class_type": "PreviewAny", "inputs": {"source": ["100", slot]},
+                                   "_meta": {"title": name}}
+    history, messages = queue_watching(server, prompt)
+    outputs = history["outputs"]
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    blocked = [e for e in errors if e["node_id"] == "104" and e["exception_type"] == "ExecutionBlocked"]
+    if history["status"].get("status_str") != "success" or "104" in outputs or not len(blocked) == len(errors) == 1 \
+            or not all(outputs.get(i) for i in ("101", "103", "108", "109", "110")):
+        raise Check(f"VACE Inputs wired into core nodes: status {history['status'].get('status_str')}, outputs "
+                    f"{sorted(outputs)}, errors {json.dumps(errors)[:1500]}")
+    say("  VACE Inputs (text_to_image) wired into core nodes: control_video/control_masks previewed, "
+        f"width/height/length {[outputs[i]['text'][0] for i in ('108', '109', '110')]}; Save Image on "
+        f"reference_image blocked: {blocked[0]['exception_message'][:200]!r}")
 
 
 # The pack's script or extension by name or URL, or the internal APIs the old unison.js used.
@@ -349,7 +415,7 @@ def check_frontend(server: str, info: dict[str, Any], playwright_dir: Path) -> N
         saved = {n["id"]: n for n in result["workflow"]["nodes"]}
         shipped = json.loads(file.read_text(encoding="utf-8"))
         for node in shipped["nodes"]:
-            if saved[node["id"]].get("widgets_values") != node["widgets_values"]:
+            if (saved[node["id"]].get("widgets_values") or []) != node["widgets_values"]:  # 1.58 drops an empty list
                 raise Check(f"{file.name} node {node['id']} ({node['type']}): re-saved widgets_values "
                             f"{saved[node['id']].get('widgets_values')} vs shipped {node['widgets_values']}")
         if sorted(map(tuple, result["workflow"]["links"])) != sorted(map(tuple, shipped["links"])):
@@ -416,9 +482,10 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
     """Drive the editor (frontend_drive.mjs): type widget values, queue, look at the display boxes."""
     shots.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NODE_PATH": str(playwright_dir / "node_modules")}
-    done = subprocess.run(["node", str(HERE.parent / "frontend_drive.mjs"), server, str(shots),
-                           str(REPO / "workflows" / "unison_auto.json")], capture_output=True, text=True, env=env,
-                          timeout=900)
+    files = [REPO / "workflows" / "unison_auto.json",
+             *sorted(f for f in (REPO / "workflows").glob("*.json") if f.name != "unison_auto.json")]
+    done = subprocess.run(["node", str(HERE.parent / "frontend_drive.mjs"), server, str(shots), *map(str, files)],
+                          capture_output=True, text=True, env=env, timeout=1200)
     if done.returncode != 0:
         raise Check(f"driving the editor failed: {done.stderr[-3000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -445,8 +512,8 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
     if medium.frames.shape[:3] != (9, 32, 32):
         raise Check(f"the editor's run wrote {medium.frames.shape}, expected 9 frames of 32x32")
     say(f"    the run: success; {videos[0]['filename']} has {medium.frames.shape[0]} frames of 32x32")
+    problems = check_plan_boxes(report)
     views = {"classic": report["classic"], "Nodes 2.0": report.get("vue")}
-    problems = []
     for view, displays in views.items():
         if displays is None:
             say(f"    {view} view: not in this frontend")
@@ -457,10 +524,7 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
             problems.append(f"{view} view: plan display boxes misplaced, editable or unlabelled: {bad}")
         say(f"    {view} view: {len(shown)} of {len(displays)} plan display boxes on screen, all read-only, "
             f"labelled '{LABEL}' and inside their nodes" + ("" if shown else " (this view does not draw DOM widgets)"))
-    overlaps = [(a["id"], b["id"]) for i, a in enumerate(report.get("vueNodes") or [])
-                for b in (report.get("vueNodes") or [])[i + 1:] if boxes_overlap(a["box"], b["box"])]
-    if overlaps:
-        problems.append(f"Nodes 2.0 view: nodes overlap: {overlaps}")
+    problems += check_layouts(report["layouts"])
     ours = [line for line in report["console"]["errors"] + report["console"]["warnings"] if from_the_pack(line)]
     if ours:
         raise Check(f"console errors/warnings from the pack while editing: {ours}")
@@ -475,6 +539,67 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
 
 
 LABEL = "Unison decided"
+
+
+def check_missing_models_dialog(server: str, base: Path, playwright_dir: Path, shots: Path) -> None:
+    """A fresh install: the model files moved away, what the frontend's missing-models warning offers."""
+    models = base / "models"
+    away = base / "models-away"
+    models.rename(away)
+    try:
+        for sub in ("diffusion_models", "vae", "text_encoders", "unison"):
+            (models / sub).mkdir(parents=True)
+        files = sorted((REPO / "workflows").glob("*.json"))
+        env = {**os.environ, "NODE_PATH": str(playwright_dir / "node_modules")}
+        done = subprocess.run(["node", str(HERE.parent / "frontend_models.mjs"), server, str(shots), *map(str, files)],
+                              capture_output=True, text=True, env=env, timeout=900)
+    finally:
+        import shutil
+
+        shutil.rmtree(models)
+        away.rename(models)
+    if done.returncode != 0:
+        raise Check(f"missing-models check failed: {done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    say(f"7. missing-models warning on a fresh install (frontend {report['frontendVersion']}):")
+    for name, seen in report["workflows"].items():
+        say(f"    {name}: shows {len(seen['shown'])} of {len(seen['declared'])} declared files "
+            f"{seen['shown']}; {seen['downloadButtons']} 'Download' labels on the page")
+        if not seen["shown"]:
+            raise Check(f"{name}: the missing-models warning shows none of {seen['declared']}")
+
+
+def check_plan_boxes(report: dict[str, Any]) -> list[str]:
+    """The plan boxes show what the editor's run decided, also after a run in which every node was cached."""
+    problems = []
+    wanted = "size: 32x32, 9 frames"
+    for label, key in (("after the run", "displaysAfterRun"),
+                       ("after the all-cached re-run", "displaysAfterCachedRun")):
+        router = (report.get(key) or {}).get("Unison Task Router") or ""
+        if wanted not in router:
+            problems.append(f"the Router's plan box {label} shows {router!r}, expected {wanted!r}")
+        else:
+            say(f"    the Router's plan box {label}: " + router.replace("\n", " | ")[:160])
+    cached = report.get("cachedHistory") or {}
+    kinds = [m[0] for m in cached.get("status", {}).get("messages", [])]
+    say(f"    the re-run: {cached.get('status', {}).get('status_str')}; messages {kinds}; boxes before it "
+        f"{sorted(set((report.get('displaysBeforeCachedRun') or {}).values()))}")
+    return problems
+
+
+def check_layouts(layouts: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """No two nodes overlap in any shipped workflow, in either view, as the page draws them."""
+    problems = []
+    for name, nodes in layouts.items():
+        undrawn = [n["id"] for n in nodes if not n["drawn"]]
+        overlaps = [(f"{a['type']} #{a['id']}", f"{b['type']} #{b['id']}") for i, a in enumerate(nodes)
+                    for b in nodes[i + 1:] if boxes_overlap(a["box"], b["box"])]
+        if undrawn or overlaps:
+            problems.append(f"{name}: overlaps {overlaps}, not drawn {undrawn}")
+    say(f"    layouts: {len(layouts)} workflow views measured on the page ("
+        + ", ".join(sorted({k.rsplit(' ', 1)[0] for k in layouts})) + "); overlapping pairs: "
+        + ("none" if not problems else "; ".join(problems)))
+    return problems
 
 
 def server_arguments(description: str, port: int) -> argparse.ArgumentParser:
@@ -512,6 +637,7 @@ def main() -> int:
             if args.frontend is not None:
                 check_frontend(server.url, info, args.frontend)
                 check_editor(server.url, base, args.frontend, args.screenshots or base / "screenshots")
+                check_missing_models_dialog(server.url, base, args.frontend, args.screenshots or base / "screenshots")
         say("all checks passed")
         return 0
     except (Check, ServerError) as exc:

@@ -236,6 +236,13 @@ class PromptInvalid(AssertionError):
         super().__init__(f"prompt failed validation: {errors}")
 
 
+def _hidden_values(cls: type, prompt: dict[str, dict[str, Any]], node_id: str) -> dict[str, Any]:
+    """The hidden inputs ComfyUI fills in (``execution.py`` ``get_input_data``): the whole prompt, the node's id."""
+    filled = {"PROMPT": prompt, "UNIQUE_ID": node_id, "EXTRA_PNGINFO": None}
+    hidden = cls.INPUT_TYPES().get("hidden", {})
+    return {name: filled[kind] for name, kind in hidden.items() if kind in filled}
+
+
 def execute_prompt(prompt: dict[str, dict[str, Any]], classes: dict[str, type]) -> Execution:
     """Validate, then run what the output nodes need, each node once, as ComfyUI's executor does.
 
@@ -271,6 +278,7 @@ def execute_prompt(prompt: dict[str, dict[str, Any]], classes: dict[str, type]) 
                 kwargs[name] = None
             else:
                 kwargs[name] = value_of(value) if _is_link(value) else value
+        kwargs.update(_hidden_values(cls, prompt, node_id))
         obj = cls()
         while True:
             blocker = next((v for v in kwargs.values() if comfy_bridge.is_blocked(v)), None)
