@@ -33,7 +33,8 @@ def run_settings(models: Any, options: Any, references: int) -> Any:
     return memory.RunSettings(
         device=str(models.device), text_device="cpu", transformer_dtype=memory.dtype_name(models.transformer.dtype),
         vae_dtype=memory.dtype_name(getattr(models.vae, "dtype", None)), batch_cfg=options.batch_cfg,
-        guidance=options.guidance, vae_tiling=options.vae_tiling, num_references=references, low_memory=True)
+        guidance=options.guidance, vae_tiling=options.vae_tiling, num_references=references, low_memory=True,
+        text_kv_cache=options.text_kv_cache)
 
 
 def sampling_bytes(plan: Any, weights: Any, settings: Any) -> int:

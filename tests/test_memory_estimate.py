@@ -75,6 +75,28 @@ def test_parts_grow_with_what_they_depend_on():
     assert low.peak < resident.peak
 
 
+def test_text_kv_cache_is_counted_while_sampling_as_the_sampler_holds_it(tiny_dir):
+    from unison_runtime.vace import text_kv
+    from unison_runtime.vace.loading import load_vace_diffusers
+
+    # The released 1.3B: 30 + 15 cross-attentions, 12 x 128 wide, 2048 context rows, both guidance branches.
+    settings = memory.RunSettings(device="cuda:0", transformer_dtype="bf16", text_device="cpu")
+    plan = default_plan("text_to_video", width=832, height=480)
+    cached = memory.estimate_run(plan, REAL, settings)
+    uncached = memory.estimate_run(plan, REAL, dataclasses.replace(settings, text_kv_cache=False))
+    expected = (2 * (30 + 15) + 1) * 2 * 2048 * 1536 * 2
+    assert cached.parts["sampling: text K/V (computed once)"] == expected
+    assert cached.phases["sampling"] - uncached.phases["sampling"] == expected
+    assert cached.phases["decoding"] == uncached.phases["decoding"]  # the memo is cleared when sampling ends
+    one_branch = memory.estimate_run(plan, REAL, dataclasses.replace(settings, guidance=1.0))
+    assert one_branch.parts["sampling: text K/V (computed once)"] * 2 == expected
+    # The config-only count equals the runtime's count on a loaded model.
+    models = load_vace_diffusers(tiny_dir, device="cpu")
+    config = dict(models.transformer.config)
+    assert memory.text_kv_bytes(config, contexts=2, dtype_bytes=4, context_tokens=64) == \
+        text_kv.cache_bytes(models.transformer, 64)
+
+
 def test_2048_video_is_refused_with_a_size_that_fits_and_the_flags():
     plan = default_plan("text_to_video", width=2048, height=2048, num_frames=121)
     settings = memory.RunSettings(device="cpu", transformer_dtype="fp32")

@@ -99,6 +99,8 @@ class RunSettings:
     ``attention``: ``"math"`` (eager / SDPA's math kernel) keeps the L x L scores; ``"sdpa"`` and
     ``"flash"`` work in blocks. ``low_memory``: staged, one model at a time (stage one plans and
     is released, umT5 encodes and is released, then the transformer and VAE load).
+    ``text_kv_cache``: the sampler keeps each context's text keys and values for the whole run
+    (:mod:`.vace.text_kv`, on by default), counted while sampling.
     """
 
     device: str = "cpu"
@@ -112,6 +114,7 @@ class RunSettings:
     vae_tiling: bool = False
     low_memory: bool = False
     num_references: int = 0
+    text_kv_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,19 @@ def transformer_parts(tokens: int, config: Mapping[str, Any], *, batch: int, dty
     return parts
 
 
+def text_kv_bytes(config: Mapping[str, Any], *, contexts: int, dtype_bytes: int,
+                  context_tokens: int = CONTEXT_TOKENS) -> int:
+    """What :mod:`.vace.text_kv` holds while sampling: per context row, the text embedding plus the
+    keys and values of every cross-attention (main and VACE blocks), each ``[L, dim]``.
+
+    The same count as ``text_kv.cache_bytes`` on a loaded model, from the config alone (1.3B, fp32,
+    guidance: 91 x 2 x 2048 x 1536 x 4 bytes = 2.1 GiB).
+    """
+    dim = int(config.get("num_attention_heads", 12)) * int(config.get("attention_head_dim", 128))
+    attentions = int(config.get("num_layers", 30)) + len(config.get("vace_layers", []))
+    return (2 * attentions + 1) * contexts * context_tokens * dim * dtype_bytes
+
+
 def _decoder_levels(vae_config: Mapping[str, Any]) -> list[dict[str, int]]:
     """The Wan 2.1 decoder level by level (diffusers' ``WanDecoder3d``): per level its scale, the
     channels its residual blocks carry, the output frames of one chunk there, and the input
@@ -486,6 +502,9 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
     batch = 2 if settings.guidance > 1.0 and settings.batch_cfg else 1
     sampling = transformer_parts(tokens, models.transformer_config, batch=batch, dtype_bytes=t_bytes,
                                  attention=settings.attention)
+    if settings.text_kv_cache:
+        sampling["sampling: text K/V (computed once)"] = text_kv_bytes(
+            models.transformer_config, contexts=2 if settings.guidance > 1.0 else 1, dtype_bytes=t_bytes)
     z = int(models.transformer_config.get("in_channels", 16))
     latent = tokens * 4 * z * 4  # patch 2x2 of z channels, float32
     sampling["sampling: latents and control"] = latent * (6 + (2 * z + 64) // z)

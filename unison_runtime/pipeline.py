@@ -747,7 +747,8 @@ def choose_cli_memory(args: Any, locations: ModelLocations, plan: Plan,
 
     footprint, settings = cli_memory_footprint(args, locations, plan)
     if sampling is not None:
-        settings = replace(settings, guidance=sampling.guidance, vae_tiling=sampling.vae_tiling)
+        settings = replace(settings, guidance=sampling.guidance, vae_tiling=sampling.vae_tiling,
+                           text_kv_cache=sampling.text_kv_cache)
     return choose_memory_mode(plan, footprint, settings, available=free_memory(settings.device),
                               staged=getattr(args, "low_memory", None), batch_cfg=getattr(args, "batch_cfg", None),
                               single_job=True)
@@ -830,7 +831,8 @@ def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options:
 
     footprint, settings = cli_memory_footprint(args, locations, plan)
     settings = dataclasses.replace(settings, vae_tiling=options.vae_tiling, batch_cfg=options.batch_cfg,
-                                   guidance=options.guidance, low_memory=staged)
+                                   guidance=options.guidance, low_memory=staged,
+                                   text_kv_cache=options.text_kv_cache)
     progress.stage("estimating the memory this job needs")
     decision = check_fits(plan, footprint, settings)
     free = f", {decision.free / 1024**3:.1f} GB free" if decision.free is not None else ""
