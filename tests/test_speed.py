@@ -405,3 +405,35 @@ def test_caches_and_compile_are_refused_under_context_parallelism(models, monkey
     with pytest.raises(UnisonError, match="cannot run with context parallelism"):
         _denoise(models, "t2v", cache="first_block")
     assert torch.equal(_denoise(models, "t2v"), _denoise(models, "t2v", text_kv_cache=False))  # K/V once: local, exact
+
+
+def test_magcache_two_passes_continue_at_the_step_batched_guidance_reached(models, monkeypatch) -> None:
+    from diffusers.hooks.mag_cache import MagCacheHeadHook
+
+    seen: list[tuple[str, int]] = []
+    original = MagCacheHeadHook.new_forward
+
+    def recorded(self, module, *args, **kwargs):
+        seen.append((self.state_manager._context.name, self.state_manager.get_state().step_index))
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(MagCacheHeadHook, "new_forward", recorded)
+    batched_calls = []
+
+    def oom_at_third_batched_step(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] == 2:
+            batched_calls.append(1)
+            if len(batched_calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = models.transformer.register_forward_pre_hook(oom_at_third_batched_step, with_kwargs=True)
+    notes: list[str] = []
+    try:
+        _denoise(models, "t2v", cache="magcache", cache_threshold=SKIPPING["magcache"], notes=notes)
+    finally:
+        handle.remove()
+    assert any("ran out of memory at step 3" in note for note in notes)
+    steps = {name: [step for branch, step in seen if branch == name] for name in ("cond_uncond", "cond", "uncond")}
+    assert steps["cond_uncond"] == [0, 1]  # the third batched forward failed before any block ran
+    # The ratio table goes on at step index 2 for both branches, not at 0 again.
+    assert steps["cond"] == steps["uncond"] == list(range(2, STEPS))

@@ -41,7 +41,7 @@ from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset
 from ..plan import Plan
 from .models import VaceModels
 from .speed import check_options as check_speed_options
-from .speed import sampling_speedups, write_calibration
+from .speed import continue_in_branches, sampling_speedups, write_calibration
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -359,6 +359,8 @@ def denoise(
                     state.update(step=i + 1, batched=batched)
                 if batched and not _batched_step(transformer, latents, t, both, control, scale, predictions):
                     batched, both = False, None
+                    if options.cache == "magcache":
+                        continue_in_branches(transformer)  # its ratio table follows the step
                     if state is not None:
                         state["batched"] = False
                     if notes is not None:

@@ -307,6 +307,33 @@ def _per_branch_pab(transformer: torch.nn.Module) -> None:
             hook.__class__ = PerBranchPAB
 
 
+def continue_in_branches(transformer: torch.nn.Module, batched: str = "cond_uncond",
+                         branches: tuple[str, ...] = ("cond", "uncond")) -> None:
+    """Start the two-pass branches' MagCache states at the step the batched one reached.
+
+    When batched guidance runs out of memory mid-run, the sampler goes on with one forward per
+    branch under new cache contexts, whose states diffusers creates fresh. MagCache's
+    ``step_index`` indexes its magnitude ratios and its never-skipped first steps: from 0 again,
+    the rest of the run would use the early steps' ratios. The fresh state has no residual yet, so
+    its first step computes either way. The other caches need no handover: First Block Cache keys
+    on no step, and TaylorSeer and PAB warm up again from a fresh state (computing, never guessing).
+    """
+    from diffusers.hooks.hooks import CacheContext, StateManager
+    from diffusers.hooks.mag_cache import MagCacheState
+
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry is not None else ()):
+            for manager in [value for value in vars(hook).values() if isinstance(value, StateManager)]:
+                manager.set_context(CacheContext(batched))
+                reached = manager.get_state()
+                if isinstance(reached, MagCacheState):
+                    for name in branches:
+                        manager.set_context(CacheContext(name))
+                        manager.get_state().step_index = reached.step_index
+                manager.set_context(None)
+
+
 def cache_config(options: Any, timestep: list[float] | None = None) -> Any:
     """The diffusers config object for ``options.cache`` at its setting (``None`` for ``none``)."""
     name, value = options.cache, cache_setting(options)
