@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from unison_runtime.errors import InstructionError, PathError
 from unison_runtime.instruction import (
@@ -215,3 +217,26 @@ def test_no_roots_means_nothing_resolves(root: Path) -> None:
 def test_graph_wired_kinds_are_not_resolved(root: Path) -> None:
     instruction = parse_instruction("Describe ###image_1### and ###a.png###", [root], kinds={"image_1": "image"})
     assert instruction.resolved == ((root / "a.png").resolve(),)
+
+
+@given(st.text(alphabet=st.sampled_from("ab./\\ .PNG"), max_size=12) | st.text(max_size=12))
+def test_media_suffix_is_pathlibs(reference):
+    from pathlib import PurePosixPath
+
+    from unison_runtime.instruction import _suffix
+
+    assert _suffix(reference) == PurePosixPath(reference).suffix
+
+
+@given(st.text(max_size=20))
+def test_reference_text_refuses_exactly_the_control_and_disguising_characters(reference):
+    import unicodedata
+
+    from unison_runtime.paths import _DISGUISING_CHARACTERS, check_reference_text
+
+    bad = any(unicodedata.category(c) == "Cc" or c in _DISGUISING_CHARACTERS for c in reference)
+    if not reference.strip() or bad:
+        with pytest.raises(PathError):
+            check_reference_text(reference)
+    else:
+        assert check_reference_text(reference) == reference.strip()

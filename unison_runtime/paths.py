@@ -51,7 +51,9 @@ def check_reference_text(reference: str, *, what: str = "media reference") -> st
         raise PathError(f"empty {what} ###…###; expected a file name such as ###photo.png###")
     if len(reference) > MAX_REFERENCE_LENGTH:
         raise PathError(f"{what} is {len(reference)} characters long; at most {MAX_REFERENCE_LENGTH}")
-    bad = [c for c in reference if unicodedata.category(c) == "Cc" or c in _DISGUISING_CHARACTERS]
+    # Every refused character is non-printable, so a printable name (the usual case) needs no per-character look.
+    bad = [] if reference.isprintable() else [
+        c for c in reference if unicodedata.category(c) == "Cc" or c in _DISGUISING_CHARACTERS]
     if bad:
         shown = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(bad))
         raise PathError(
