@@ -804,15 +804,29 @@ def run_cli_job(args: Any, progress: Progress | None = None, *,
         result = pipeline.run_read(instruction, media, plan=plan, options=options)
         if memory_note is not None:
             result.notes.append(memory_note)
-        if result.output == "text" and result.answer is None:
-            raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
-                              f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
+        require_answer(result, args)
         path = write_result(result, path, exact=True)
         progress.wrote(path, result.output)
     finally:
         pipeline.release()
-    report: dict[str, Any] = {"task": plan.task.value, "output": result.output, "path": str(path),
-                              "plan": result.plan.to_dict()}
+    return result_report(result, path=str(path))
+
+
+def require_answer(result: UnisonResult, args: Any) -> None:
+    """An understanding task planned by the rules has no answer: say what would answer it."""
+    if result.output == "text" and result.answer is None:
+        raise UnisonError(f"{result.plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
+                          f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
+
+
+def result_report(result: UnisonResult, *, item_id: str | None = None, path: str | None = None) -> dict[str, Any]:
+    """The JSON record of one job (``run``'s stdout, a batch's per-id line): the id (batch), task, output,
+    the file written (``run``), plan, and whatever the result carries (answer, fps, notes)."""
+    report: dict[str, Any] = {} if item_id is None else {"id": item_id}
+    report.update(task=result.plan.task.value, output=result.output)
+    if path is not None:
+        report["path"] = path
+    report["plan"] = result.plan.to_dict()
     if result.answer is not None:
         report["answer"] = result.answer
     if result.fps is not None:

@@ -214,7 +214,14 @@ class BatchWorker:
                               seconds=time.perf_counter() - start, worker=self.name)
 
     def _run(self, item: BatchItem) -> tuple[dict[str, Any], str, bytes]:
-        from ..pipeline import OUTPUT_SUFFIX, _memory_preflight, choose_cli_memory, write_result
+        from ..pipeline import (
+            OUTPUT_SUFFIX,
+            _memory_preflight,
+            choose_cli_memory,
+            require_answer,
+            result_report,
+            write_result,
+        )
 
         pipeline, args = self.pipeline, self.args
         options = replace(self.options, **item.overrides)
@@ -229,22 +236,12 @@ class BatchWorker:
             if not getattr(args, "no_memory_check", False):
                 options = _memory_preflight(args, plan, self.locations, options, self.progress, staged=False)
         result = pipeline.run_read(instruction, media, plan=plan, options=options)
-        if result.output == "text" and result.answer is None:
-            raise UnisonError(f"{plan.task.value} needs the Qwen2.5-VL stage one to answer: --model DIR, or a "
-                              f"Qwen2.5-VL folder in {Path(args.models) / 'unison'}")
+        require_answer(result, args)
         with tempfile.TemporaryDirectory(prefix="unison-batch-") as scratch:
             path = write_result(result, Path(scratch) / f"{plan.task.value}{OUTPUT_SUFFIX[result.output]}",
                                 exact=True)
             data = path.read_bytes()
-        report: dict[str, Any] = {"id": item.id, "task": plan.task.value, "output": result.output,
-                                  "plan": result.plan.to_dict()}
-        if result.answer is not None:
-            report["answer"] = result.answer
-        if result.fps is not None:
-            report["fps"] = result.fps
-        if result.notes:
-            report["notes"] = result.notes
-        return report, path.name, data
+        return result_report(result, item_id=item.id), path.name, data
 
     def release(self) -> None:
         self.pipeline.release()
