@@ -26,6 +26,7 @@ from bench.common import (
     Row,
     base_parser,
     command_line,
+    cpu_clock,
     interleaved,
     machine_summary,
     median,
@@ -63,7 +64,7 @@ def _calls(notes: list[str]) -> tuple[int, int] | None:
 
 
 def measure(models, geometry: Geometry, rounds: int, *, caches: bool, compile_arm: bool, warmup: int,
-            seed: int = 0) -> list[Row]:
+            seed: int = 0, clock: Callable[[], float] = time.perf_counter) -> list[Row]:
     import torch
 
     from unison_runtime.plan import default_plan
@@ -93,8 +94,8 @@ def measure(models, geometry: Geometry, rounds: int, *, caches: bool, compile_ar
         for cache in CACHES:
             arms[f"{cache} preset"] = arm(f"{cache} preset", cache=cache)
             arms[f"{cache} skipping"] = arm(f"{cache} skipping", cache=cache, cache_threshold=SKIPPING[cache])
-    times = interleaved(arms, rounds, warmup)
-    shape = geometry.describe() + ", two-pass guidance"
+    times = interleaved(arms, rounds, warmup, clock)
+    shape = geometry.describe() + ", two-pass guidance" + (", CPU seconds" if clock is cpu_clock else "")
     base = results["recompute text K/V"]
     scale = float(base.abs().max())
     kv_ratio = median(pair_ratios(times["recompute text K/V"], times["engine"]))
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for index, geometry in enumerate(geometries):
         rows += measure(models, geometry, rounds, caches=index == 0, compile_arm=args.compile and index == 0,
+                        clock=cpu_clock if args.clock == "cpu" else time.perf_counter,
                         warmup=0 if args.quick else 1)
     machine = machine_summary(device_label(device, models.transformer)) + f", model {spec.name}"
     print_table("Speed: text K/V once, step caches, compile", rows, machine=machine,

@@ -158,6 +158,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few runs: checks the script works, the numbers mean nothing")
     parser.add_argument("--repeats", type=int, default=None, help="runs per case (median reported)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time arms by wall clock, or by this process's CPU seconds (with --threads 1: "
+                             "immune to other jobs' load on a shared machine)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a machine shared with other jobs, OpenMP threads "
                              "spin-waiting on a descheduled sibling make steps up to 50x slower, see BENCHMARKS.md)")
@@ -190,11 +193,13 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[flo
     return times
 
 
-def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Time several arms in turns (A, B, C, then B, C, A, ...), so drifting machine load hits all alike.
 
     Each round runs every arm once; the starting arm rotates, so the caches a predecessor warms
-    favour no arm overall. Ratios are then taken per round (:func:`pair_ratios`).
+    favour no arm overall. Ratios are then taken per round (:func:`pair_ratios`). ``clock``:
+    wall time by default; :func:`cpu_clock` counts only this process's CPU seconds.
     """
     names = list(arms)
     for _ in range(warmup):
@@ -204,10 +209,20 @@ def interleaved(arms: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
     for i in range(rounds):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             arms[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
+
+
+def cpu_clock() -> float:
+    """This process's CPU seconds (user + system, all threads).
+
+    On a machine shared with other jobs, wall time also counts the time the process waits for a
+    core (a neighbour's load spike can double one arm's round); with one torch thread, CPU
+    seconds count only the work. With several threads it would also count spin-waiting.
+    """
+    return time.process_time()
 
 
 def pair_ratios(times_a: Sequence[float], times_b: Sequence[float]) -> list[float]:
