@@ -29,11 +29,12 @@ the two are apart (same seed, same inputs).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bench.common import (
     Row,
     base_parser,
+    chosen_clock,
     command_line,
     interleaved,
     machine_summary,
@@ -167,7 +168,8 @@ def build_arms(models, geometry: Geometry, seed: int = 0):
     return arms, frames, clocks, frames_only
 
 
-def measure(models, geometry: Geometry, rounds: int, warmup: int = 1) -> list[Row]:
+def measure(models, geometry: Geometry, rounds: int, warmup: int = 1,
+            clock: Callable[[], float] = time.perf_counter) -> list[Row]:
     arms, frames, clocks, frames_only = build_arms(models, geometry)
     step_times = {name: [] for name in clocks}
 
@@ -178,7 +180,7 @@ def measure(models, geometry: Geometry, rounds: int, warmup: int = 1) -> list[Ro
         return run
 
     timed = {name: (with_steps(name) if name in clocks else fn) for name, fn in arms.items()}
-    times = interleaved(timed, rounds, warmup)
+    times = interleaved(timed, rounds, warmup, clock)
     shape = geometry.describe()
     rows = []
     for a, b, what in (("unison", "diffusers", "full path, two-pass guidance (same work)"),
@@ -213,7 +215,7 @@ def measure(models, geometry: Geometry, rounds: int, warmup: int = 1) -> list[Ro
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     from unison_runtime.vace.loading import load_vace_diffusers
 
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__.split("\n\n")[0], clock=True)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
@@ -223,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = pick_device(args.device)
     models = load_vace_diffusers(build_scaled_vace(spec), device=device, text_device=device)
     materialize(models)
-    rows = measure(models, geometry, rounds, warmup=0 if args.quick else 1)
+    rows = measure(models, geometry, rounds, warmup=0 if args.quick else 1, clock=chosen_clock(args))
     machine = machine_summary(device_label(device, models.transformer)) + f", model {spec.name}"
     print_table("Engine overhead: Unison vs diffusers WanVACEPipeline", rows, machine=machine,
                 command=command_line("bench.bench_engine_overhead", argv))

@@ -12,11 +12,13 @@ give the same latents.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from bench.common import (
     Row,
     base_parser,
+    chosen_clock,
     command_line,
     interleaved,
     machine_summary,
@@ -41,7 +43,8 @@ FULL_GEOMETRIES = (Geometry(192, 128, 9, 6, 160), Geometry(256, 160, 17, 4, 160)
 QUICK_GEOMETRIES = (Geometry(32, 32, 5, 2, 160),)
 
 
-def measure(models, geometry: Geometry, rounds: int, warmup: int = 1, seed: int = 0) -> list[Row]:
+def measure(models, geometry: Geometry, rounds: int, warmup: int = 1, seed: int = 0,
+            clock: Callable[[], float] = time.perf_counter) -> list[Row]:
     import torch
 
     from unison_runtime.plan import default_plan
@@ -61,7 +64,7 @@ def measure(models, geometry: Geometry, rounds: int, warmup: int = 1, seed: int 
             synchronize(models.device)
         return run
 
-    times = interleaved({"batched": arm(True), "two passes": arm(False)}, rounds, warmup)
+    times = interleaved({"batched": arm(True), "two passes": arm(False)}, rounds, warmup, clock)
     speedups = pair_ratios(times["two passes"], times["batched"])
     difference = float((results["True"] - results["False"]).abs().max())
     scale = float(results["False"].abs().max())
@@ -82,7 +85,7 @@ def measure(models, geometry: Geometry, rounds: int, warmup: int = 1, seed: int 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     from unison_runtime.vace.loading import load_vace_diffusers
 
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__.split("\n\n")[0], clock=True)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     materialize(models)
     rows: list[Row] = []
     for geometry in geometries:
-        rows += measure(models, geometry, rounds, warmup=0 if args.quick else 1)
+        rows += measure(models, geometry, rounds, warmup=0 if args.quick else 1, clock=chosen_clock(args))
     machine = machine_summary(device_label(device, models.transformer)) + f", model {spec.name}"
     print_table("Guidance: batched vs two-pass CFG", rows, machine=machine,
                 command=command_line("bench.bench_guidance", argv))

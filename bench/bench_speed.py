@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from bench.common import (
     Row,
     base_parser,
+    chosen_clock,
     command_line,
     cpu_clock,
     interleaved,
@@ -157,7 +158,7 @@ def _compile_rows(models, prepared, contexts, geometry: Geometry, rounds: int, s
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     from unison_runtime.vace.loading import load_vace_diffusers
 
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__.split("\n\n")[0], clock=True)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="also time regional torch.compile")
     args = parser.parse_args(argv)
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for index, geometry in enumerate(geometries):
         rows += measure(models, geometry, rounds, caches=index == 0, compile_arm=args.compile and index == 0,
-                        clock=cpu_clock if args.clock == "cpu" else time.perf_counter,
+                        clock=chosen_clock(args),
                         warmup=0 if args.quick else 1)
     machine = machine_summary(device_label(device, models.transformer)) + f", model {spec.name}"
     print_table("Speed: text K/V once, step caches, compile", rows, machine=machine,

@@ -153,18 +153,25 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     return " ".join([*env, "python", "-m", module, *(shlex.quote(a) for a in args)])
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, *, clock: bool = False) -> argparse.ArgumentParser:
+    """The flags every bench shares; ``clock``: the script times arms with :func:`interleaved` and takes ``--clock``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few runs: checks the script works, the numbers mean nothing")
     parser.add_argument("--repeats", type=int, default=None, help="runs per case (median reported)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="time arms by wall clock, or by this process's CPU seconds (with --threads 1: "
-                             "immune to other jobs' load on a shared machine)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a machine shared with other jobs, OpenMP threads "
                              "spin-waiting on a descheduled sibling make steps up to 50x slower, see BENCHMARKS.md)")
+    if clock:
+        parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                            help="time arms by wall clock, or by this process's CPU seconds (with --threads 1: "
+                                 "immune to other jobs' load on a shared machine)")
     return parser
+
+
+def chosen_clock(args: argparse.Namespace) -> Callable[[], float]:
+    """The timer ``--clock`` names."""
+    return cpu_clock if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
 
 
 def set_torch_threads(count: int) -> None:
