@@ -243,7 +243,7 @@ def family_cases() -> list[Case]:
              sampler_lacks=("marks no pixel",)),
         Case("unison_edit", f"unpainted PNG {UNPAINTED}: LoadImage's MASK is an empty 64x64", "image_editing", "image",
              widgets={"LoadImage": {"image": UNPAINTED}},
-             sampler_has=("marks no pixel to regenerate (all dark): the source frames are kept",)),
+             sampler_has=("marks no pixel to regenerate (all black): the source frames are kept",)),
         Case("unison_edit", "video edit by file names (the workflow note's example)", "video_editing", "video",
              instruction=f"Replace the car in ###{CLIP}### with a bus, mask ###{CLIP_MASK}###.",
              planner_has=("edit: source #0, mask #1", f"media #0: {CLIP} (video, source)",
