@@ -229,7 +229,7 @@ async function waitForRun(before) {
 
 // What each plan box shows, by node title.
 const displayTexts = async () => await page.evaluate(() => Object.fromEntries(window.app.graph._nodes
-  .map((n) => [n.title, n.widgets?.find((w) => w.name === "unison_display")?.element?.textContent])
+  .map((n) => [n.title, n.widgets?.find((w) => w.name === "unison_display")?.value])
   .filter(([, text]) => text !== undefined)));
 
 const values = async () => await page.evaluate(() => {
@@ -305,12 +305,20 @@ async function measureDisplays() {
         const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
         nodeBox = [rect.left + x0, rect.top + y0, rect.left + x1, rect.top + y1];
       }
-      const shownLabel = vueNode ? vueNode.innerText.includes(widget.label) : widget.label === "Unison decided";
       const visible = !!box && box.width > 0 && box.height > 0 && getComputedStyle(el).display !== "none";
+      // the label as drawn: an element of the box showing exactly it, inside the box (the text itself may
+      // contain the words, e.g. the placeholder, so the box's whole text proves nothing)
+      const shownLabel = [...(el?.querySelectorAll("*") ?? [])].some((e) => {
+        const r = e.getBoundingClientRect();
+        return e.children.length === 0 && e.textContent.trim() === "Unison decided" && (!visible || (r.height > 0
+          && r.top >= box.top - 1 && r.bottom <= box.bottom + 1));
+      });
+      const text = el?.querySelector("pre") ?? el; // where the plan text scrolls
       out.push({
         node: node.title, label: widget.label, shownLabel, visible,
         readOnly: !!el && !el.isContentEditable && !["INPUT", "TEXTAREA"].includes(el.tagName) && !el.querySelector("input,textarea,[contenteditable=true]"),
-        clipped: !!el && el.scrollHeight > el.clientHeight && getComputedStyle(el).overflowY === "visible",
+        clipped: !!text && ((text.scrollHeight > text.clientHeight && getComputedStyle(text).overflowY === "visible")
+          || (visible && text.getBoundingClientRect().bottom > box.bottom + 1)),
         box: box ? [box.left, box.top, box.right, box.bottom] : null, nodeBox,
         inside: !visible || (box.left >= nodeBox[0] - 1 && box.top >= nodeBox[1] - 1 && box.right <= nodeBox[2] + 1 && box.bottom <= nodeBox[3] + 1),
       });
@@ -339,6 +347,8 @@ if (hasVue) {
     });
     return boxes;
   });
+  await point("Unison Task Router"); // the Router and its plan box in the middle of the window, at scale 1
+  await sleep(1500);
   await shot("6-nodes-2.0-view.png");
   await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
 }
