@@ -188,6 +188,22 @@ def true_size(module: Any) -> int:
     return sum(t.nelement() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def share_tied_embedding(encoder: Any) -> Any:
+    """umT5's tied input embedding as one module: ``encoder.embed_tokens`` becomes ``shared``.
+
+    transformers' ``UMT5EncoderModel`` holds ``shared`` and ``encoder.embed_tokens`` as two Embedding
+    modules over one weight. ComfyUI's ``ModelPatcher`` walks the modules and sums each one's size, so its
+    "loaded completely ... MB" log line would count the 1.05 B-value embedding twice (8423 MB for the
+    scaled-fp8 umT5). ``named_modules`` yields a module object once, so with one module the line is
+    honest; the weight, the state dict and the computation are unchanged. ``encoder`` is returned.
+    """
+    shared = getattr(encoder, "shared", None)
+    inner = getattr(getattr(encoder, "encoder", None), "embed_tokens", None)
+    if shared is not None and inner is not None and inner is not shared and inner.weight is shared.weight:
+        encoder.encoder.embed_tokens = shared
+    return encoder
+
+
 def manage_modules(label: str, modules: dict[str, Any], load_device: Any, offload: Any = None) -> Any | None:
     """Register torch modules with ComfyUI's model manager; returns a ModelPatcher, or ``None`` outside ComfyUI.
 

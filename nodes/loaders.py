@@ -261,7 +261,8 @@ class LoadedVace:
 def _manage_vace(models: Any, label: str, offload: str, text_offload: str) -> LoadedVace:
     return LoadedVace(
         models=models, label=label,
-        text_patcher=comfy.manage_modules(f"Unison umT5 {label}", {"text_encoder": models.text_encoder},
+        text_patcher=comfy.manage_modules(f"Unison umT5 {label}",
+                                          {"text_encoder": comfy.share_tied_embedding(models.text_encoder)},
                                           models.text_device, offload=text_offload),
         transformer_patcher=comfy.manage_modules(f"Unison VACE {label}", {"transformer": models.transformer},
                                                  models.device, offload=offload),

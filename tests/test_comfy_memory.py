@@ -180,6 +180,34 @@ def test_true_sizes_registered_umt5_tied_embedding_counted_once(monkeypatch, com
     assert released.umt5 == 5_680_910_336 * 2
 
 
+def test_comfyui_load_log_counts_the_tied_umt5_embedding_once(monkeypatch, caplog, comfy, tiny_models,  # noqa: F811
+                                                               released):
+    # ComfyUI's ModelPatcher.load logs "loaded completely <budget> <MB> <full>", summing module_size over the
+    # modules named_modules() yields. umT5's tied embedding used to be two modules (shared and
+    # encoder.embed_tokens), so the line counted it twice (8423 MB for the released scaled-fp8 file).
+    rc = real(monkeypatch, comfy, tiny_models, released, 24)
+    vace = load_vace()
+    encoder = vace.models.text_encoder
+    assert encoder.encoder.embed_tokens is encoder.shared  # one module for the one tied weight
+    assert [n for n, m in vace.text_patcher.model.named_modules() if m is encoder.shared] == [
+        "text_encoder.shared"]
+    caplog.set_level("INFO")
+    comfy_bridge.load_for_use([vace.text_patcher])
+    assert on_gpu(encoder) and encoder.encoder.embed_tokens.weight is encoder.shared.weight
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded completely")]
+    assert len(logged) == 1
+    logged_bytes = float(logged[0].split()[3]) * 2**20
+    # ComfyUI's module_size reads state dicts: each distinct saved tensor once now (the fp8 weight scales
+    # are unsaved buffers, so they are the only bytes of the true size the line leaves out).
+    saved = {id(t): t for t in encoder.state_dict(keep_vars=True).values()}
+    scale = rc.gpu.scales[id(encoder)]
+    assert logged_bytes == pytest.approx(sum(t.numel() * t.element_size() for t in saved.values()) * scale,
+                                         rel=1e-6)
+    embedding = encoder.shared.weight.numel() * encoder.shared.weight.element_size() * scale
+    assert logged_bytes == pytest.approx(released.umt5, rel=0.01) and logged_bytes < released.umt5 + embedding / 2
+    assert rc.mm.module_size(encoder) > released.umt5 + embedding / 2  # the whole state dict still names it twice
+
+
 def test_weights_load_to_the_offload_device_and_comfyui_moves_them(monkeypatch, comfy, tiny_models,  # noqa: F811
                                                                    released):
     rc = real(monkeypatch, comfy, tiny_models, released, 24)

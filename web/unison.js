@@ -1,7 +1,7 @@
 // Unison: show what a node decided (the plan's task and parameters, notes) on the node itself.
 //
 // The Python nodes return {"ui": {"text": [...]}}; ComfyUI hands that to onExecuted. The text goes
-// into a read-only box the pack owns (a DOM widget: node.addDOMWidget, the frontend's public API),
+// into a read-only box, headed "Unison decided", that the pack owns (a DOM widget: node.addDOMWidget, the frontend's public API),
 // with a fixed height (the frontend sizes the element from getHeight/getMinHeight/getMaxHeight) that
 // the shipped workflows reserve (tests/harness/build_workflows.py DISPLAY_HEIGHT), so the node never
 // grows over its neighbours; long text scrolls. The widget is
@@ -32,17 +32,44 @@ const PLACEHOLDER = "Run the workflow to see what Unison decided.";
 function addDisplay(node) {
   const existing = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (existing) return existing;
-  const box = document.createElement("pre"); // text, not an input: read only in every view
+  // The label is part of the box: neither view draws a DOM widget's label (the Nodes 2.0 view of 1.58 shows
+  // none, the classic view never did), so without it the box would be an unlabelled block of text.
+  const box = document.createElement("div");
   box.className = "unison-display";
   box.setAttribute("role", "status");
   box.setAttribute("aria-label", LABEL);
   box.title = `${LABEL} (read only)`;
-  box.textContent = PLACEHOLDER;
   Object.assign(box.style, {
-    margin: "0",
-    padding: "4px 6px",
+    display: "flex",
+    flexDirection: "column",
     boxSizing: "border-box",
     width: "100%",
+    height: "100%",
+    overflow: "hidden",
+    borderRadius: "4px",
+    background: "var(--comfy-input-bg, #222)",
+    opacity: "0.85",
+  });
+  const caption = document.createElement("div");
+  caption.className = "unison-display-label";
+  caption.textContent = LABEL;
+  Object.assign(caption.style, {
+    flex: "0 0 auto",
+    padding: "2px 6px 0",
+    fontFamily: "sans-serif",
+    fontSize: "10px",
+    lineHeight: "1.4",
+    color: "var(--descrip-text, #999)",
+    userSelect: "none",
+  });
+  const text = document.createElement("pre"); // text, not an input: read only in every view
+  text.className = "unison-display-text";
+  text.textContent = PLACEHOLDER;
+  Object.assign(text.style, {
+    flex: "1 1 auto",
+    minHeight: "0",
+    margin: "0",
+    padding: "2px 6px 4px",
     overflow: "auto",
     whiteSpace: "pre-wrap",
     wordBreak: "break-word",
@@ -50,17 +77,15 @@ function addDisplay(node) {
     fontSize: "11px",
     lineHeight: "1.35",
     color: "var(--input-text, #ddd)",
-    background: "var(--comfy-input-bg, #222)",
-    borderRadius: "4px",
-    opacity: "0.85",
     userSelect: "text",
   });
+  box.append(caption, text);
   const widget = node.addDOMWidget(WIDGET_NAME, "unison-display", box, {
     serialize: false,
     hideOnZoom: true,
-    getValue: () => box.textContent,
+    getValue: () => text.textContent,
     setValue: (value) => {
-      box.textContent = value ?? "";
+      text.textContent = value ?? "";
     },
     getMinHeight: () => DISPLAY_HEIGHT,
     getMaxHeight: () => DISPLAY_HEIGHT,

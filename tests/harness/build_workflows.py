@@ -77,6 +77,10 @@ PITCH = NODE_WIDTH + COLUMN  # from one column to the next
 NOTE_SIZE = (1500, 420)
 TOP = NOTE_SIZE[1] + GAP + 50 + 30  # the first node's pos y: below the note, a group title and a node title
 VIEW = {"scale": 0.6, "width": 1280, "height": 720}  # the saved view shows the note at this window size
+# Screen pixels at the canvas's top-left that the frontend's own controls cover. 1.58.1 draws the canvas
+# under its sidebar (56 px wide) and floats its "Graph" menu over the canvas down to y 82 (1.27.10's
+# canvas starts beside and below them): the saved view keeps the graph's top-left corner clear of both.
+CHROME = (72, 96)
 # Nodes whose plan text the web extension shows in a box of this height (web/unison.js DISPLAY_HEIGHT).
 DISPLAY_HEIGHT = 140
 SHOWS_TEXT = {"UnisonPlanner", "UnisonTaskRouter", "UnisonProjector", "UnisonVaceInputs", "UnisonVaceSampler"}
@@ -177,11 +181,13 @@ class Graph:
                 "font_size": 24, "flags": {}}
 
     def _view(self) -> dict[str, Any]:
-        """The saved view: the graph's top-left corner (the note) at the window's top-left."""
-        boxes = [self.box(n) for n in self.nodes]
-        left = min(b[0] for b in boxes) - GAP
-        top = min(b[1] for b in boxes) - GROUP_TITLE_HEIGHT - GAP
-        return {"scale": VIEW["scale"], "offset": [-left, -top]}
+        """The saved view: the graph's top-left corner (a group's edge, the note's title bar) at the window's
+        top-left, just clear of the frontend's controls (``CHROME``)."""
+        groups = [self._group_json(i, *group)["bounding"] for i, group in enumerate(self.groups)]
+        left = min([b[0] for b in map(self.box, self.nodes)] + [b[0] for b in groups])
+        top = min([b[1] for b in map(self.box, self.nodes)] + [b[1] for b in groups])
+        scale = VIEW["scale"]
+        return {"scale": scale, "offset": [round(CHROME[0] / scale - left), round(CHROME[1] / scale - top)]}
 
     # ------------------------------------------------------------------ serialising
 

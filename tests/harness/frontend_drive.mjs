@@ -2,6 +2,7 @@
 //
 //   NODE_PATH=<dir with node_modules/playwright-core> node frontend_drive.mjs http://127.0.0.1:8190 OUTDIR auto.json [more.json ...]
 //
+// 0. opens the template browser on the pack's entry (thumbnails served and shown; a screenshot);
 // 1. opens the workflow and takes a screenshot at its saved view;
 // 2. bypasses the Planner Loader (click its title, Ctrl+B), then sets widgets by clicking them and
 //    typing: Router width/height (number prompt: type, Enter), Router frames (the list's filter box:
@@ -109,6 +110,51 @@ async function measureLayouts(hasVue) {
   return layouts;
 }
 
+// The template browser as a user opens it (Templates, then the pack's entry under custom nodes): which of the
+// pack's thumbnails the server sent and how many card pictures the dialog shows loaded (the frontend fetches
+// each .jpg and shows it from a blob: URL).
+async function templateCards(pack) {
+  const context = await browser.newContext({ viewport: { width: 1600, height: 900 } });
+  const page = await context.newPage();
+  page.on("console", (msg) => {
+    const line = `${msg.text()} @ ${msg.location()?.url ?? ""}`;
+    if (msg.type() === "error") console_.errors.push(line);
+    if (msg.type() === "warning") console_.warnings.push(line);
+  });
+  const served = {};
+  page.on("response", (r) => {
+    const m = r.url().match(new RegExp(`/api/workflow_templates/${pack}/([^/?]+)\\.jpg`));
+    if (m) served[decodeURIComponent(m[1])] = r.status();
+  });
+  await page.goto(server, { waitUntil: "load", timeout: 120000 });
+  await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null,
+                             { timeout: 120000 });
+  await sleep(2000);
+  await page.keyboard.press("Escape"); // a first-visit dialog
+  await page.evaluate(async () => { await window.app.extensionManager.command.execute("Comfy.BrowseTemplates"); });
+  await sleep(2500);
+  await page.getByText(pack, { exact: true }).first().click({ timeout: 10000 });
+  let shown = 0;
+  for (let attempt = 0; attempt < 20 && shown < 1; attempt++) {
+    await sleep(500);
+    shown = await page.evaluate(() => [...document.querySelectorAll("[role=dialog] img")]
+      .filter((i) => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0).length);
+  }
+  await sleep(1500);
+  shown = await page.evaluate(() => [...document.querySelectorAll("[role=dialog] img")]
+    .filter((i) => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0).length);
+  const path = join(outdir, "0-templates.png");
+  await page.screenshot({ path });
+  report.screenshots.push(path);
+  await context.close();
+  return { served, shown };
+}
+
+try {
+  report.templates = await templateCards("ComfyUI-Unison"); // the folder live_comfyui.py links the pack as
+} catch (err) {
+  report.templates = { error: String(err?.stack ?? err) };
+}
 await page.goto(server, { waitUntil: "load", timeout: 120000 });
 await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager, null, { timeout: 120000 });
 report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
@@ -183,7 +229,7 @@ async function waitForRun(before) {
 
 // What each plan box shows, by node title.
 const displayTexts = async () => await page.evaluate(() => Object.fromEntries(window.app.graph._nodes
-  .map((n) => [n.title, n.widgets?.find((w) => w.name === "unison_display")?.element?.textContent])
+  .map((n) => [n.title, n.widgets?.find((w) => w.name === "unison_display")?.value])
   .filter(([, text]) => text !== undefined)));
 
 const values = async () => await page.evaluate(() => {
@@ -259,12 +305,20 @@ async function measureDisplays() {
         const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
         nodeBox = [rect.left + x0, rect.top + y0, rect.left + x1, rect.top + y1];
       }
-      const shownLabel = vueNode ? vueNode.innerText.includes(widget.label) : widget.label === "Unison decided";
       const visible = !!box && box.width > 0 && box.height > 0 && getComputedStyle(el).display !== "none";
+      // the label as drawn: an element of the box showing exactly it, inside the box (the text itself may
+      // contain the words, e.g. the placeholder, so the box's whole text proves nothing)
+      const shownLabel = [...(el?.querySelectorAll("*") ?? [])].some((e) => {
+        const r = e.getBoundingClientRect();
+        return e.children.length === 0 && e.textContent.trim() === "Unison decided" && (!visible || (r.height > 0
+          && r.top >= box.top - 1 && r.bottom <= box.bottom + 1));
+      });
+      const text = el?.querySelector("pre") ?? el; // where the plan text scrolls
       out.push({
         node: node.title, label: widget.label, shownLabel, visible,
         readOnly: !!el && !el.isContentEditable && !["INPUT", "TEXTAREA"].includes(el.tagName) && !el.querySelector("input,textarea,[contenteditable=true]"),
-        clipped: !!el && el.scrollHeight > el.clientHeight && getComputedStyle(el).overflowY === "visible",
+        clipped: !!text && ((text.scrollHeight > text.clientHeight && getComputedStyle(text).overflowY === "visible")
+          || (visible && text.getBoundingClientRect().bottom > box.bottom + 1)),
         box: box ? [box.left, box.top, box.right, box.bottom] : null, nodeBox,
         inside: !visible || (box.left >= nodeBox[0] - 1 && box.top >= nodeBox[1] - 1 && box.right <= nodeBox[2] + 1 && box.bottom <= nodeBox[3] + 1),
       });
@@ -293,6 +347,8 @@ if (hasVue) {
     });
     return boxes;
   });
+  await point("Unison Task Router"); // the Router and its plan box in the middle of the window, at scale 1
+  await sleep(1500);
   await shot("6-nodes-2.0-view.png");
   await page.evaluate(async (key) => { await window.app.extensionManager.setting.set(key, false); }, VUE);
 }

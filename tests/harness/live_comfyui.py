@@ -495,6 +495,7 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
         say(f"    {step}")
     if report.get("error"):
         raise Check(f"editor: {report['error']}")
+    check_template_cards(report.get("templates") or {})
     values = report["values"]
     router, sampler = values["Unison Task Router"], values["Unison VACE Sampler (video)"]
     wanted = {"width": 32, "height": 32, "frames": "9"}
@@ -539,6 +540,17 @@ def check_editor(server: str, base: Path, playwright_dir: Path, shots: Path) -> 
 
 
 LABEL = "Unison decided"
+
+
+def check_template_cards(seen: dict[str, Any]) -> None:
+    """Every shipped workflow's thumbnail is served, and the template browser shows them on its cards."""
+    names = sorted(f.stem for f in (REPO / "workflows").glob("*.json"))
+    served = seen.get("served") or {}
+    missing = [n for n in names if served.get(n) != 200]
+    if seen.get("error") or missing or seen.get("shown", 0) < len(names):
+        raise Check(f"template browser: thumbnails not served {missing}, {seen.get('shown')} card pictures shown "
+                    f"for {len(names)} templates {seen.get('error') or ''}")
+    say(f"    template browser: {len(names)} thumbnails served (HTTP 200) and {seen['shown']} card pictures shown")
 
 
 def check_missing_models_dialog(server: str, base: Path, playwright_dir: Path, shots: Path) -> None:

@@ -134,6 +134,7 @@ class Case:
     sampler_lacks: tuple[str, ...] = ()
     frames: int = 5
     size: tuple[int, int] = (32, 32)  # width, height of the output
+    fps: int = 24  # the saved video's rate: the plan's (a video named by file: its own when nothing is said)
     qwen_script: str | None = None  # run with the tiny Qwen planner scripted to emit this plan text
 
 
@@ -220,9 +221,10 @@ def run_case(server: str, base: Path, classes: dict[str, type], case: Case) -> N
         path = base / "output" / saved["subfolder"] / saved["filename"]
         medium = read_video(path)
         say(f"    SaveVideo wrote {path.relative_to(base)}: {medium.frames.shape} @ {medium.fps} fps")
-        if path.suffix != ".mp4" or medium.frames.shape != (case.frames, size[1], size[0], 3) or medium.fps != 24:
+        if path.suffix != ".mp4" or medium.frames.shape != (case.frames, size[1], size[0], 3) \
+                or medium.fps != case.fps:
             raise Check(f"{label}: video {path.name} is {medium.frames.shape} @ {medium.fps} fps, expected "
-                        f"({case.frames}, {size[1]}, {size[0]}, 3) @ 24 fps")
+                        f"({case.frames}, {size[1]}, {size[0]}, 3) @ {case.fps} fps")
 
 
 # --------------------------------------------------------------------------- the cases
@@ -243,14 +245,15 @@ def family_cases() -> list[Case]:
              sampler_lacks=("marks no pixel",)),
         Case("unison_edit", f"unpainted PNG {UNPAINTED}: LoadImage's MASK is an empty 64x64", "image_editing", "image",
              widgets={"LoadImage": {"image": UNPAINTED}},
-             sampler_has=("marks no pixel to regenerate (all dark): the source frames are kept",)),
+             sampler_has=("marks no pixel to regenerate (all black): the source frames are kept",)),
         Case("unison_edit", "video edit by file names (the workflow note's example)", "video_editing", "video",
              instruction=f"Replace the car in ###{CLIP}### with a bus, mask ###{CLIP_MASK}###.",
              planner_has=("edit: source #0, mask #1", f"media #0: {CLIP} (video, source)",
                           f"media #1: {CLIP_MASK} (video, mask)",
                           "note: image1 is connected but the instruction never names ###image1###",
                           "note: mask1 is connected but the instruction never names ###mask1###"),
-             sampler_has=("has 9 frames; the first 5 are used",)),
+             router_has=("5 frames @ 8 fps",), fps=8,  # the clip's own rate (PLANNER.md: Length and frame rate)
+             sampler_has=("its 9 frames are resampled to 5, evenly over the whole clip",)),
         Case("unison_edit", "a question about the image routes to the answer branch", "image_understanding", "text",
              instruction="Describe ###image1###.", router={},
              planner_has=("media #0: image1 (image, context)", "note: mask1 is connected but the instruction")),
@@ -273,21 +276,21 @@ def family_cases() -> list[Case]:
              "9 frames; no Router override", "image_to_video", "video", router={}, frames=9, size=(64, 32),
              qwen_script="<BORES>64,32<EORES><BONF>8<EONF><BOFIDX>1<EOFIDX><CFV>",
              planner_has=("size: 64x32, 9 frames @ 24 fps", "image as the last frame", "decided by: lora"),
-             sampler_has=("is 64x48: centre-cropped to 64x32",)),
+             sampler_has=("is 64x48: scaled to 64x48 and centre-cropped to the 64x32 output",)),
         Case("unison_frame_to_video", "a question about the frame routes to the answer branch",
              "image_understanding", "text", instruction="What is in ###image1###?", router={}),
         # --- unison_control: LoadVideo → GetVideoComponents → video1
         Case("unison_control", f"as shipped ({build_workflows.EXAMPLE_VIDEO}, 7 frames)", "video_controllable",
              "video", planner_has=("media #0: video1 (video, control)",),
-             sampler_has=("has 7 frames; the first 5 are used",)),
+             sampler_has=("its 7 frames are resampled to 5, evenly over the whole clip",)),
         Case("unison_control", f"own pose video {POSE} (9 frames), Router frames=9", "video_controllable", "video",
              widgets={"LoadVideo": {"file": POSE}}, router={**SMALL, "frames": "9"}, frames=9,
              planner_has=("media #0: video1 (video, control)",), router_has=("9 frames @ 24 fps",),
-             sampler_lacks=("frames; the first",)),
+             sampler_lacks=("resampled",)),
         Case("unison_control", "replacing the dancer routes to video editing", "video_editing", "video",
              widgets={"LoadVideo": {"file": POSE}}, instruction="Replace the dancer in ###video1### with a robot.",
              planner_has=("edit: source #0, mask none (whole frame editable)",),
-             sampler_has=("no mask given: the whole frame is editable",)),
+             sampler_has=("no mask given and VACE's salient annotator", "the whole frame is editable")),
         Case("unison_control", "a question about the video routes to the answer branch", "video_understanding",
              "text", instruction="Describe ###video1###.", router={},
              planner_has=("media #0: video1 (video, context)",)),
