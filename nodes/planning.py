@@ -201,6 +201,7 @@ class UnisonPlanner:
             if ref.path not in decoded:
                 decoded[ref.path] = media_mod.read_reference(ref.path, roots)
         ordered = [decoded[ref.path] for ref in parsed.media]
+        parsed = runtime_module("media_probe").with_media_info(parsed, ordered)  # wired media inform the plan too
 
         model = planner.planner if planner is not None else runtime_module("planner.rules").RulePlanner()
         if planner is not None:

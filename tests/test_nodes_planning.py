@@ -91,6 +91,16 @@ def test_graph_video_frames_are_a_video(comfy) -> None:  # noqa: F811
     assert packet.ordered_media()[0].frames.shape == (7, 16, 16, 3)
 
 
+def test_a_wired_video_informs_the_plan_as_the_same_video_named_by_file(comfy) -> None:  # noqa: F811
+    # 33 frames of 96x64: the plan takes the clip's length and shape where the words are silent (PLANNER.md).
+    packet, *_ = plan_node("Generate a video of a robot dancing, following the pose in ###video1###.",
+                           video1=torch.rand(33, 64, 96, 3))
+    plan = packet.plan
+    assert (plan.task, plan.num_frames) == (Task.VIDEO_CONTROLLABLE, 33)
+    assert plan.width * 64 == plan.height * 96  # the clip's 3:2 on the plan's short side
+    assert any("follows the shape of 'video1'" in note for note in plan.notes)
+
+
 def test_file_reference_reads_from_the_input_folder(comfy) -> None:  # noqa: F811
     pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(comfy.input / "cat.png")

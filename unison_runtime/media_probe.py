@@ -13,11 +13,14 @@ Nothing here raises for an unreadable file: the planner then simply knows less (
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .instruction import Instruction
     from .media import Medium
 
 #: Side of the thumbnail the two-level test looks at (enough to tell a mask from a photo).
@@ -111,3 +114,16 @@ def info_from_medium(medium: Medium) -> MediaInfo:
         fps=medium.fps,
         two_level=channels_equal and _two_level(values, len(values)),
     )
+
+
+def with_media_info(instruction: Instruction, decoded: Sequence[Medium]) -> Instruction:
+    """``instruction`` carrying what its decoded media show (size, length, rate, mask look), for planners
+    that look at the media where the words are silent; kept as is when it already carries them.
+
+    Every caller that decodes the media before planning (the CLI and ``UnisonPipeline``, the Planner
+    node with media wired from the graph) goes through here, so a wired video informs the plan as the
+    same video named by file does.
+    """
+    if instruction.media_info or not decoded:
+        return instruction
+    return dataclasses.replace(instruction, media_info=tuple(info_from_medium(medium) for medium in decoded))

@@ -34,7 +34,7 @@ from .errors import PathError, UnisonError, WeightsError
 from .faults import FileSignature, call_freeing_memory, file_signature, memory_advice, stage_one_advice
 from .instruction import Instruction, parse_instruction
 from .media import Medium, read_reference
-from .media_probe import info_from_medium
+from .media_probe import with_media_info
 from .plan import Plan
 from .progress import Progress, files_size
 
@@ -308,9 +308,7 @@ class UnisonPipeline:
                 raise PathError(f"media reference {ref.path!r} was neither given nor found: pass it in the media "
                                 "mapping, or give the folder it is in (--input-dir)")
             decoded.append(read_reference(ref.path, self.roots))  # re-opened without a check-then-use gap
-        if not instruction.media_info:  # what planners may look at where the words are silent
-            instruction = dataclasses.replace(instruction, media_info=tuple(info_from_medium(m) for m in decoded))
-        return instruction, decoded
+        return with_media_info(instruction, decoded), decoded
 
     def make_plan(self, instruction: Instruction) -> Plan:
         """The planner's plan (validated; media roles assigned)."""
@@ -839,8 +837,6 @@ def result_report(result: UnisonResult, *, item_id: str | None = None, path: str
 def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options: SamplingOptions,
                       progress: Progress, *, staged: bool = False) -> SamplingOptions:
     """Refuse a plan that will not fit (:class:`~.memory_estimate.MemoryWontFit`), before VACE loads."""
-    import dataclasses
-
     from .memory_estimate import check_fits
 
     footprint, settings = cli_memory_footprint(args, locations, plan)
