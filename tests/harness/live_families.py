@@ -281,7 +281,8 @@ def family_cases() -> list[Case]:
              "image_understanding", "text", instruction="What is in ###image1###?", router={}),
         # --- unison_control: LoadVideo → GetVideoComponents → video1
         Case("unison_control", f"as shipped ({build_workflows.EXAMPLE_VIDEO}, 7 frames)", "video_controllable",
-             "video", planner_has=("media #0: video1 (video, control)",),
+             "video", planner_has=("media #0: video1 (video, control)", "5 frames @ 24 fps",
+                                   "follows the shape of 'video1' (32x32)"),  # the wired clip informs the plan
              sampler_has=("its 7 frames are resampled to 5, evenly over the whole clip",)),
         Case("unison_control", f"own pose video {POSE} (9 frames), Router frames=9", "video_controllable", "video",
              widgets={"LoadVideo": {"file": POSE}}, router={**SMALL, "frames": "9"}, frames=9,
