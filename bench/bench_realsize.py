@@ -313,11 +313,12 @@ def child(argv: list[str], planner_text: str | None = None) -> None:
 
     def timed(label, fn):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 stages.append({"stage": label(*args), "seconds": round(time.perf_counter() - t0, 1),
+                               "cpu_seconds": round(time.process_time() - cpu0, 1),
                                "rss_gib_after": round(_status()["VmRSS"] / GIB, 2),
                                "peak_gib_so_far": round(_status()["VmHWM"] / GIB, 2)})
         return wrapper
@@ -353,6 +354,7 @@ def child(argv: list[str], planner_text: str | None = None) -> None:
     code = cli.main(argv, out=out)
     report = json.loads(out.getvalue()) if out.getvalue() else {}
     print(json.dumps({"code": code, "total_seconds": round(time.perf_counter() - start, 1),
+                      "cpu_seconds": round(time.process_time(), 1),
                       "peak_gib": round(_status()["VmHWM"] / GIB, 2), "stages": stages,
                       "notes": report.get("notes", [])}))
 
