@@ -15,12 +15,17 @@ Writes, piece by piece (never a whole model in memory), into ``--dir`` (default
 Random values are drawn once into a pool and written cyclically, so writing is disk-bound. Then it
 runs ``python -m unison_runtime run`` (with default flags unless ``--extra``) in a fresh child
 process per job (a 64x64 image and a 9-frame 64x64 video), recording peak RSS (the kernel's
-VmHWM), the RSS after each stage and each stage's time. The Qwen2.5-VL stage one is not written:
-without it the rule planner plans and the context is umT5 alone (stage one's memory is measured
-by ``bench_planner`` / issue 16's notes).
+VmHWM), the RSS after each stage and each stage's time. The ``image`` / ``video`` jobs see stage two's
+files only (``DIR/stage-two``: links to the three folders), so the rule planner plans and the context is
+umT5 alone. ``plan`` writes (once) a random Qwen2.5-VL-3B + Unison LoRA into ``DIR/unison`` and runs
+``plan --model --lora``. ``full-image`` / ``full-video`` also write a random projector in the released
+format (``unison/projector.pth``) and run ``run --models DIR`` as users do with every released file:
+stage one plans (capped at ``PLAN_TOKENS`` new tokens, its text then replaced by what the trained planner
+emits, see ``FULL_PLANNER_TEXT``) and projects, is released, then umT5, then transformer + VAE.
 
     python -m bench.bench_realsize                      # write (once) and run both jobs
     python -m bench.bench_realsize --jobs image --steps 2 --extra --no-low-memory
+    python -m bench.bench_realsize --jobs full-image --steps 2   # with stage one and the projector
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ JOBS = {
     "image": "Create an image of a red fox in the snow at dawn, 64x64",
     "video": "Create a video of a red fox running in the snow, 64x64, 9 frames",
     "plan": "Please create a video of a lion walking around in its habitat, 2 seconds long.",
+    "full-image": "Create an image of a red fox in the snow at dawn, 64x64",
+    "full-video": "Create a video of a red fox running in the snow, 64x64, 9 frames",
 }
+#: What the trained planner emits for the ``full-*`` jobs' instructions. The random planner's own tokens
+#: cannot be a plan (it never emits planner tokens, so ``run`` would take it for an understanding request):
+#: the capped generation still runs (its memory and time are measured), then its text is replaced by this.
+FULL_PLANNER_TEXT = {"full-image": "<BORES>64,64<EORES><CFI>",
+                     "full-video": "<BORES>64,64<EORES><BONF>8<EONF><CFV>"}
 #: New tokens the random-weight planner may generate in the ``plan`` job (it never emits a stop token;
 #: the peak is reached while loading, merging and in the first forward, not by later tokens).
 PLAN_TOKENS = 4
@@ -167,6 +179,28 @@ def write_released_files(directory: Path) -> dict[str, Path]:
     return out
 
 
+def stage_two_view(directory: Path) -> Path:
+    """``DIR/stage-two``: links to stage two's three folders only, so ``run`` finds no stage one there."""
+    view = directory / "stage-two"
+    for folder in ("diffusion_models", "vae", "text_encoders"):
+        link = view / folder
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(directory / folder, target_is_directory=True)
+    return view
+
+
+def write_projector(directory: Path) -> Path:
+    """``unison/projector.pth`` in the released format (a ``torch.save`` state dict, float32) and shapes:
+    Qwen's 2048 -> 2048 -> umT5's 4096, 56 -> 4 tokens (~50 MB)."""
+    from unison_runtime.testing.tiny_projector import build_tiny_projector
+
+    path = directory / "unison" / "projector.pth"
+    if not path.is_file():
+        build_tiny_projector(path, input_dim=QWEN_TEXT["hidden_size"], hidden_dim=2048, t5_dim=4096)
+    return path
+
+
 # --------------------------------------------------------------------------- stage one: Qwen2.5-VL-3B + LoRA
 
 #: Qwen2.5-VL-3B-Instruct's released sizes (its config.json); token ids come from the small tokenizer.
@@ -265,8 +299,10 @@ def _status() -> dict[str, int]:
     return values
 
 
-def child(argv: list[str]) -> None:
-    """Run the CLI in this process with timers around each stage; print one JSON line."""
+def child(argv: list[str], planner_text: str | None = None) -> None:
+    """Run the CLI in this process with timers around each stage; print one JSON line.
+
+    ``planner_text``: what the Qwen planner's capped generation is replaced by (``full-*`` jobs)."""
     from unison_runtime import __main__ as cli
     from unison_runtime import pipeline as pipeline_module
     from unison_runtime.vace import sampler as sampler_module
@@ -277,11 +313,12 @@ def child(argv: list[str]) -> None:
 
     def timed(label, fn):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 stages.append({"stage": label(*args), "seconds": round(time.perf_counter() - t0, 1),
+                               "cpu_seconds": round(time.process_time() - cpu0, 1),
                                "rss_gib_after": round(_status()["VmRSS"] / GIB, 2),
                                "peak_gib_so_far": round(_status()["VmHWM"] / GIB, 2)})
         return wrapper
@@ -299,6 +336,16 @@ def child(argv: list[str]) -> None:
     qwen_module.load_qwen = timed(lambda *a, **k: "load Qwen2.5-VL (+ LoRA merge)", qwen_module.load_qwen)
     qwen_module.QwenPlanner.plan = timed(lambda *a: f"plan ({PLAN_TOKENS} new tokens)", qwen_module.QwenPlanner.plan)
     qwen_module.PLAN_MAX_NEW_TOKENS = PLAN_TOKENS
+    if planner_text is not None:
+        generated = qwen_module.QwenPlanner.planner_text
+
+        def fixed_planner_text(self, instruction):
+            generated(self, instruction)  # the capped generation runs: its memory and time are measured
+            return planner_text
+
+        qwen_module.QwenPlanner.planner_text = fixed_planner_text
+    qwen_module.QwenPlanner.hidden_states = timed(lambda *a: "stage-one hidden states (projector input)",
+                                                  qwen_module.QwenPlanner.hidden_states)
     text_module.encode_text = timed(lambda *a: "umT5 encode", text_module.encode_text)
     sampler_module.sample = timed(lambda *a: "sample + decode", sampler_module.sample)
     import io
@@ -307,6 +354,7 @@ def child(argv: list[str]) -> None:
     code = cli.main(argv, out=out)
     report = json.loads(out.getvalue()) if out.getvalue() else {}
     print(json.dumps({"code": code, "total_seconds": round(time.perf_counter() - start, 1),
+                      "cpu_seconds": round(time.process_time(), 1),
                       "peak_gib": round(_status()["VmHWM"] / GIB, 2), "stages": stages,
                       "notes": report.get("notes", [])}))
 
@@ -316,9 +364,16 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
         base, lora = write_qwen(directory, _Pool(1))
         argv = ["plan", "--model", str(base), "--lora", str(lora), JOBS[job], *extra]
     else:
-        argv = ["run", JOBS[job], "--models", str(directory), "--out", str(out_dir / job), "--steps", str(steps),
+        models = directory
+        if job.startswith("full-"):
+            write_qwen(directory, _Pool(1))
+            write_projector(directory)
+        else:
+            models = stage_two_view(directory)
+        argv = ["run", JOBS[job], "--models", str(models), "--out", str(out_dir / job), "--steps", str(steps),
                 "--input-dir", str(out_dir), *extra]
-    done = subprocess.run([sys.executable, "-m", "bench.bench_realsize", "--child", json.dumps(argv)], cwd=ROOT,
+    request = {"argv": argv, "planner_text": FULL_PLANNER_TEXT.get(job)}
+    done = subprocess.run([sys.executable, "-m", "bench.bench_realsize", "--child", json.dumps(request)], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -381,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--jobs", nargs="+", default=["image", "video"], choices=list(JOBS),
-                        help="plan: stage one alone (Qwen2.5-VL-3B + LoRA written on first use), plan --model --lora")
+                        help="image/video: stage two's files only; plan: stage one alone (Qwen2.5-VL-3B + LoRA "
+                             "written on first use), plan --model --lora; full-image/full-video: run with every "
+                             "released file (stage one too)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags for run")
     parser.add_argument("--write-only", action="store_true")
@@ -390,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(json.loads(args.child))
+        request = json.loads(args.child)
+        child(request["argv"], request.get("planner_text"))
         return 0
     if ROOT in args.dir.resolve().parents:
         parser.error("--dir must be outside the repository")

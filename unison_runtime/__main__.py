@@ -414,6 +414,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     # tqdm reads TQDM_DISABLE whenever a bar is made. Restored afterwards for in-process callers.
     saved = os.environ.get("TQDM_DISABLE")
     loads_models = args.command in ("run", "ask", "selftest") or getattr(args, "model", None) is not None
+    if loads_models:
+        from .heap import unmap_large_blocks
+
+        unmap_large_blocks()  # freed tensors leave no resident heap holes (BENCHMARKS.md section 8)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
         if loads_models:
