@@ -309,3 +309,21 @@ def test_lean_lora_merge_equals_peft_direct_merge(tmp_path, dtype):
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
     lean = planner.model
     assert lean.lm_head.weight.data_ptr() != lean.get_input_embeddings().weight.data_ptr()  # untied, as trained
+
+
+def test_a_single_file_transformer_is_costed_at_its_own_size(comfy_dir):
+    from unison_runtime.models_dir import find_models
+
+    root, _ = comfy_dir
+    footprint = memory_estimate.footprint_from_paths(find_models(root), transformer_dtype="fp32")
+    model = tw.build_tiny_transformer(tw.tiny_transformer_config(text_dim=32))
+    config = model.config
+    read = footprint.transformer_config
+    assert (read["num_layers"], len(read["vace_layers"]), read["ffn_dim"]) == \
+        (config.num_layers, len(config.vace_layers), config.ffn_dim)
+    assert read["num_attention_heads"] * read["attention_head_dim"] == \
+        config.num_attention_heads * config.attention_head_dim
+    # The text K/V it keeps while sampling follows (the 1.3B's would be 2.1 GiB in fp32).
+    width = config.num_attention_heads * config.attention_head_dim
+    expected = (2 * (config.num_layers + len(config.vace_layers)) + 1) * 2 * memory_estimate.CONTEXT_TOKENS * width * 4
+    assert memory_estimate.text_kv_bytes(read, contexts=2, dtype_bytes=4) == expected

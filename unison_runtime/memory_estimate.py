@@ -241,7 +241,7 @@ def footprint_from_paths(
                    _json_config(folder / "text_encoder", "umt5-xxl-encoder"))
     else:
         parts = {name: [getattr(paths, name, None)] for name in ("transformer", "vae", "text_encoder")}
-        configs = (_json_config(None, "wan2.1-vace-1.3b-transformer"), _json_config(None, "wan2.1-vae"),
+        configs = (_transformer_config_from_file(getattr(paths, "transformer", None)), _json_config(None, "wan2.1-vae"),
                    _umt5_config_from_file(getattr(paths, "text_encoder", None)))
     keep = {"keep_narrower": cast_per_layer}
     return ModelFootprint(
@@ -253,6 +253,34 @@ def footprint_from_paths(
         projector=weight_bytes([getattr(paths, "projector", None)], None),
         text_config=configs[2], text_dtype=text_dtype,
     )
+
+
+def _transformer_config_from_file(path: str | Path | None) -> dict[str, Any]:
+    """The VACE transformer's dimensions read from a single file's header (width, blocks, VACE blocks,
+    FFN), so a smaller transformer is not costed as the 1.3B release (its text K/V alone is 2.1 GiB in
+    fp32); the shipped 1.3B config when the header cannot be read. Heads as the loader decides them
+    (Wan's ``config.json`` beside the file, else 128-wide heads; one head for a width that does not
+    split so, which changes nothing counted but the math-attention scores)."""
+    config = _json_config(None, "wan2.1-vace-1.3b-transformer")
+    if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return config
+    from .vace.wan_keys import identify, load_json, shapes_from_header, transformer_config
+
+    try:
+        shapes = shapes_from_header(safetensors_header(path))
+        identity = identify(shapes)
+        if identity.kind != "wan-vace":
+            return config
+        bare = {k[len(identity.prefix):]: v for k, v in shapes.items() if k.startswith(identity.prefix)}
+        beside = Path(path).parent / "config.json"
+        wan = load_json(beside) if beside.is_file() else {}
+        heads = wan.get("num_heads") if isinstance(wan, dict) and wan.get("dim") == identity.details["dim"] else None
+        try:
+            return transformer_config(bare, num_heads=heads)
+        except ValueError:
+            return transformer_config(bare, num_heads=1)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnisonError):
+        return config
 
 
 def _umt5_config_from_file(path: str | Path | None) -> dict[str, Any]:
