@@ -56,15 +56,20 @@ def preflight(plan: Any, models: Any, options: Any, *, evictable: int = 0) -> tu
     """Refuse a plan whose estimated peak does not fit the device's free memory, before it runs.
 
     A clear node error (``MemoryWontFit``, with the estimate and what to change) instead of a
-    server taken down by the OOM killer; VAE tiling is switched on when only the decode would not
-    fit. ``evictable``: bytes of models ComfyUI holds on the device (ours from an earlier run,
-    others), which it can offload for this run, so they count as free.
+    server taken down by the OOM killer; the text K/V is recomputed every step, or VAE tiling
+    switched on, when that is what it takes to fit. ``evictable``: bytes of models ComfyUI holds on
+    the device (ours from an earlier run, others), which it can offload for this run, so they count
+    as free.
     """
     references = sum(1 for ref in plan.media if ref.role == "reference")
     settings = run_settings(models, options, references)
     decision = _memory().check_fits(plan, footprint(models), settings, resident=evictable, where="comfyui",
                                     runtime=False)
+    notes = []
+    if decision.text_kv_switched_off:
+        options = dataclasses.replace(options, text_kv_cache=False)
+        notes.append("text K/V recomputed every step: keeping it for the run would not fit in the free memory")
     if decision.tiling_switched_on:
-        return dataclasses.replace(options, vae_tiling=True), [
-            "VAE tiling switched on: decoding whole frames would not fit in the free memory"]
-    return options, []
+        options = dataclasses.replace(options, vae_tiling=True)
+        notes.append("VAE tiling switched on: decoding whole frames would not fit in the free memory")
+    return options, notes

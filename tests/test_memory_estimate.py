@@ -129,6 +129,29 @@ def test_tiling_is_switched_on_when_only_the_decode_does_not_fit():
     assert not memory.check_fits(plan, REAL, settings, free=whole.peak * 2).tiling_switched_on
 
 
+def test_text_kv_is_recomputed_when_keeping_it_is_what_does_not_fit():
+    plan = default_plan("text_to_video", width=832, height=480, num_frames=81)
+    settings = memory.RunSettings(device="cuda", transformer_dtype="bf16", text_device="cpu", low_memory=True,
+                                  vae_tiling=True)
+    kept = memory.estimate_run(plan, REAL, settings)
+    dropped = memory.estimate_run(plan, REAL, dataclasses.replace(settings, text_kv_cache=False))
+    assert kept.peak_phase == "sampling"
+    assert kept.peak - dropped.peak == kept.parts["sampling: text K/V (computed once)"]
+    decision = memory.check_fits(plan, REAL, settings, free=int((kept.peak + dropped.peak) / 2 / 0.9))
+    assert decision.text_kv_switched_off and not decision.tiling_switched_on
+    assert not decision.estimate.settings.text_kv_cache and decision.estimate.peak == dropped.peak
+    # Room for both: nothing is switched.
+    untouched = memory.check_fits(plan, REAL, settings, free=kept.peak * 2)
+    assert not untouched.text_kv_switched_off and untouched.estimate.settings.text_kv_cache
+    # Only both together fit: both are switched.
+    whole = dataclasses.replace(settings, vae_tiling=False)
+    both = memory.estimate_run(plan, REAL, dataclasses.replace(whole, vae_tiling=True, text_kv_cache=False))
+    tiled_only = memory.estimate_run(plan, REAL, dataclasses.replace(whole, vae_tiling=True))
+    assert tiled_only.peak > both.peak and dropped.peak < tiled_only.peak
+    decision = memory.check_fits(plan, REAL, whole, free=both.peak / 0.9)
+    assert decision.tiling_switched_on and decision.text_kv_switched_off and decision.estimate.peak == both.peak
+
+
 @pytest.mark.parametrize("width,height,frames", [(256, 256, 1), (128, 128, 9)])
 def test_estimate_is_within_0_9x_and_2x_of_the_measured_peak(tiny_dir, width, height, frames):
     from bench.bench_memory_estimate import HIGH, LOW

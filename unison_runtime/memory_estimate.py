@@ -656,15 +656,17 @@ class Preflight:
     estimate: MemoryEstimate
     free: int | None
     tiling_switched_on: bool = False
+    text_kv_switched_off: bool = False
 
 
 def check_fits(plan: Any, models: ModelFootprint, settings: RunSettings, *, free: int | None = None,
                resident: int = 0, margin: float = 0.9, where: str = "cli", runtime: bool = True) -> Preflight:
     """Estimate the plan and compare with what the device has free (``free``: measured if ``None``).
 
-    Fits: returns the estimate. Fits only with a tiled VAE decode: tiling is switched on (the
-    returned settings say so). Does not fit: :class:`MemoryWontFit` with one line naming the
-    estimate, what is free and the ways out. Only ``margin`` of the free memory is counted on
+    Fits: returns the estimate. Fits only without keeping the text K/V for the run (exact either
+    way, only slower), or only with a tiled VAE decode, or with both: those are switched (the
+    returned settings and flags say so), the exact one first. Does not fit: :class:`MemoryWontFit`
+    with one line naming the estimate, what is free and the ways out. Only ``margin`` of the free memory is counted on
     (the allocator, the OS and other processes need some). ``resident``: bytes of the estimate
     already in use (models loaded before the check), which the free figure no longer includes.
     ``where`` picks the wording of the advice: ``"cli"`` flags, ``"comfyui"`` node inputs.
@@ -677,10 +679,16 @@ def check_fits(plan: Any, models: ModelFootprint, settings: RunSettings, *, free
     budget = free * margin + resident
     if estimate.peak <= budget:
         return Preflight(estimate, free)
+    switches = [{"text_kv_cache": False}] if settings.text_kv_cache else []
     if not settings.vae_tiling:
-        tiled = estimate_run(plan, models, replace(settings, vae_tiling=True), runtime=runtime)
-        if tiled.peak <= budget:
-            return Preflight(tiled, free, tiling_switched_on=True)
+        switches.append({"vae_tiling": True})
+        if settings.text_kv_cache:
+            switches.append({"text_kv_cache": False, "vae_tiling": True})
+    for switch in switches:
+        lighter = estimate_run(plan, models, replace(settings, **switch), runtime=runtime)
+        if lighter.peak <= budget:
+            return Preflight(lighter, free, tiling_switched_on="vae_tiling" in switch,
+                             text_kv_switched_off="text_kv_cache" in switch)
     raise MemoryWontFit(wont_fit_message(plan, models, estimate, budget, where, runtime), estimate)
 
 

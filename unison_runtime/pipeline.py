@@ -847,7 +847,10 @@ def _memory_preflight(args: Any, plan: Plan, locations: ModelLocations, options:
     decision = check_fits(plan, footprint, settings)
     free = f", {decision.free / 1024**3:.1f} GB free" if decision.free is not None else ""
     progress.note(f"estimated peak {decision.estimate.summary()}{free}")
+    if decision.text_kv_switched_off:
+        progress.note("text K/V recomputed every step (--no-text-kv-cache): keeping it for the run would not fit")
+        options = dataclasses.replace(options, text_kv_cache=False)
     if decision.tiling_switched_on:
         progress.note("VAE tiling switched on: the whole-frame decode would not fit, a tiled one does")
-        return dataclasses.replace(options, vae_tiling=True)
+        options = dataclasses.replace(options, vae_tiling=True)
     return options
