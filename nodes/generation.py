@@ -3,6 +3,8 @@ tensors) and the VACE Sampler (plan + models → frames)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from . import comfy_bridge as comfy
@@ -11,6 +13,8 @@ from . import vram_estimate as estimate
 from ._runtime import errors, runtime_module
 from .packets import HIDDEN, PLAN, PROJECTOR, TOKENS, VACE, generation_packet
 from .speed import SPEED
+
+log = logging.getLogger(__name__)
 
 NOISE_DEVICES = ("cpu", "device")  # vace.sampler.NOISE_DEVICES, repeated so INPUT_TYPES stays import-light
 REFERENCE_CONTEXT_LENGTH = 2048  # projector.REFERENCE_CONTEXT_LENGTH, repeated so INPUT_TYPES stays import-light
@@ -241,6 +245,8 @@ class UnisonVaceSampler:
         inputs = sources.prepare_vace_inputs(packet.plan, packet.ordered_media(), salient=_salient_for(packet.plan))
         options = sampler.SamplingOptions(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                           negative_prompt=negative_prompt, noise_device=noise_device, **(speed or {}))
+        if str(vace.models.device).startswith("cpu"):
+            _settle_cpu_heap()
         # No load here: the parts are loaded stage by stage in work() (umT5 to encode, then the rest).
         used = inputs.used_plan(packet.plan)  # a source may set another size or length (as in Unison)
         options, memory_note = _memory_preflight(used, vace.models, options)
@@ -296,3 +302,19 @@ class UnisonVaceSampler:
 def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[str]]:
     """The plan's memory check (``vram_estimate.preflight``), counting what ComfyUI can offload as free."""
     return estimate.preflight(plan, models, options, evictable=comfy.evictable_bytes(str(models.device)))
+
+
+@functools.cache
+def _settle_cpu_heap() -> bool:
+    """On the CPU, freed tensors go back to the OS (once per server; the CLI does the same).
+
+    Sampling on the CPU casts stored fp8/fp16 weights layer by layer and keeps the text K/V for the
+    run; under glibc's dynamic mmap threshold the freed casts leave resident holes between the kept
+    blocks (about 1.8 GiB at released size, BENCHMARKS.md section 8). ``unison_runtime.heap`` fixes
+    the threshold at 4 MiB for the process; a ``MALLOC_MMAP_THRESHOLD_`` the user set is left alone.
+    """
+    settled = runtime_module("heap").unmap_large_blocks()
+    if settled:
+        log.info("Unison: sampling on the CPU: blocks of 4 MiB and more are returned to the OS when freed "
+                 "(glibc mmap threshold fixed; set MALLOC_MMAP_THRESHOLD_ to choose another)")
+    return settled

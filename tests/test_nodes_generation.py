@@ -340,3 +340,21 @@ def test_sampler_switches_tiling_on_when_only_the_decode_does_not_fit(models, mo
     monkeypatch.setattr(memory_estimate, "free_memory", lambda device: free)
     frames, _, shown = sample(vace, packet, steps=1)
     assert frames.shape == (1, 512, 512, 3) and "VAE tiling switched on" in shown
+
+
+def test_sampling_on_the_cpu_returns_freed_blocks_to_the_os_once(models, monkeypatch) -> None:
+    from nodes import generation
+    from unison_runtime import heap
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "unmap_large_blocks", lambda threshold=heap.MMAP_THRESHOLD: calls.append(threshold)
+                        or True)
+    generation._settle_cpu_heap.cache_clear()
+    try:
+        vace = load_vace()
+        packet = plan_for("Create an image of a red fox in the snow.")
+        sample(vace, packet, steps=1)
+        sample(vace, packet, steps=1)
+    finally:
+        generation._settle_cpu_heap.cache_clear()
+    assert calls == [heap.MMAP_THRESHOLD]  # once per server, at the CLI's threshold
