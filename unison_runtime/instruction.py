@@ -51,7 +51,8 @@ class Instruction:
 
 def _suffix(reference: str) -> str:
     """``PurePath(reference).suffix`` by string operations (the planner parses thousands of instructions a second)."""
-    name = reference.rstrip("/").rpartition("/")[2]
+    parts = [part for part in reference.split("/") if part not in ("", ".")]  # pathlib drops these
+    name = parts[-1] if parts else ""
     dot = name.rfind(".")
     return name[dot:] if 0 < dot < len(name) - 1 else ""
 
