@@ -27,3 +27,19 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
     from unison_runtime.testing.tiny_qwen import build_tiny_qwen_set
 
     return build_tiny_qwen_set(tmp_path_factory.mktemp("qwen"))
+
+
+#: Where ``vace_models_dir`` puts its VACE folder (a diffusers layout under ``diffusion_models/``).
+VACE_FOLDER = "diffusion_models/Wan2.1-VACE-1.3B-diffusers"
+
+
+@pytest.fixture(scope="session")
+def vace_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``--models`` folder with a tiny random Wan2.1-VACE (diffusers layout) and an empty ``unison/``
+    (no stage one: the rule planner plans). Shared by the CLI test modules; they only read it."""
+    from unison_runtime.testing.tiny_wan import build_tiny_vace_diffusers
+
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_vace_diffusers(root / VACE_FOLDER)
+    (root / "unison").mkdir()
+    return root

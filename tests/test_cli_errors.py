@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 
 from unison_runtime.__main__ import EXIT_CODES, main
-from unison_runtime.testing.tiny_wan import build_tiny_vace_diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 T2I = "Create an image of a red car parked on a street at night, 32x32"
-VACE = "diffusion_models/Wan2.1-VACE-1.3B-diffusers"
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -45,13 +43,6 @@ def one_line_error(code: int, err: str, expected_code: int = 2) -> str:
     assert lines[0].startswith("error: ")
     return lines[0]
 
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    build_tiny_vace_diffusers(root / VACE)
-    (root / "unison").mkdir()
-    return root
 
 
 # --------------------------------------------------------------------------- plan --batch
@@ -107,28 +98,29 @@ def test_run_refuses_non_finite_and_out_of_range_numbers(tmp_path, flag, value, 
     assert words in line and flag in line
 
 
-def test_run_checks_out_before_any_model_loads(models_dir, tmp_path):
+def test_run_checks_out_before_any_model_loads(vace_models_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    line = one_line_error(*cli("run", T2I, "--models", models_dir, "--out", blocker / "sub" / "car")[::2])
+    line = one_line_error(*cli("run", T2I, "--models", vace_models_dir, "--out", blocker / "sub" / "car")[::2])
     assert f"{blocker} is a file, not a folder" in line
-    line = one_line_error(*cli("run", T2I, "--models", models_dir, "--out", "/proc/unison-nowhere/car")[::2])
+    line = one_line_error(*cli("run", T2I, "--models", vace_models_dir, "--out", "/proc/unison-nowhere/car")[::2])
     assert "cannot write in /proc" in line
     line = one_line_error(*cli("run", T2I, "--models", tmp_path / "no_models", "--out", tmp_path / "car")[::2])
     assert "--models folder" in line and "not found" in line
 
 
-def test_devices_are_checked_with_one_line(models_dir, tmp_path):
-    line = one_line_error(*cli("run", T2I, "--models", models_dir, "--out", tmp_path / "x", "--device", "bogus")[::2])
+def test_devices_are_checked_with_one_line(vace_models_dir, tmp_path):
+    line = one_line_error(*cli("run", T2I, "--models", vace_models_dir, "--out", tmp_path / "x",
+                               "--device", "bogus")[::2])
     assert "--device 'bogus': expected cpu, cuda, cuda:N or mps" in line
-    line = one_line_error(*cli("run", T2I, "--models", models_dir, "--out", tmp_path / "x", "--device", "cpu",
+    line = one_line_error(*cli("run", T2I, "--models", vace_models_dir, "--out", tmp_path / "x", "--device", "cpu",
                                "--text-device", "cuda:7")[::2])
     assert "--text-device cuda:7" in line and "CUDA" in line
     line = one_line_error(*cli("plan", "--model", tmp_path, "--device", "gpu0", "a cat")[::2])
     assert "--device 'gpu0'" in line
 
 
-def test_2048_video_is_refused_fast_with_the_estimate_and_advice(models_dir, tmp_path, monkeypatch):
+def test_2048_video_is_refused_fast_with_the_estimate_and_advice(vace_models_dir, tmp_path, monkeypatch):
     """The real 1.3B/umT5 sizes (estimated from the shipped configs), the tiny folder for the rest."""
     import unison_runtime.memory_estimate as memory
 
@@ -138,7 +130,7 @@ def test_2048_video_is_refused_fast_with_the_estimate_and_advice(models_dir, tmp
     monkeypatch.setattr(memory, "footprint_from_paths", lambda *a, **k: big)
     monkeypatch.setattr(memory, "free_memory", lambda device: 24 * 1024**3)
     start = time.perf_counter()
-    code, out, err = cli("run", "Create a 2048x2048 video of a lion walking, 5 seconds", "--models", models_dir,
+    code, out, err = cli("run", "Create a 2048x2048 video of a lion walking, 5 seconds", "--models", vace_models_dir,
                          "--out", tmp_path / "lion", "--device", "cpu", "--quiet")
     seconds = time.perf_counter() - start
     line = one_line_error(code, err, expected_code=3)
@@ -152,10 +144,10 @@ def test_2048_video_is_refused_fast_with_the_estimate_and_advice(models_dir, tmp
 # --------------------------------------------------------------------------- run: what works, progress, Ctrl-C
 
 
-def test_run_out_dir_writes_inside_with_progress_and_quiet(models_dir, tmp_path):
+def test_run_out_dir_writes_inside_with_progress_and_quiet(vace_models_dir, tmp_path):
     folder = tmp_path / "outs"
     folder.mkdir()
-    code, out, err = cli("run", T2I, "--models", models_dir, "--out", folder, "--steps", "3", "--device", "cpu",
+    code, out, err = cli("run", T2I, "--models", vace_models_dir, "--out", folder, "--steps", "3", "--device", "cpu",
                          "--input-dir", tmp_path)
     assert code == 0, err
     report = json.loads(out)
@@ -166,12 +158,12 @@ def test_run_out_dir_writes_inside_with_progress_and_quiet(models_dir, tmp_path)
                   "encoding the prompt with umT5", "sampling [", "3/3", "s/step, ETA 0:00", "decoding 1 frame",
                   f"wrote image: {folder / 'text_to_image.png'}"):
         assert words in err, (words, err)
-    code, out, err = cli("run", T2I, "--models", models_dir, "--out", folder / "quiet", "--steps", "2",
+    code, out, err = cli("run", T2I, "--models", vace_models_dir, "--out", folder / "quiet", "--steps", "2",
                          "--device", "cpu", "--input-dir", tmp_path, "--quiet")
     assert code == 0 and err == "" and json.loads(out)["path"] == str(folder / "quiet.png")
 
 
-def test_ctrl_c_during_sampling_exits_130_and_leaves_no_file(models_dir, tmp_path, monkeypatch):
+def test_ctrl_c_during_sampling_exits_130_and_leaves_no_file(vace_models_dir, tmp_path, monkeypatch):
     import unison_runtime.vace.sampler as sampler
 
     original = sampler.denoise
@@ -185,7 +177,7 @@ def test_ctrl_c_during_sampling_exits_130_and_leaves_no_file(models_dir, tmp_pat
         return original(*args, progress=step, **kwargs)
 
     monkeypatch.setattr(sampler, "denoise", interrupted)
-    code, out, err = cli("run", T2I, "--models", models_dir, "--out", tmp_path / "car", "--steps", "5",
+    code, out, err = cli("run", T2I, "--models", vace_models_dir, "--out", tmp_path / "car", "--steps", "5",
                          "--device", "cpu", "--input-dir", tmp_path, "--quiet")
     assert code == 130 and out == ""
     assert err.strip() == "interrupted: stopped; no partial output was left"

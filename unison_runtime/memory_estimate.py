@@ -264,7 +264,8 @@ def _transformer_config_from_file(path: str | Path | None) -> dict[str, Any]:
     config = _json_config(None, "wan2.1-vace-1.3b-transformer")
     if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return config
-    from .vace.wan_keys import identify, load_json, shapes_from_header, transformer_config
+    from .vace.files import wan_model_config
+    from .vace.wan_keys import identify, shapes_from_header, transformer_config
 
     try:
         shapes = shapes_from_header(safetensors_header(path))
@@ -272,11 +273,9 @@ def _transformer_config_from_file(path: str | Path | None) -> dict[str, Any]:
         if identity.kind != "wan-vace":
             return config
         bare = {k[len(identity.prefix):]: v for k, v in shapes.items() if k.startswith(identity.prefix)}
-        beside = Path(path).parent / "config.json"
-        wan = load_json(beside) if beside.is_file() else {}
-        heads = wan.get("num_heads") if isinstance(wan, dict) and wan.get("dim") == identity.details["dim"] else None
+        wan = wan_model_config(Path(path).parent, identity.details["dim"])  # as the loader reads it
         try:
-            return transformer_config(bare, num_heads=heads)
+            return transformer_config(bare, num_heads=wan.get("num_heads"), vace_layers=wan.get("vace_layers"))
         except ValueError:
             return transformer_config(bare, num_heads=1)
     except (OSError, ValueError, KeyError, IndexError, TypeError, UnisonError):

@@ -191,7 +191,7 @@ def _transformer_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _wan_model_config(folder: Path, dim: int) -> dict[str, Any]:
+def wan_model_config(folder: Path, dim: int) -> dict[str, Any]:
     """Wan's own ``config.json`` next to the weights, when it describes this model (heads, VACE layers)."""
     candidate = folder / "config.json"
     if not candidate.is_file():
@@ -226,7 +226,7 @@ def _load_transformer(
         raise _wrong_kind(path, "a Wan2.1-VACE transformer in Wan's key names", identity)
     prefix = identity.prefix
     bare = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    wan_config = _wan_model_config(files[0].parent, identity.details["dim"])
+    wan_config = wan_model_config(files[0].parent, identity.details["dim"])
     try:
         config = transformer_config(
             bare, num_heads=num_heads or wan_config.get("num_heads"), vace_layers=wan_config.get("vace_layers")
