@@ -384,10 +384,13 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
 
 
 def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197,
-              guidance: float = 5.0) -> dict:
-    """One text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
+              guidance: float = 5.0, runs: int = 1) -> dict:
+    """A text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
     ComfyUI started on loopback with ``--cpu``, the released-size files linked into a scratch models folder;
-    returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time."""
+    returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time.
+
+    ``runs`` > 1 queues it again with a new seed and another prompt (umT5 encodes again, beside models kept
+    from the first run); ``peaks_gib`` / ``seconds_each`` then give the peak so far and the time after each run."""
     import shutil
 
     from bench.bench_caching import ComfyServer, api_prompt
@@ -410,16 +413,21 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
     server = ComfyServer(comfyui, python, base, port, timeout=600)
     try:
         idle = _proc_status(server.server.pid)
-        prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=0)
-        prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
-        prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
-        run = server.run(prompt, timeout=6 * 3600)
-        after = _proc_status(server.server.pid)
+        seconds, peaks = [], []
+        for index in range(runs):
+            prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=index)
+            prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
+            prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
+            if index:
+                prompt["2"]["inputs"]["instruction"] += f" Variation {index}."
+            seconds.append(round(server.run(prompt, timeout=6 * 3600)["seconds"], 1))
+            after = _proc_status(server.server.pid)
+            peaks.append(round(after["VmHWM"] / GIB, 2))
     finally:
         server.stop()
-    return {"seconds": round(run["seconds"], 1), "idle_rss_gib": round(idle["VmRSS"] / GIB, 2),
-            "rss_after_gib": round(after["VmRSS"] / GIB, 2), "peak_gib": round(after["VmHWM"] / GIB, 2),
-            "log": str(server.log)}
+    return {"seconds": seconds[0], "idle_rss_gib": round(idle["VmRSS"] / GIB, 2),
+            "rss_after_gib": round(after["VmRSS"] / GIB, 2), "peak_gib": peaks[-1],
+            "seconds_each": seconds, "peaks_gib": peaks, "log": str(server.log)}
 
 
 def _proc_status(pid: int) -> dict[str, int]:

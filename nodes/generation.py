@@ -275,6 +275,8 @@ class UnisonVaceSampler:
             # and VAE only to sample, so ComfyUI may offload umT5 to make room for them.
             comfy.load_for_use([vace.text_patcher], memory_required=estimate.text_encoding_bytes(m))
             contexts = text.text_contexts(m, p.prompt, tokens, negative_prompt=negative_prompt)
+            # On the CPU ComfyUI's offload moves nothing: umT5's mapped pages are given back instead.
+            text.release_encoder_pages(m)
             comfy.load_for_use(vace.sampling_patchers, memory_required=estimate.sampling_bytes(
                 p, estimate.footprint(m), estimate.run_settings(m, options, int(inputs.references.shape[0]))))
             return sampler.sample(m, p, inputs, contexts.cond, contexts.neg, options, progress=progress,
@@ -300,8 +302,19 @@ class UnisonVaceSampler:
 
 
 def _memory_preflight(plan: Any, models: Any, options: Any) -> tuple[Any, list[str]]:
-    """The plan's memory check (``vram_estimate.preflight``), counting what ComfyUI can offload as free."""
-    return estimate.preflight(plan, models, options, evictable=comfy.evictable_bytes(str(models.device)))
+    """The plan's memory check (``vram_estimate.preflight``), counting what ComfyUI can offload as free.
+
+    On a GPU that is the models ComfyUI holds there. On the CPU offloading moves nothing: what the
+    run's own transformer and VAE hold in private memory is counted as theirs already, while pages
+    mapped from their files count as available RAM already (the kernel can drop them).
+    """
+    device = str(models.device)
+    if device.startswith("cpu"):
+        pages = runtime_module("mapped_pages")
+        held = pages.private_bytes(pages.tensors_of(models.transformer, models.vae))
+    else:
+        held = comfy.evictable_bytes(device)
+    return estimate.preflight(plan, models, options, evictable=held)
 
 
 @functools.cache

@@ -304,7 +304,8 @@ TEXT_DEVICE_TOOLTIP = (
     "21.2 GiB in fp32), plus ~0.7 GiB to encode a prompt; the same in RAM or VRAM. auto = ComfyUI's text-encoder "
     "device (the CPU under --lowvram / --novram): it is loaded only to encode the prompts and ComfyUI may "
     "offload it before sampling. cpu: never on the GPU, slower prompt encoding (once per run), costs system RAM "
-    "instead. main device = the GPU while encoding.")
+    "instead, only while encoding: the RAM of a stored fp8 / fp16 file is given back after each encode (read "
+    "again for the next prompt); a converted copy stays. main device = the GPU while encoding.")
 TEXT_DTYPE_TOOLTIP = (
     "umT5-XXL compute dtype: auto = bf16 on a capable GPU, fp32 on the CPU (bf16 on a CPU with native bf16). "
     "fp8 / fp16 files stay as stored whatever you choose (6.3 / 10.6 GiB; cast one layer at a time), so this "

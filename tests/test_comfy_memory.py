@@ -381,3 +381,25 @@ def test_decode_out_of_memory_retried_tiled_without_losing_the_latents(monkeypat
     assert "decoding ran out of memory; decoded again in 256x256 tiles" in out["ui"]["text"][0]
     assert vace.transformer_patcher not in rc.loaded()  # freed for the retry
     assert vae.use_tiling is False  # the VAE's own setting is back
+
+
+def test_on_the_cpu_stored_weights_give_their_ram_back_and_stay_loaded(monkeypatch, comfy, tiny_models):  # noqa: F811
+    """ComfyUI's --cpu: the offload device is the compute device, so its unload would free nothing. umT5's mapped
+    pages go back after encoding and the transformer's before decoding; ComfyUI keeps all three loaded, and the next
+    prompt computes the same from pages read back from the files."""
+    mapped_pages = runtime_module("mapped_pages")
+    install_models(comfy, tiny_models)
+    rc = real_comfy.install(monkeypatch, CHECKOUT, 24 * GiB)
+    for name in ("get_torch_device", "text_encoder_device"):  # ComfyUI's --cpu devices: real computation
+        monkeypatch.setattr(rc.mm, name, lambda: torch.device("cpu"))
+    vace = load_vace()
+    assert [p.load_device.type for p in vace.patchers] == ["cpu", "cpu", "cpu"]
+    umt5, transformer = (mapped_pages.tensors_of(m) for m in (vace.models.text_encoder, vace.models.transformer))
+    assert mapped_pages.mapped_bytes(umt5) > 0 and mapped_pages.mapped_bytes(transformer) > 0
+    packet = plan_for(32, 32, 0)
+    node = UnisonVaceSampler()
+    first = node.sample(vace, packet, 3, 2, 5.0, 5.0, "blurry")["result"][0]
+    assert mapped_pages.resident_mapped_bytes(umt5) == 0 and mapped_pages.resident_mapped_bytes(transformer) == 0
+    assert {id(p) for p in rc.loaded()} == {id(p) for p in vace.patchers}  # ComfyUI still holds each, once
+    again = node.sample(vace, packet, 3, 2, 5.0, 5.0, "blurry")["result"][0]
+    assert torch.equal(first, again)

@@ -358,3 +358,33 @@ def test_sampling_on_the_cpu_returns_freed_blocks_to_the_os_once(models, monkeyp
     finally:
         generation._settle_cpu_heap.cache_clear()
     assert calls == [heap.MMAP_THRESHOLD]  # once per server, at the CLI's threshold
+
+
+def test_sampling_on_the_cpu_gives_back_the_pages_of_umt5_and_the_transformer(models) -> None:
+    """ComfyUI keeps the models for the next prompt, and on the CPU its offload moves nothing: the stored weights'
+    pages are given back instead (umT5's after encoding, the transformer's before decoding), the models stay usable."""
+    from unison_runtime import mapped_pages
+
+    vace = load_vace()
+    umt5 = mapped_pages.tensors_of(vace.models.text_encoder)
+    transformer = mapped_pages.tensors_of(vace.models.transformer)
+    assert mapped_pages.mapped_bytes(umt5) > 0 and mapped_pages.mapped_bytes(transformer) > 0
+    packet = plan_for("A watercolor painting of a harbor.", width=16, height=16)
+    first, *_ = sample(vace, packet, seed=3, steps=1, guidance=5.0)
+    assert mapped_pages.resident_mapped_bytes(umt5) == 0 and mapped_pages.resident_mapped_bytes(transformer) == 0
+    again, *_ = sample(vace, packet, seed=3, steps=1, guidance=5.0)  # read back from the files
+    assert torch.equal(first, again)
+    assert load_vace() is vace  # still the loaded copy: nothing was unloaded
+
+
+def test_cpu_preflight_does_not_count_models_comfyui_holds_as_free(models, monkeypatch) -> None:
+    """On the CPU offloading frees nothing, so what ComfyUI could offload does not make a plan fit."""
+    from unison_runtime import memory_estimate
+    from unison_runtime.memory_estimate import MemoryWontFit
+
+    vace = load_vace()
+    packet = plan_for("A watercolor painting of a harbor.")
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device: 1024**2)  # 1 MiB free
+    monkeypatch.setattr(comfy_bridge, "evictable_bytes", lambda device: 1024**4)  # "1 TiB offloadable"
+    with pytest.raises(MemoryWontFit):
+        sample(vace, packet)

@@ -337,7 +337,7 @@ class UnisonPipeline:
 
         The negative embedding is cached per negative prompt until the VACE models are released.
         """
-        from .vace.text import assemble_contexts, encode_negative, encode_text
+        from .vace.text import assemble_contexts, encode_negative, encode_text, release_encoder_pages
 
         models = self.text_models
         if self._sources["text_encoder"] is not None:
@@ -355,7 +355,9 @@ class UnisonPipeline:
         key = "\0wan-default" if negative_prompt is None else negative_prompt
         if key not in self._negative_cache:
             self._negative_cache[key] = encode_negative(models, negative_prompt)
-        return assemble_contexts(encode_text(models, plan.prompt), tokens, self._negative_cache[key])
+        contexts = assemble_contexts(encode_text(models, plan.prompt), tokens, self._negative_cache[key])
+        release_encoder_pages(models)  # kept for the next job, but not resident beside the transformer
+        return contexts
 
     def sources(self, plan: Plan, media: Sequence[Medium]) -> VaceInputs:
         """VACE source frames, masks and references for the plan's task (see :mod:`.vace.sources`).

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import mapped_pages
 from ..errors import MediaError, SamplingCancelled, UnisonError
 from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset_model_caches
 from ..plan import Plan
@@ -532,6 +533,8 @@ def sample(
             stage[0] = "decoding with the VAE"
             num_references = prepared.num_references
             del prepared  # the control latents are not needed to decode
+            if str(models.device).startswith("cpu"):  # nor the transformer's weights: their RAM goes to the decode
+                mapped_pages.give_back("VACE transformer", models.transformer, after="before decoding")
             frames = plan.num_frames
             announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
                      + (" (tiled)" if options.vae_tiling else ""))

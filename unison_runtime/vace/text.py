@@ -17,6 +17,7 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
+from .. import mapped_pages
 from ..errors import UnisonError
 from ..projector import REFERENCE_CONTEXT_LENGTH, build_context
 from .models import VaceModels
@@ -126,3 +127,15 @@ def text_contexts(
         encode_text(models, prompt), projector_tokens, encode_negative(models, negative_prompt),
         total_length=total_length,
     )
+
+
+def release_encoder_pages(models: VaceModels) -> int:
+    """After encoding on the CPU, give back umT5's pages mapped from its file; returns the bytes given back.
+
+    umT5 stays loaded (a host may keep it for the next prompt, as ComfyUI does), but its stored
+    weights (6.3 GiB of scaled fp8 at released size) need not stay resident beside the transformer
+    while it samples: the pages are read again on the next encode (:mod:`unison_runtime.mapped_pages`).
+    """
+    if models.text_encoder is None or not str(models.text_device).startswith("cpu"):
+        return 0
+    return mapped_pages.give_back("umT5", models.text_encoder, after="after encoding")
