@@ -30,12 +30,13 @@ CARDS = (8, 12, 16, 24)
 def footprints(directory: Path) -> dict[str, memory.ModelFootprint]:
     """GPU (bf16 compute, fp8 umT5 kept) and CPU (fp32 compute, narrow matrices kept) footprints."""
     paths = find_models(directory)
-    qwen = directory / "unison" / "Qwen2.5-VL-3B-Instruct"
+    qwen, lora = directory / "unison" / "Qwen2.5-VL-3B-Instruct", directory / "unison" / "unison-lora"
     stage_one = [qwen] if qwen.is_dir() else []
+    lora = lora if lora.is_dir() else None  # Unison's LoRA unties the LM head (lm_head_bytes)
     gpu = memory.footprint_from_paths(paths, transformer_dtype="bf16", text_dtype="bf16", stage_one=stage_one,
-                                      stage_one_dtype="bf16")
+                                      stage_one_dtype="bf16", stage_one_lora=lora)
     cpu = memory.footprint_from_paths(paths, transformer_dtype="fp32", text_dtype="fp32", stage_one=stage_one,
-                                      stage_one_dtype="fp32")
+                                      stage_one_dtype="fp32", stage_one_lora=lora)
     return {"gpu": gpu, "cpu": cpu,
             "umt5 bf16": dataclasses.replace(gpu, text_encoder=memory.weight_bytes([paths.text_encoder], "bf16"))}
 

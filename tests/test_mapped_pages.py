@@ -146,7 +146,7 @@ def test_umt5_on_another_device_is_left_alone(cpu_models) -> None:
     assert umt5_resident(cpu_models) == resident > 0
 
 
-def test_transformer_pages_are_given_back_before_decoding_with_the_same_frames(cpu_models, monkeypatch) -> None:
+def test_transformer_pages_are_given_back_while_the_vae_works_with_the_same_frames(cpu_models, monkeypatch) -> None:
     plan = default_plan("text_to_image", width=32, height=32)
     inputs = VaceInputs(frames=torch.full((1, 32, 32, 3), 0.5), masks=torch.ones(1, 32, 32),
                         references=torch.zeros(0, 32, 32, 3))
@@ -154,17 +154,25 @@ def test_transformer_pages_are_given_back_before_decoding_with_the_same_frames(c
     options = sampler.SamplingOptions(steps=2, guidance=3.0, seed=5)
     transformer = mapped_pages.tensors_of(cpu_models.transformer)
     assert mapped_pages.mapped_bytes(transformer) > 0
-    decode, seen = sampler.decode, []
+    seen: list[tuple[str, int]] = []
 
-    def recording_decode(*args, **kwargs):
-        seen.append(mapped_pages.resident_mapped_bytes(transformer))
-        return decode(*args, **kwargs)
+    def recording(name):
+        original = getattr(sampler, name)
 
-    monkeypatch.setattr(sampler, "decode", recording_decode)
+        def call(*args, **kwargs):
+            seen.append((name, mapped_pages.resident_mapped_bytes(transformer)))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(sampler, name, call)
+
+    recording("prepare_latents")
+    recording("decode")
+    float(sum(t.float().sum() for t in transformer))  # resident, as after an earlier run
     generation = sampler.sample(cpu_models, plan, inputs, contexts.cond, contexts.neg, options)
+    assert seen == [("prepare_latents", 0), ("decode", 0)]  # the VAE works while the pages are given back
     monkeypatch.setattr(mapped_pages, "give_back", lambda *args, **kwargs: 0)  # the same run, pages kept
     kept = sampler.sample(cpu_models, plan, inputs, contexts.cond, contexts.neg, options)
-    assert seen[0] == 0 and seen[1] > 0
+    assert seen[3][1] > 0  # kept resident through the run this time
     assert torch.equal(generation.frames, kept.frames)
 
 

@@ -191,3 +191,96 @@ def test_vae_decode_counts_the_feature_cache_of_every_causal_convolution_of_the_
     assert tiled == memory.vae_decode_bytes(256, 256, 81, config, 4, device="cuda")
     assert memory.vae_decode_bytes(256, 256, 9, config, 4, device="cpu") > memory.vae_decode_bytes(
         256, 256, 9, config, 4, device="cuda")
+
+
+# --------------------------------------------------------------------------- stage one's LM head
+
+
+def write_qwen_like(folder, *, vocab=100, hidden=16, dtype=None, own_head=False):
+    """A folder whose safetensors header has a Qwen-style embedding (and an LM head of its own if asked)."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = dtype or torch.bfloat16
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"model.language_model.embed_tokens.weight": torch.zeros(vocab, hidden, dtype=dtype),
+               "model.language_model.layers.0.mlp.up_proj.weight": torch.zeros(4 * hidden, hidden, dtype=dtype)}
+    if own_head:
+        tensors["lm_head.weight"] = torch.zeros(vocab, hidden, dtype=dtype)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def write_adapter_config(folder, modules_to_save):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"modules_to_save": modules_to_save, "r": 4}))
+    return folder
+
+
+def test_lm_head_untied_by_the_lora_and_cast_for_the_logits_are_counted(tmp_path):
+    base = write_qwen_like(tmp_path / "qwen")
+    lora = write_adapter_config(tmp_path / "lora", ["embed_tokens", "lm_head"])
+    matrix = 100 * 16
+    assert memory.lm_head_bytes([base], lora, "fp32") == (matrix * 2, matrix * 4)  # bf16 held, fp32 cast
+    assert memory.lm_head_bytes([base], None, "fp32") == (0, matrix * 4)  # tied: no second matrix
+    assert memory.lm_head_bytes([base], write_adapter_config(tmp_path / "plain", None), "fp32") == (0, matrix * 4)
+    assert memory.lm_head_bytes([base], lora, "bf16") == (matrix * 2, 0)  # computes as stored: nothing cast
+    assert memory.lm_head_bytes([base], lora, "fp32", keep_narrower=False) == (matrix * 2, 0)  # converted at load
+    own = write_qwen_like(tmp_path / "untied", own_head=True)
+    assert memory.lm_head_bytes([own], lora, "fp32") == (0, matrix * 4)  # already its own matrix
+    assert memory.lm_head_bytes([tmp_path / "missing"], lora, "fp32") == (0, 0)
+
+
+def test_planning_phase_holds_the_untied_head_and_the_cast(tmp_path, tiny_dir):
+    from unison_runtime.models_dir import ModelPaths
+
+    base = write_qwen_like(tmp_path / "qwen", vocab=1000, hidden=64)
+    lora = write_adapter_config(tmp_path / "lora", ["embed_tokens", "lm_head"])
+    paths = ModelPaths(diffusers_dir=tiny_dir)
+    plain = memory.footprint_from_paths(paths, transformer_dtype="fp32", stage_one=[base], stage_one_dtype="fp32")
+    merged = memory.footprint_from_paths(paths, transformer_dtype="fp32", stage_one=[base], stage_one_dtype="fp32",
+                                         stage_one_lora=lora)
+    matrix = 1000 * 64
+    assert merged.stage_one == plain.stage_one + matrix * 2 and merged.stage_one_work == plain.stage_one_work \
+        == matrix * 4
+    plan = default_plan("text_to_image", width=64, height=64)
+    settings = memory.RunSettings(low_memory=True)
+    without_work = dataclasses.replace(merged, stage_one_work=0)
+    phases = memory.estimate_run(plan, merged, settings).phases
+    assert phases["planning"] - memory.estimate_run(plan, without_work, settings).phases["planning"] == matrix * 4
+    assert memory.footprint_from_paths(paths, transformer_dtype="fp32").stage_one_work == 0  # no Qwen: nothing
+    elsewhere = memory.estimate_run(plan, merged, dataclasses.replace(settings, stage_one_device="cuda:1"))
+    assert "planning" not in elsewhere.phases and elsewhere.other_devices["cuda:1"] >= merged.stage_one + matrix * 4
+
+
+# --------------------------------------------------------------------------- the transformer's mapped pages
+
+
+def test_the_cpu_vae_phases_do_not_count_the_transformers_mapped_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from unison_runtime.models_dir import find_models
+    from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
+    from unison_runtime.vace.files import load_vace_from_files
+
+    files = build_tiny_comfy_models_dir(tmp_path)
+    read = memory.footprint_from_paths(find_models(tmp_path), transformer_dtype="fp32")
+    stored = load_file(str(files["transformer"]))
+    assert read.transformer_mapped == sum(t.nbytes for t in stored.values() if t.ndim == 2
+                                          and t.dtype == torch.float16) > 0  # the fp16 matrices stay as stored
+    assert memory.footprint_from_paths(find_models(tmp_path), transformer_dtype="fp32",
+                                       cast_per_layer=False).transformer_mapped == 0  # converted: private memory
+    models = load_vace_from_files(files["transformer"], files["vae"], files["text_encoder"], device="cpu")
+    loaded = memory.footprint_from_models(models)
+    kept = sum(t.nbytes for t in models.transformer.parameters() if t.dtype == torch.float16)
+    assert loaded.transformer_mapped == kept and 0 < kept <= read.transformer_mapped
+    plan = default_plan("text_to_video", width=64, height=64, num_frames=9)
+    unmapped = dataclasses.replace(loaded, transformer_mapped=0)
+    for device, given_back in (("cpu", kept), ("cuda", 0)):  # given back on the CPU only
+        settings = memory.RunSettings(device=device, low_memory=True)
+        with_pages, without = (memory.estimate_run(plan, f, settings).phases for f in (loaded, unmapped))
+        assert {phase: without[phase] - with_pages[phase] for phase in without} == {
+            "loading": 0, "encoding": given_back, "sampling": 0, "decoding": given_back, "encoding the prompt": 0}

@@ -100,20 +100,32 @@ def _overlaps(ranges: list[tuple[int, int]], mappings: list[FileMapping]) -> lis
     return [(mapping, low, high) for mapping, (low, high) in pieces.items()]
 
 
+def _tensor_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """Address ranges of the distinct CPU tensors (their own bytes, not their storage's)."""
+    ranges: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and not tensor.is_meta and tensor.numel():
+            ranges[tensor.data_ptr()] = max(ranges.get(tensor.data_ptr(), 0), tensor.numel() * tensor.element_size())
+    return sorted((start, start + size) for start, size in ranges.items())
+
+
+def _in_mappings(ranges: list[tuple[int, int]], mappings: list[FileMapping]) -> int:
+    return sum(max(0, min(end, m.end) - max(begin, m.start)) for begin, end in ranges for m in mappings)
+
+
 def mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the storages under ``tensors`` that lie in file mappings (resident or not)."""
-    return sum(high - low for _, low, high in _overlaps(_storage_ranges(tensors), file_mappings()))
+    """Bytes of ``tensors`` (each distinct tensor's own bytes) that are views of a file (resident or not)."""
+    return _in_mappings(_tensor_ranges(tensors), file_mappings())
 
 
 def private_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the CPU storages under ``tensors`` outside any file mapping: memory they hold for good.
+    """Bytes of the distinct CPU ``tensors`` outside any file mapping: memory they hold for good.
 
     Mapped pages count as available memory to the kernel (it can drop and re-read them), so a memory
     check counts only these as already in use.
     """
-    ranges = _storage_ranges(tensors)
-    total = sum(end - begin for begin, end in ranges)
-    return total - sum(high - low for _, low, high in _overlaps(ranges, file_mappings()))
+    ranges = _tensor_ranges(tensors)
+    return sum(end - begin for begin, end in ranges) - _in_mappings(ranges, file_mappings())
 
 
 def _smaps_fields(starts: set[int], wanted: tuple[str, ...]) -> dict[int, dict[str, int]]:

@@ -89,6 +89,11 @@ class ModelFootprint:
     projector: int = 0
     text_config: Mapping[str, Any] = field(default_factory=dict)
     text_dtype: str = "fp32"
+    #: Stage one's largest transient beside its weights: the LM head cast for the logits (see :func:`lm_head_bytes`).
+    stage_one_work: int = 0
+    #: Bytes of the transformer's weights that are views of its file (stored fp16 / fp8 kept): on the CPU the
+    #: sampler gives their pages back before decoding (:mod:`unison_runtime.mapped_pages`).
+    transformer_mapped: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,20 @@ def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None, *, keep_
     ``dtype`` stay as stored (:mod:`unison_runtime.vace.stored_precision` casts them layer by
     layer), so they count at their stored width; vectors (norms, biases) are converted.
     """
+    return _held_and_kept(paths, dtype, keep_narrower)[0]
+
+
+def kept_bytes(paths: Iterable[str | Path | None], dtype: str | None) -> int:
+    """Bytes of the matrices in the safetensors files of ``paths`` kept as stored for a ``dtype``
+    computation (:func:`weight_bytes`' ``keep_narrower`` rule): views of the file, whose pages the
+    CPU sampler gives back when it is done with them (:mod:`unison_runtime.mapped_pages`). A little
+    high: the few embedder matrices the loader converts all the same count (~50 MB at 1.3B)."""
+    return _held_and_kept(paths, dtype, True)[1]
+
+
+def _held_and_kept(paths: Iterable[str | Path | None], dtype: str | None, keep_narrower: bool) -> tuple[int, int]:
     width = DTYPE_BYTES.get(str(dtype).lower()) if dtype is not None else None
-    total = 0
+    total = kept = 0
     for path in _weight_files(paths):
         if path.suffix != ".safetensors":
             total += path.stat().st_size
@@ -190,10 +207,12 @@ def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None, *, keep_
             count = math.prod(shape)
             floating = stored.startswith(("F", "BF"))
             size = _SAFETENSORS_BYTES.get(stored, 4)
-            if floating and width and not (keep_narrower and len(shape) == 2 and size < width):
+            if floating and width and keep_narrower and len(shape) == 2 and size < width:
+                kept += count * size
+            elif floating and width:
                 size = width
             total += count * size
-    return total
+    return total, kept
 
 
 def _weight_files(paths: Iterable[str | Path | None]) -> list[Path]:
@@ -222,6 +241,7 @@ def _json_config(folder: Path | None, fallback: str) -> dict[str, Any]:
 def footprint_from_paths(
     paths: Any, *, transformer_dtype: str, vae_dtype: str = "fp32", text_dtype: str | None = None,
     stage_one: Iterable[str | Path | None] = (), stage_one_dtype: str | None = None, cast_per_layer: bool = True,
+    stage_one_lora: str | Path | None = None,
 ) -> ModelFootprint:
     """A footprint from the files :func:`unison_runtime.models_dir.find_models` found (``ModelPaths``).
 
@@ -244,15 +264,68 @@ def footprint_from_paths(
         configs = (_transformer_config_from_file(getattr(paths, "transformer", None)), _json_config(None, "wan2.1-vae"),
                    _umt5_config_from_file(getattr(paths, "text_encoder", None)))
     keep = {"keep_narrower": cast_per_layer}
+    stage_one = list(stage_one)
+    untied, cast = lm_head_bytes(stage_one, stage_one_lora, stage_one_dtype, **keep)
+    stage_one_bytes = weight_bytes(stage_one, stage_one_dtype, **keep)
+    single_file = folder is None and str(parts["transformer"][0] or "").endswith(".safetensors")
     return ModelFootprint(
+        transformer_mapped=kept_bytes(parts["transformer"], transformer_dtype) if single_file and cast_per_layer else 0,
         transformer=weight_bytes(parts["transformer"], transformer_dtype, **keep),
         vae=weight_bytes(parts["vae"], vae_dtype),
         text_encoder=weight_bytes(parts["text_encoder"], text_dtype, **keep),
         transformer_config=configs[0], vae_config=configs[1],
-        stage_one=weight_bytes(stage_one, stage_one_dtype, **keep),
+        stage_one=stage_one_bytes + untied if stage_one_bytes else 0,
         projector=weight_bytes([getattr(paths, "projector", None)], None),
         text_config=configs[2], text_dtype=text_dtype,
+        stage_one_work=cast if stage_one_bytes else 0,
     )
+
+
+def lm_head_bytes(stage_one: Iterable[str | Path | None], lora: str | Path | None, dtype: str | None, *,
+                  keep_narrower: bool = True) -> tuple[int, int]:
+    """(held, work): stage one's LM head beyond the base folder's weights, from the files' headers.
+
+    ``held``: a base that ties its LM head to the token embedding (Qwen2.5-VL-3B) gets a matrix of its
+    own when the LoRA saves ``lm_head`` (Unison's saves it beside ``embed_tokens``): one more
+    vocab x hidden matrix at the stored width once merged (0.58 GiB in bf16 at 3B). ``work``: with the
+    matrices kept narrower than the compute dtype, the LM head is cast whole for the logits, the
+    largest per-layer cast (vocab x hidden at the compute width: 1.16 GiB in fp32 at 3B). Measured at
+    released size: 7.55 GiB held after the merge, a peak of 8.72 GiB in the first forward
+    (BENCHMARKS.md section 8). (0, 0) when the files do not say.
+    """
+    embedding = head = None
+    for path in _weight_files(stage_one):
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            header = safetensors_header(path)
+        except (OSError, ValueError, UnisonError):
+            continue
+        for name, info in header.items():
+            if isinstance(info, dict) and name.endswith("embed_tokens.weight"):
+                embedding = info
+            elif isinstance(info, dict) and name.endswith("lm_head.weight"):
+                head = info
+    if embedding is None or len(embedding.get("shape", [])) != 2:
+        return 0, 0
+    count = math.prod(int(n) for n in embedding["shape"])
+    stored = _SAFETENSORS_BYTES.get(str(embedding.get("dtype", "F32")), 4)
+    held = count * stored if head is None and _lora_saves_lm_head(lora) else 0
+    width = DTYPE_BYTES.get(str(dtype).lower()) if dtype is not None else None
+    work = count * width if keep_narrower and width and width > stored else 0
+    return held, work
+
+
+def _lora_saves_lm_head(lora: str | Path | None) -> bool:
+    """Whether the adapter at ``lora`` saves a whole ``lm_head`` (peft's ``modules_to_save``)."""
+    config = Path(lora) / "adapter_config.json" if lora is not None else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8")).get("modules_to_save") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(saved, list) and "lm_head" in saved
 
 
 def _transformer_config_from_file(path: str | Path | None) -> dict[str, Any]:
@@ -329,7 +402,17 @@ def footprint_from_models(models: Any, *, stage_one: int = 0) -> ModelFootprint:
     return ModelFootprint(transformer=size(models.transformer), vae=size(models.vae),
                           text_encoder=size(text),
                           transformer_config=dict(models.transformer.config), vae_config=dict(models.vae.config),
-                          stage_one=stage_one, text_config=text_config, text_dtype=text_dtype)
+                          stage_one=stage_one, text_config=text_config, text_dtype=text_dtype,
+                          transformer_mapped=_mapped_on_cpu(models.transformer, models.device))
+
+
+def _mapped_on_cpu(module: Any, device: Any) -> int:
+    """Bytes of ``module``'s weights that are views of its file, when it computes on the CPU (else 0)."""
+    if module is None or not same_device(str(device), "cpu"):
+        return 0
+    from . import mapped_pages
+
+    return mapped_pages.mapped_bytes(mapped_pages.tensors_of(module))
 
 
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -517,6 +600,13 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
 
     text_here = place("weights: umT5 text encoder", models.text_encoder, settings.text_device)
     stage_here = place("weights: stage one (Qwen2.5-VL)", models.stage_one, settings.stage_one_device)
+    stage_work = models.stage_one_work if models.stage_one else 0
+    if stage_work and stage_here:
+        parts["planning: LM head cast for the logits"] = stage_work
+    elif stage_work:  # beside stage one on its own device
+        where = str(settings.stage_one_device)
+        alone = models.stage_one + stage_work
+        other[where] = max(other[where], alone) if settings.low_memory else other[where] + stage_work
     if models.projector:
         parts["weights: projector"] = models.projector
     encode_text = text_encoding_bytes(models.text_config, models.text_dtype) if text_here else 0
@@ -549,14 +639,16 @@ def estimate_run(plan: Any, models: ModelFootprint, settings: RunSettings | None
     if overhead:
         parts["runtime: libraries and kernels"] = overhead
     held = sampler_weights + kept + overhead
+    # On the CPU the transformer's mapped pages are given back while the VAE encodes and decodes (vace/sampler.py).
+    vae_held = held - (models.transformer_mapped if same_device(device, "cpu") else 0)
     phases = {
         "loading": held,
-        "encoding": held + parts["encoding: source frames"] + work,
+        "encoding": vae_held + parts["encoding: source frames"] + work,
         "sampling": held + sum(sampling.values()),
-        "decoding": held + work + parts["decoding: frames"],
+        "decoding": vae_held + work + parts["decoding: frames"],
     }
     if stage_here:
-        phases["planning"] = overhead + (stage_here if settings.low_memory else stage_here + text_here)
+        phases["planning"] = overhead + stage_work + (stage_here if settings.low_memory else stage_here + text_here)
     if text_here:
         phases["encoding the prompt"] = overhead + encode_text + (
             text_here if settings.low_memory else text_here + stage_here + sampler_weights)

@@ -655,16 +655,10 @@ def pipeline_from_args(args: Any, progress: Progress | None = None, *,
     """
     from functools import partial
 
-    model, lora = getattr(args, "model", None), getattr(args, "lora", None)
     locations = locate_models(args.models)
     if prepare_vace is not None and locations.load_vace is not None:
         locations.load_vace = _then(locations.load_vace, prepare_vace)
-    qwen = model or locations.qwen
-    found_base = model is None or (locations.qwen is not None and Path(model).resolve() == locations.qwen.resolve())
-    if lora is None and found_base:
-        lora = locations.lora
-    if qwen is None and getattr(args, "lora", None) is None:
-        lora = None  # a LoRA found without its base cannot run: the rule planner plans
+    qwen, lora = stage_one_folders(args, locations)
     if lora is not None and qwen is None:
         raise UnisonError(f"--lora needs a Qwen2.5-VL base: --model DIR, or one in {Path(args.models) / 'unison'}")
     device = getattr(args, "device", None)
@@ -702,6 +696,22 @@ def _then(load: Callable[..., Any], prepare: Callable[[Any], Any]) -> Callable[.
     return load_and_prepare
 
 
+def stage_one_folders(args: Any, locations: ModelLocations) -> tuple[Path | str | None, Path | str | None]:
+    """The Qwen base and LoRA stage one runs with: ``--model`` / ``--lora``, else those in ``DIR/unison``.
+
+    An explicit ``--model`` without ``--lora`` runs as given (it may be a merged planner): the LoRA
+    found in ``DIR/unison`` is only added to the Qwen folder found next to it.
+    """
+    model, lora = getattr(args, "model", None), getattr(args, "lora", None)
+    qwen = model or locations.qwen
+    found_base = model is None or (locations.qwen is not None and Path(model).resolve() == locations.qwen.resolve())
+    if lora is None and found_base:
+        lora = locations.lora
+    if qwen is None and getattr(args, "lora", None) is None:
+        lora = None  # a LoRA found without its base cannot run: the rule planner plans
+    return qwen, lora
+
+
 def _vace_options(args: Any) -> dict[str, Any]:
     return {"device": getattr(args, "device", None), "dtype": getattr(args, "vace_dtype", None),
             "text_device": getattr(args, "text_device", None), "text_dtype": getattr(args, "text_dtype", None)}
@@ -728,11 +738,12 @@ def cli_memory_footprint(args: Any, locations: ModelLocations, plan: Plan) -> tu
     text_device = getattr(args, "text_device", None) or device
     transformer = dtype_name(resolve_dtype(getattr(args, "vace_dtype", None), device, role="transformer"))
     text = dtype_name(resolve_dtype(getattr(args, "text_dtype", None), text_device, role="text_encoder"))
-    stage_one = getattr(args, "model", None) or locations.qwen
+    stage_one, lora = stage_one_folders(args, locations)
     footprint = footprint_from_paths(
         locations.paths, transformer_dtype=transformer, vae_dtype=dtype_name(resolve_dtype(None, device, role="vae")),
         text_dtype=text, stage_one=[stage_one] if stage_one is not None else [],
-        stage_one_dtype=dtype_name(qwen_dtype(getattr(args, "dtype", None), torch.device(device))))
+        stage_one_dtype=dtype_name(qwen_dtype(getattr(args, "dtype", None), torch.device(device))),
+        stage_one_lora=lora)
     settings = RunSettings(device=device, text_device=text_device, transformer_dtype=transformer,
                            num_references=sum(1 for ref in plan.media if ref.role == "reference"))
     return footprint, settings

@@ -520,11 +520,14 @@ def sample(
         raise SamplingCancelled("sampling cancelled before it started")
     stage = ["encoding the VACE inputs with the VAE"]
     state: dict[str, Any] = {"step": 0, "batched": options.batch_cfg}
+    on_cpu = str(models.device).startswith("cpu")  # stored weights' pages are given back while the VAE works
 
     def work() -> torch.Tensor:
         # Everything this call allocates lives in this frame, which an out-of-memory error clears.
         with vae_tiling(models.vae, options.vae_tiling):
             announce(stage[0] + (" (tiled)" if options.vae_tiling else ""))
+            if on_cpu:  # the VAE works while the transformer waits: its pages need not be resident yet
+                mapped_pages.give_back("VACE transformer", models.transformer, after="before the VAE encoding")
             prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
             stage[0] = "sampling"
             announce(f"sampling {options.steps} steps")
@@ -533,7 +536,7 @@ def sample(
             stage[0] = "decoding with the VAE"
             num_references = prepared.num_references
             del prepared  # the control latents are not needed to decode
-            if str(models.device).startswith("cpu"):  # nor the transformer's weights: their RAM goes to the decode
+            if on_cpu:  # nor the transformer's weights: their RAM goes to the decode
                 mapped_pages.give_back("VACE transformer", models.transformer, after="before decoding")
             frames = plan.num_frames
             announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
