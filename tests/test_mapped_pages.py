@@ -97,15 +97,22 @@ def test_nothing_is_done_off_linux(weights_file, monkeypatch) -> None:
     assert mapped_pages.resident_mapped_bytes([big]) >= big.nbytes
 
 
-def test_give_back_says_what_and_how_much(weights_file, caplog) -> None:
+def test_give_back_says_what_and_how_much(weights_file, caplog, monkeypatch) -> None:
     module = torch.nn.Module()
     module.register_buffer("weight", weights_file.mapped("big"))
     float(module.weight.float().sum())
-    with caplog.at_level(logging.INFO, logger="unison"):
+    with caplog.at_level(logging.DEBUG, logger="unison"):
         released = mapped_pages.give_back("test model", module, after="after the test")
     assert released >= module.weight.nbytes
     assert f"test model: {released / 2**30:.2f} GiB of weights mapped from the file given back to the OS after " \
            "the test" in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]  # 8 MiB: below LOG_FROM, not shown by default
+    float(module.weight.float().sum())
+    caplog.clear()
+    monkeypatch.setattr(mapped_pages, "LOG_FROM", 1)
+    with caplog.at_level(logging.DEBUG, logger="unison"):
+        mapped_pages.give_back("test model", module, after="after the test")
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
 
 
 # --------------------------------------------------------------------------- the models

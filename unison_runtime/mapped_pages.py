@@ -36,6 +36,8 @@ MADV_PAGEOUT = 21
 _MAPS = Path("/proc/self/maps")
 _SMAPS = Path("/proc/self/smaps")
 _PAGEMAP = Path("/proc/self/pagemap")
+#: Smaller amounts are logged at debug level only (a user reads the line when it is worth a thought).
+LOG_FROM = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def give_back(what: str, *modules: Any, after: str) -> int:
     """:func:`release_file_pages` for the weights of ``modules``, with one log line naming ``what`` was given back."""
     released = release_file_pages(tensors_of(*modules))
     if released:
-        logging.getLogger("unison").info(
+        logging.getLogger("unison").log(
+            logging.INFO if released >= LOG_FROM else logging.DEBUG,
             "%s: %.2f GiB of weights mapped from the file given back to the OS %s (read again when next used)",
             what, released / 2**30, after)
     return released
