@@ -384,24 +384,32 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
 
 
 def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197,
-              guidance: float = 5.0, runs: int = 1) -> dict:
+              guidance: float = 5.0, runs: int = 1, planner: bool = False) -> dict:
     """A text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
     ComfyUI started on loopback with ``--cpu``, the released-size files linked into a scratch models folder;
     returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time.
 
     ``runs`` > 1 queues it again with a new seed and another prompt (umT5 encodes again, beside models kept
-    from the first run); ``peaks_gib`` / ``seconds_each`` then give the peak so far and the time after each run."""
+    from the first run); ``peaks_gib`` / ``seconds_each`` then give the peak so far and the time after each run.
+    ``planner``: as the shipped workflows, with the Qwen2.5-VL-3B planner + LoRA (Unison Planner Loader) and the
+    projector (its tokens into the Sampler); written first if missing. The random planner plans nonsense, so the
+    Planner node falls back to the rule planner's plan after generating its 256 tokens."""
     import shutil
 
     from bench.bench_caching import ComfyServer, api_prompt
 
+    if planner:
+        write_qwen(directory, _Pool(1))
+        write_projector(directory)
     base = directory / "comfy-base"
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     files = {"transformer": ("diffusion_models", "wan2.1_vace_1.3B_fp16.safetensors"),
              "vae": ("vae", "wan_2.1_vae.safetensors"),
              "text_encoder": ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors")}
-    for folder, name in files.values():
+    stage_one = [("unison", "Qwen2.5-VL-3B-Instruct"), ("unison", "unison-lora"), ("unison", "projector.pth")]
+    links = [*files.values(), *(stage_one if planner else [])]
+    for folder, name in links:
         link = base / "models" / folder / name
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
@@ -420,6 +428,15 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
             prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
             if index:
                 prompt["2"]["inputs"]["instruction"] += f" Variation {index}."
+            if planner:
+                prompt["6"] = {"class_type": "UnisonPlannerLoader", "inputs": {
+                    "model": "Qwen2.5-VL-3B-Instruct", "lora": "unison-lora", "dtype": "auto", "device": "auto",
+                    "attention": "auto"}}
+                prompt["7"] = {"class_type": "UnisonProjectorLoader", "inputs": {"projector": "projector.pth", "dtype": "auto"}}
+                prompt["8"] = {"class_type": "UnisonProjector", "inputs": {"projector": ["7", 0], "hidden": ["2", 2],
+                                                                           "context_length": 2048}}
+                prompt["2"]["inputs"]["planner"] = ["6", 0]
+                prompt["4"]["inputs"]["tokens"] = ["8", 0]
             seconds.append(round(server.run(prompt, timeout=6 * 3600)["seconds"], 1))
             after = _proc_status(server.server.pid)
             peaks.append(round(after["VmHWM"] / GIB, 2))

@@ -100,14 +100,32 @@ def _interrupt_criteria() -> Any:
 
 @dataclass(eq=False, repr=False)
 class LoadedPlanner:
-    """What ``UNISON_PLANNER`` carries: the runtime planner and its ComfyUI model-manager handle."""
+    """What ``UNISON_PLANNER`` carries: the runtime planner and its ComfyUI model-manager handle.
+
+    ``reload`` loads the same planner again (``(planner, patcher)``), for :meth:`ready` after
+    :meth:`release`: ComfyUI's cache keeps this object, so a planner whose memory was given back
+    comes back the next time a node plans with it.
+    """
 
     planner: Any
     label: str
     patcher: Any = None
+    reload: Callable[[], tuple[Any, Any]] | None = None
 
     def __repr__(self) -> str:  # ComfyUI prints inputs in error reports: keep it to a line
         return f"LoadedPlanner({self.label})"
+
+    @property
+    def on_cpu(self) -> bool:
+        return str(getattr(self.planner, "device", "")).startswith("cpu")
+
+    def ready(self) -> Any:
+        """The planner, loaded again first when its memory was given back (:meth:`release`)."""
+        if not getattr(self.planner, "loaded", True) and self.reload is not None:
+            log.info("Unison: loading the planner %s again (its memory was given back after the last plan)",
+                     self.label)
+            self.planner, self.patcher = self.reload()
+        return self.planner
 
     def release(self) -> None:
         """Give the memory back now: ComfyUI unloads the model, then the references to it are dropped."""
@@ -142,7 +160,10 @@ class UnisonPlannerLoader:
                 "dtype": (DTYPES, {"default": AUTO,
                                    "tooltip": "Weight dtype; auto = bf16 on a GPU that supports it, else fp32."}),
                 "device": ([AUTO, CPU], {"default": AUTO,
-                                         "tooltip": "auto = ComfyUI's device (the GPU unless started with --cpu)."}),
+                                         "tooltip": "auto = ComfyUI's device (the GPU unless started with --cpu). On "
+                                                    "the CPU the planner's RAM (7.6 GiB at 3B) is given back after "
+                                                    "each plan, so it is not held beside VACE; it loads again when "
+                                                    "the instruction changes."}),
                 "attention": ([AUTO, "sdpa", "eager", "flash_attention_2"], {
                     "default": AUTO,
                     "tooltip": "Attention backend; auto = flash_attention_2 when the flash-attn package is installed "
@@ -162,13 +183,14 @@ class UnisonPlannerLoader:
         target = _device_name(device)
         key = ("planner", signature([model_dir, lora_dir]), dtype, target, attention)
 
-        def load() -> LoadedPlanner:
+        label = model_dir.name + (f" + {lora_dir.name}" if lora_dir else "")
+
+        def load_and_register() -> tuple[Any, Any]:
             qwen = runtime_module("planner.qwen")
             comfy.free_for_load(_folder_bytes(model_dir) + _folder_bytes(lora_dir), target)
             planner = qwen.load_planner(model_dir, lora_dir, device=target, dtype=None if dtype == AUTO else dtype,
                                         attention=attention,
                                         generate_options={"stopping_criteria": _interrupt_criteria()})
-            label = model_dir.name + (f" + {lora_dir.name}" if lora_dir else "")
             module = getattr(planner, "model", None)
             # The planner loads straight onto its device (its dtype and attention are chosen for it there);
             # registering it as loaded right away keeps ComfyUI's accounting true and the planner evictable.
@@ -177,7 +199,11 @@ class UnisonPlannerLoader:
             if patcher is not None:
                 patcher.offload_device = comfy.offload_device()
                 comfy.load_for_use([patcher])
-            return LoadedPlanner(planner=planner, label=label, patcher=patcher)
+            return planner, patcher
+
+        def load() -> LoadedPlanner:
+            planner, patcher = load_and_register()
+            return LoadedPlanner(planner=planner, label=label, patcher=patcher, reload=load_and_register)
 
         return (LOADED.get_or_load(key, load, slot=("planner", unique_id) if unique_id is not None else None),)
 

@@ -203,7 +203,7 @@ class UnisonPlanner:
         ordered = [decoded[ref.path] for ref in parsed.media]
         parsed = runtime_module("media_probe").with_media_info(parsed, ordered)  # wired media inform the plan too
 
-        model = planner.planner if planner is not None else runtime_module("planner.rules").RulePlanner()
+        model = planner.ready() if planner is not None else runtime_module("planner.rules").RulePlanner()
         if planner is not None:
             comfy.load_for_use([planner.patcher])
         plan = self._plan(model, parsed, on_unreadable_plan, notes)
@@ -216,6 +216,8 @@ class UnisonPlanner:
                 plan = plan.with_changes(answer=answer)
         else:
             hidden = model.hidden_states(parsed)
+        if planner is not None and planner.on_cpu:
+            _give_back_planner(planner)
         if notes:
             plan = plan.with_changes(notes=(*plan.notes, *notes))
         packet = PlanPacket(plan=plan, media=tuple(decoded[name] for name in dict.fromkeys(r.path for r in plan.media)))
@@ -233,6 +235,19 @@ class UnisonPlanner:
                          "the rule planner's plan is used")
             log.warning("Unison Planner: %s; using the rule planner's plan", exc)
             return fallback
+
+
+def _give_back_planner(planner: Any) -> None:
+    """On the CPU the planner's RAM goes back once its plan, answer and hidden states are out.
+
+    ComfyUI's offload device is the CPU, so its model management never frees RAM a model holds there:
+    the planner (7.6 GiB at 3B with Unison's LoRA merged) would stay beside umT5 and the transformer for
+    the whole run, as the CLI's staging avoids. It is loaded again (:meth:`LoadedPlanner.ready`) only
+    when this node plans again: ComfyUI re-runs it for a changed instruction, not for a new seed.
+    """
+    planner.release()
+    log.info("Unison Planner: the planner's memory was given back after planning on the CPU (it loads again "
+             "when the instruction changes)")
 
 
 # --------------------------------------------------------------------------- overrides

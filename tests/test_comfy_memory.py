@@ -21,6 +21,7 @@ import pytest
 import torch
 from harness import real_comfy
 from harness.fixtures import (  # noqa: F401 - fixtures
+    QWEN_NAME,
     TEXT_ENCODER_NAME,
     TRANSFORMER_NAME,
     VAE_NAME,
@@ -34,7 +35,7 @@ import nodes.vram_estimate as estimate
 from nodes import comfy_bridge
 from nodes._runtime import runtime_module
 from nodes.generation import UnisonVaceSampler
-from nodes.loaders import UnisonVaceLoader
+from nodes.loaders import UnisonPlannerLoader, UnisonVaceLoader
 from nodes.planning import UnisonPlanner, UnisonTaskRouter
 from unison_runtime.errors import UnisonError
 
@@ -403,3 +404,17 @@ def test_on_the_cpu_stored_weights_give_their_ram_back_and_stay_loaded(monkeypat
     assert {id(p) for p in rc.loaded()} == {id(p) for p in vace.patchers}  # ComfyUI still holds each, once
     again = node.sample(vace, packet, 3, 2, 5.0, 5.0, "blurry")["result"][0]
     assert torch.equal(first, again)
+
+
+def test_on_the_cpu_the_planner_is_not_kept_beside_stage_two(monkeypatch, comfy, tiny_models):  # noqa: F811
+    """ComfyUI's --cpu: after planning, the Qwen planner leaves ComfyUI's loaded models and its RAM is freed; the
+    next plan loads it again and ComfyUI holds it once."""
+    install_models(comfy, tiny_models)
+    rc = real_comfy.install(monkeypatch, CHECKOUT, 24 * GiB)
+    monkeypatch.setattr(rc.mm, "get_torch_device", lambda: torch.device("cpu"))
+    loaded = UnisonPlannerLoader().load(QWEN_NAME, "none", "auto", "auto", "sdpa")[0]
+    assert rc.loaded() == [loaded.patcher]  # registered as loaded right away
+    first = UnisonPlanner().run("A photo of a lighthouse at dusk.", planner=loaded)["result"][0]
+    assert rc.loaded() == [] and not loaded.planner.loaded
+    again = UnisonPlanner().run("A photo of a lighthouse at dusk.", planner=loaded)["result"][0]
+    assert again.plan == first.plan and rc.loaded() == [] and not loaded.planner.loaded

@@ -177,7 +177,25 @@ def test_qwen_planner_plans_from_its_tokens_and_gives_hidden_states(comfy, tiny_
     assert "decided by: lora" in shown
     # ComfyUI's model manager was asked to place the planner before use.
     assert comfy.loads and comfy.loads[-1][0] is loaded.patcher
-    assert loaded.patcher.model.model is loaded.planner.model
+
+
+def test_qwen_planner_on_the_cpu_gives_its_memory_back_and_loads_again(comfy, tiny_models, scripted,  # noqa: F811
+                                                                       caplog) -> None:
+    """ComfyUI's offload device is the CPU: the planner's RAM goes back after it planned, and a later plan
+    (a changed instruction) loads it again through the same handle ComfyUI's cache keeps."""
+    install_models(comfy, tiny_models, planner=scripted["video"])
+    loaded = load_planner_node()
+    reloads = []
+    reload = loaded.reload
+    loaded.reload = lambda: reloads.append(True) or reload()
+    first, _, hidden, _ = plan_node("A kite over the sea, three seconds.", planner=loaded)
+    assert loaded.on_cpu and not loaded.planner.loaded and reloads == []
+    caplog.set_level("INFO", logger="unison")
+    again, _, hidden_again, _ = plan_node("A kite over the sea, three seconds.", planner=loaded)
+    assert reloads == [True] and "loading the planner" in caplog.text
+    assert again.plan == first.plan and torch.equal(hidden_again, hidden)  # the same planner, loaded again
+    assert comfy.loads[-1][0] is loaded.patcher  # the new copy was placed by ComfyUI's model manager
+    assert not loaded.planner.loaded  # and given back again
 
 
 def test_qwen_planner_answers_understanding_tasks(comfy, tiny_models, scripted) -> None:  # noqa: F811
