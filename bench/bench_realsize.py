@@ -432,7 +432,8 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
                 prompt["6"] = {"class_type": "UnisonPlannerLoader", "inputs": {
                     "model": "Qwen2.5-VL-3B-Instruct", "lora": "unison-lora", "dtype": "auto", "device": "auto",
                     "attention": "auto"}}
-                prompt["7"] = {"class_type": "UnisonProjectorLoader", "inputs": {"projector": "projector.pth", "dtype": "auto"}}
+                prompt["7"] = {"class_type": "UnisonProjectorLoader",
+                               "inputs": {"projector": "projector.pth", "dtype": "auto"}}
                 prompt["8"] = {"class_type": "UnisonProjector", "inputs": {"projector": ["7", 0], "hidden": ["2", 2],
                                                                            "context_length": 2048}}
                 prompt["2"]["inputs"]["planner"] = ["6", 0]

@@ -69,6 +69,13 @@ def test_guidance_bench_quick(capsys):
     assert by_case(rows, "batched guidance speedup").value > 0
 
 
+def test_cast_buffers_bench_quick(capsys):
+    rows, out = run_quick("bench_cast_buffers", capsys)
+    check_table(rows, out, "Per-layer casts on the CPU: reused buffers", "bench_cast_buffers")
+    assert by_case(rows, "outputs identical").met is True
+    assert by_case(rows, "token time, fresh casts / reused buffers").value > 0
+
+
 def test_engine_overhead_bench_quick(capsys):
     rows, out = run_quick("bench_engine_overhead", capsys)
     check_table(rows, out, "Engine overhead: Unison vs diffusers WanVACEPipeline", "bench_engine_overhead")

@@ -21,6 +21,7 @@ from unison_runtime.testing.tiny_wan_files import build_tiny_comfy_models_dir
 from unison_runtime.vace import sampler
 from unison_runtime.vace.files import load_vace_from_files
 from unison_runtime.vace.sources import VaceInputs
+from unison_runtime.vace.stored_precision import cast_buffers
 from unison_runtime.vace.text import release_encoder_pages, text_contexts
 from unison_runtime.weights import SafetensorsFile
 
@@ -138,9 +139,10 @@ def test_umt5_pages_are_given_back_after_encoding_and_encode_again_the_same(cpu_
     stored = mapped_pages.mapped_bytes(mapped_pages.tensors_of(cpu_models.text_encoder))
     assert stored > 0  # the fp8 matrices are views of the file
     first = text_contexts(cpu_models, "a lighthouse at dusk")
-    assert umt5_resident(cpu_models) > 0
+    casts = cast_buffers(cpu_models.text_encoder)
+    assert umt5_resident(cpu_models) > 0 and casts.held_bytes() > 0
     assert release_encoder_pages(cpu_models) > 0
-    assert umt5_resident(cpu_models) == 0
+    assert umt5_resident(cpu_models) == 0 and casts.held_bytes() == 0  # the reused casts went too
     again = text_contexts(cpu_models, "a lighthouse at dusk")
     assert torch.equal(first.cond, again.cond) and torch.equal(first.neg, again.neg)
 
@@ -168,6 +170,8 @@ def test_transformer_pages_are_given_back_while_the_vae_works_with_the_same_fram
 
         def call(*args, **kwargs):
             seen.append((name, mapped_pages.resident_mapped_bytes(transformer)))
+            if seen[-1][1] == 0:
+                assert cast_buffers(cpu_models.transformer).held_bytes() == 0  # given back with the pages
             return original(*args, **kwargs)
 
         monkeypatch.setattr(sampler, name, call)

@@ -76,27 +76,90 @@ def dequantize_weight(stored: torch.Tensor, scale: torch.Tensor | None, dtype: t
     return work if dtype == torch.float32 else work.to(dtype)
 
 
+class CastBuffers:
+    """Reusable CPU buffers for one model's per-layer casts: one per weight shape in use at once.
+
+    Why: a cast into a fresh tensor gets fresh pages from the OS each call (every cast above glibc's
+    mmap threshold is a mapping of its own), and on the CPU the kernel zeroing them cost more than the
+    cast: one generated token through Qwen2.5-VL-3B-shaped layers took 3.1x the CPU time
+    (``bench/bench_cast_buffers.py``, BENCHMARKS.md section 8). Reused buffers hold one fp32 copy per
+    distinct weight shape (the largest layer's cast is held anyway at the peak). Only the CPU: a GPU's
+    caching allocator already reuses its blocks. :meth:`clear` gives them back.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype))
+        return free.pop() if free else torch.empty(shape, dtype=dtype)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+def _cast_into(buffers: CastBuffers, stored: torch.Tensor, scale: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`dequantize_weight` into a reused buffer (the same arithmetic), or ``None`` where it does not apply."""
+    if stored.device.type != "cpu" or (scale is not None and dtype != torch.float32):
+        return None
+    out = buffers.take(stored.shape, dtype)
+    out.copy_(stored)
+    if scale is not None:
+        out.mul_((scale.reshape(-1, *([1] * (out.ndim - 1))) if scale.numel() > 1 else scale).to(torch.float32))
+    return out
+
+
 class _CastWeights:
     """Forward hooks of one module: its (and its listed children's) stored weights in the compute dtype
     while it runs, the stored tensors back afterwards (also when the forward raises)."""
 
-    def __init__(self, layers: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    def __init__(self, layers: list[torch.nn.Module], dtype: torch.dtype, buffers: CastBuffers) -> None:
         self.layers = layers
         self.dtype = dtype
+        self.buffers = buffers
         self.saved: list[torch.Tensor] = []
+        self.lent: list[torch.Tensor | None] = []
 
     def before(self, module: torch.nn.Module, args: Any) -> None:
         if self.saved:  # re-entered without an after (should not happen): keep the stored tensors we hold
             return
         for layer in self.layers:
             stored = layer.weight.data
+            scale = getattr(layer, "weight_scale", None)
             self.saved.append(stored)
-            layer.weight.data = dequantize_weight(stored, getattr(layer, "weight_scale", None), self.dtype)
+            cast = _cast_into(self.buffers, stored, scale, self.dtype)
+            self.lent.append(cast)
+            layer.weight.data = cast if cast is not None else dequantize_weight(stored, scale, self.dtype)
 
     def after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         for layer, stored in zip(self.layers, self.saved, strict=True):
             layer.weight.data = stored
-        self.saved = []
+        for cast in self.lent:
+            if cast is not None:
+                self.buffers.give(cast)
+        self.saved, self.lent = [], []
+
+
+def cast_buffers(model: torch.nn.Module | None) -> CastBuffers | None:
+    """The reused cast buffers of a model made by :func:`apply_stored_precision` (``None`` for any other)."""
+    return getattr(model, "_unison_cast_buffers", None)
+
+
+def drop_cast_buffers(model: torch.nn.Module | None) -> int:
+    """Free a model's reused cast buffers (they come back on its next forward); returns the bytes freed."""
+    buffers = cast_buffers(model)
+    if buffers is None:
+        return 0
+    held = buffers.held_bytes()
+    buffers.clear()
+    return held
 
 
 def _embedding_forward(module: torch.nn.Embedding, dtype: torch.dtype) -> Any:
@@ -141,8 +204,10 @@ def apply_stored_precision(
         parent_name, _, leaf = module_name.rpartition(".")
         host = parent_name if leaf in _CAST_WITH_PARENT and parent_name in modules else module_name
         hosts.setdefault((host, dtype), []).append(module)
+    buffers = cast_buffers(model) or CastBuffers()
+    model._unison_cast_buffers = buffers  # not a buffer of the module: never saved, moved or counted
     for (host, dtype), layers in hosts.items():
-        hooks = _CastWeights(layers, dtype)
+        hooks = _CastWeights(layers, dtype, buffers)
         modules[host].register_forward_pre_hook(hooks.before)
         modules[host].register_forward_hook(hooks.after, always_call=True)
     return count

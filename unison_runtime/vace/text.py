@@ -21,6 +21,7 @@ from .. import mapped_pages
 from ..errors import UnisonError
 from ..projector import REFERENCE_CONTEXT_LENGTH, build_context
 from .models import VaceModels
+from .stored_precision import drop_cast_buffers
 
 #: Wan's ``sample_neg_prompt`` (wan/configs/shared_config.py), which the reference uses by default.
 WAN_NEGATIVE_PROMPT = (
@@ -138,4 +139,5 @@ def release_encoder_pages(models: VaceModels) -> int:
     """
     if models.text_encoder is None or not str(models.text_device).startswith("cpu"):
         return 0
+    drop_cast_buffers(models.text_encoder)  # its reused per-layer casts too (made again by the next encode)
     return mapped_pages.give_back("umT5", models.text_encoder, after="after encoding")
