@@ -384,7 +384,7 @@ def run_job(directory: Path, job: str, steps: int, extra: list[str], out_dir: Pa
 
 
 def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int = 8197,
-              guidance: float = 5.0, runs: int = 1, planner: bool = False) -> dict:
+              guidance: float = 5.0, runs: int = 1, planner: bool = False, task: str = "auto") -> dict:
     """A text-to-image workflow (VACE Loader -> Planner -> Router -> Sampler -> PreviewImage, 64x64) in a real
     ComfyUI started on loopback with ``--cpu``, the released-size files linked into a scratch models folder;
     returns the server's peak RSS (VmHWM, read from /proc before it is stopped) and the run's time.
@@ -392,8 +392,9 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
     ``runs`` > 1 queues it again with a new seed and another prompt (umT5 encodes again, beside models kept
     from the first run); ``peaks_gib`` / ``seconds_each`` then give the peak so far and the time after each run.
     ``planner``: as the shipped workflows, with the Qwen2.5-VL-3B planner + LoRA (Unison Planner Loader) and the
-    projector (its tokens into the Sampler); written first if missing. The random planner plans nonsense, so the
-    Planner node falls back to the rule planner's plan after generating its 256 tokens."""
+    projector (its tokens into the Sampler); written first if missing. The random planner plans nonsense (it
+    generates its 256 tokens, and may even "decide" a question): ``task`` set on the Task Router (as a user
+    overrides it) makes the Sampler run whatever it decided."""
     import shutil
 
     from bench.bench_caching import ComfyServer, api_prompt
@@ -425,6 +426,8 @@ def comfy_job(directory: Path, comfyui: Path, python: str, steps: int, port: int
         for index in range(runs):
             prompt = api_prompt({part: name for part, (_, name) in files.items()}, 64, steps, seed=index)
             prompt["4"]["inputs"]["guidance"] = guidance  # 1: one umT5 forward and one pass per step (time, not memory)
+            if task != "auto":  # the size too, whatever a random planner decided
+                prompt["3"]["inputs"].update(task=task, width=64, height=64)
             prompt["1"]["inputs"]["text_encoder_dtype"] = "auto"
             if index:
                 prompt["2"]["inputs"]["instruction"] += f" Variation {index}."
