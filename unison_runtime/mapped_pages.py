@@ -78,15 +78,20 @@ def tensors_of(*modules: Any) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def _storage_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
-    """Address ranges of the distinct CPU storages under ``tensors`` (a view's whole storage)."""
+def _spans(tensors: Iterable[torch.Tensor], *, whole_storage: bool) -> list[tuple[int, int]]:
+    """Address ranges of the distinct CPU tensors: each tensor's own bytes, or its whole storage's (a view's
+    pages are those of the storage it views)."""
     ranges: dict[int, int] = {}
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.is_meta:
             continue
-        storage = tensor.untyped_storage()
-        if storage.nbytes():
-            ranges[storage.data_ptr()] = max(ranges.get(storage.data_ptr(), 0), storage.nbytes())
+        if whole_storage:
+            storage = tensor.untyped_storage()
+            start, size = storage.data_ptr(), storage.nbytes()
+        else:
+            start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        if size:
+            ranges[start] = max(ranges.get(start, 0), size)
     return sorted((start, start + size) for start, size in ranges.items())
 
 
@@ -102,22 +107,13 @@ def _overlaps(ranges: list[tuple[int, int]], mappings: list[FileMapping]) -> lis
     return [(mapping, low, high) for mapping, (low, high) in pieces.items()]
 
 
-def _tensor_ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
-    """Address ranges of the distinct CPU tensors (their own bytes, not their storage's)."""
-    ranges: dict[int, int] = {}
-    for tensor in tensors:
-        if tensor.device.type == "cpu" and not tensor.is_meta and tensor.numel():
-            ranges[tensor.data_ptr()] = max(ranges.get(tensor.data_ptr(), 0), tensor.numel() * tensor.element_size())
-    return sorted((start, start + size) for start, size in ranges.items())
-
-
 def _in_mappings(ranges: list[tuple[int, int]], mappings: list[FileMapping]) -> int:
     return sum(max(0, min(end, m.end) - max(begin, m.start)) for begin, end in ranges for m in mappings)
 
 
 def mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of ``tensors`` (each distinct tensor's own bytes) that are views of a file (resident or not)."""
-    return _in_mappings(_tensor_ranges(tensors), file_mappings())
+    return _in_mappings(_spans(tensors, whole_storage=False), file_mappings())
 
 
 def private_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -126,26 +122,26 @@ def private_bytes(tensors: Iterable[torch.Tensor]) -> int:
     Mapped pages count as available memory to the kernel (it can drop and re-read them), so a memory
     check counts only these as already in use.
     """
-    ranges = _tensor_ranges(tensors)
+    ranges = _spans(tensors, whole_storage=False)
     return sum(end - begin for begin, end in ranges) - _in_mappings(ranges, file_mappings())
 
 
-def _smaps_fields(starts: set[int], wanted: tuple[str, ...]) -> dict[int, dict[str, int]]:
-    """``{mapping start: {field: bytes}}`` from ``/proc/self/smaps`` for the mappings starting at ``starts``."""
-    fields: dict[int, dict[str, int]] = {}
-    current: dict[str, int] | None = None
+def _copied_bytes(starts: set[int]) -> dict[int, int]:
+    """``{mapping start: bytes}`` of copy-on-write pages (smaps' ``Anonymous``) of the mappings at ``starts``."""
+    copied: dict[int, int] = {}
+    current: int | None = None
     try:
         text = _SMAPS.read_text()
     except OSError:
-        return fields
+        return copied
     for line in text.splitlines():
         head = line.split(maxsplit=1)[0] if line else ""
         if "-" in head and not head.endswith(":"):
             start = int(head.split("-")[0], 16)
-            current = fields.setdefault(start, {}) if start in starts else None
-        elif current is not None and head[:-1] in wanted:
-            current[head[:-1]] = int(line.split()[1]) * 1024  # "Rss:   1234 kB"
-    return fields
+            current = start if start in starts else None
+        elif current is not None and head == "Anonymous:":
+            copied[current] = int(line.split()[1]) * 1024  # "Anonymous:   1234 kB"
+    return copied
 
 
 def _present_pages(low: int, high: int) -> int:
@@ -164,7 +160,7 @@ def _present_pages(low: int, high: int) -> int:
 
 def resident_mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the file-mapped pages under ``tensors`` that are resident in this process (counted in its RSS)."""
-    pieces = _overlaps(_storage_ranges(tensors), file_mappings())
+    pieces = _overlaps(_spans(tensors, whole_storage=True), file_mappings())
     return sum(_present_pages(low, high) for _, low, high in pieces) * mmap.PAGESIZE
 
 
@@ -186,20 +182,19 @@ def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     The tensors stay valid and unchanged: a page is read back when next touched. Nothing is done
     (0) off Linux, for tensors outside file mappings, or where the kernel refuses the advice.
     """
-    pieces = _overlaps(_storage_ranges(tensors), file_mappings())
-    advise = _madvise() if pieces else None
+    page = mmap.PAGESIZE
+    # Whole pages: each range is widened to page bounds inside its mapping (the same file).
+    pieces = [(mapping, max(mapping.start, low // page * page), min(mapping.end, -(-high // page) * page))
+              for mapping, low, high in _overlaps(_spans(tensors, whole_storage=True), file_mappings())]
+    resident = [(mapping, low, high, present) for mapping, low, high in pieces
+                if (present := _present_pages(low, high))]
+    advise = _madvise() if resident else None
     if advise is None:
         return 0
-    copied = _smaps_fields({mapping.start for mapping, _, _ in pieces}, ("Anonymous",))
-    page = mmap.PAGESIZE
+    copied = _copied_bytes({mapping.start for mapping, *_ in resident})
     released = 0
-    for mapping, low, high in pieces:
-        # Whole pages: the range is widened to page bounds inside the same mapping (same file).
-        low, high = max(mapping.start, low // page * page), min(mapping.end, -(-high // page) * page)
-        present = _present_pages(low, high)
-        if not present:
-            continue
-        written = mapping.private and copied.get(mapping.start, {}).get("Anonymous", 1) > 0  # copy-on-write, or unknown
+    for mapping, low, high, present in resident:
+        written = mapping.private and copied.get(mapping.start, 1) > 0  # copy-on-write pages, or unknown
         # A kernel before 5.4 refuses MADV_PAGEOUT (EINVAL): those pages stay, which costs only memory.
         advise(low, high - low, MADV_PAGEOUT if written else MADV_DONTNEED)
         released += (present - _present_pages(low, high)) * page
