@@ -36,14 +36,13 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import mapped_pages
 from ..errors import MediaError, SamplingCancelled, UnisonError
 from ..faults import call_freeing_memory, is_out_of_memory, memory_advice, reset_model_caches
 from ..plan import Plan
 from .models import VaceModels
 from .speed import check_options as check_speed_options
 from .speed import continue_in_branches, sampling_speedups, write_calibration
-from .stored_precision import drop_cast_buffers
+from .stored_precision import give_back_ram
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -429,13 +428,6 @@ def vae_tiling(vae: Any, on: bool) -> Iterator[None]:
 DECODE_TILES = ((256, 256, 192, 192), (128, 128, 96, 96))
 
 
-def _give_back_transformer(models: VaceModels, after: str) -> None:
-    """On the CPU, while the VAE works: the transformer's mapped weight pages and its reused cast buffers go
-    back to the OS (read and made again by its next forward)."""
-    drop_cast_buffers(models.transformer)
-    mapped_pages.give_back("VACE transformer", models.transformer, after=after)
-
-
 def decode(models: VaceModels, latents: torch.Tensor, num_references: int, *,
            free_memory: Callable[[], None] | None = None, notes: list[str] | None = None) -> torch.Tensor:
     """Drop the reference frames, undo the latent normalisation, decode: float32 [T, H, W, 3] in 0..1 on the CPU.
@@ -535,7 +527,7 @@ def sample(
         with vae_tiling(models.vae, options.vae_tiling):
             announce(stage[0] + (" (tiled)" if options.vae_tiling else ""))
             if on_cpu:  # the VAE works while the transformer waits: its pages need not be resident yet
-                _give_back_transformer(models, "before the VAE encoding")
+                give_back_ram("VACE transformer", models.transformer, after="before the VAE encoding")
             prepared = prepare_latents(models, inputs, options.seed, options.noise_device)
             stage[0] = "sampling"
             announce(f"sampling {options.steps} steps")
@@ -545,7 +537,7 @@ def sample(
             num_references = prepared.num_references
             del prepared  # the control latents are not needed to decode
             if on_cpu:  # nor the transformer's weights: their RAM goes to the decode
-                _give_back_transformer(models, "before decoding")
+                give_back_ram("VACE transformer", models.transformer, after="before decoding")
             frames = plan.num_frames
             announce(f"decoding {frames} frame{'s' if frames != 1 else ''} with the VAE"
                      + (" (tiled)" if options.vae_tiling else ""))

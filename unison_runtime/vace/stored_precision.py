@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import mapped_pages
 from .quantized import scale_name
 
 #: Module-name patterns never kept stored, besides a model's own lists (diffusers' defaults).
@@ -160,6 +161,14 @@ def drop_cast_buffers(model: torch.nn.Module | None) -> int:
     held = buffers.held_bytes()
     buffers.clear()
     return held
+
+
+def give_back_ram(what: str, model: torch.nn.Module | None, *, after: str) -> int:
+    """A CPU model's RAM beside what it computes with, back to the OS while it waits: its reused cast buffers and
+    the resident pages of its stored weights (:mod:`unison_runtime.mapped_pages`); both come back on its next
+    forward. Returns the page bytes given back (logged, naming ``what`` and ``after``)."""
+    drop_cast_buffers(model)
+    return mapped_pages.give_back(what, model, after=after)
 
 
 def _embedding_forward(module: torch.nn.Embedding, dtype: torch.dtype) -> Any:

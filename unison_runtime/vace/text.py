@@ -17,11 +17,10 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
-from .. import mapped_pages
 from ..errors import UnisonError
 from ..projector import REFERENCE_CONTEXT_LENGTH, build_context
 from .models import VaceModels
-from .stored_precision import drop_cast_buffers
+from .stored_precision import give_back_ram
 
 #: Wan's ``sample_neg_prompt`` (wan/configs/shared_config.py), which the reference uses by default.
 WAN_NEGATIVE_PROMPT = (
@@ -135,9 +134,8 @@ def release_encoder_pages(models: VaceModels) -> int:
 
     umT5 stays loaded (a host may keep it for the next prompt, as ComfyUI does), but its stored
     weights (6.3 GiB of scaled fp8 at released size) need not stay resident beside the transformer
-    while it samples: the pages are read again on the next encode (:mod:`unison_runtime.mapped_pages`).
+    while it samples, nor its reused cast buffers: both come back on the next encode.
     """
     if models.text_encoder is None or not str(models.text_device).startswith("cpu"):
         return 0
-    drop_cast_buffers(models.text_encoder)  # its reused per-layer casts too (made again by the next encode)
-    return mapped_pages.give_back("umT5", models.text_encoder, after="after encoding")
+    return give_back_ram("umT5", models.text_encoder, after="after encoding")
