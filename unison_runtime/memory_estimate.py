@@ -179,15 +179,10 @@ def weight_bytes(paths: Iterable[str | Path | None], dtype: str | None, *, keep_
     return _held_and_kept(paths, dtype, keep_narrower)[0]
 
 
-def kept_bytes(paths: Iterable[str | Path | None], dtype: str | None) -> int:
-    """Bytes of the matrices in the safetensors files of ``paths`` kept as stored for a ``dtype``
-    computation (:func:`weight_bytes`' ``keep_narrower`` rule): views of the file, whose pages the
-    CPU sampler gives back when it is done with them (:mod:`unison_runtime.mapped_pages`). A little
-    high: the few embedder matrices the loader converts all the same count (~50 MB at 1.3B)."""
-    return _held_and_kept(paths, dtype, True)[1]
-
-
 def _held_and_kept(paths: Iterable[str | Path | None], dtype: str | None, keep_narrower: bool) -> tuple[int, int]:
+    """(:func:`weight_bytes`, bytes of the matrices kept as stored). Kept matrices of a single file are views of
+    it, whose pages the CPU sampler gives back while the VAE works (:mod:`unison_runtime.mapped_pages`); a
+    little high: the few embedder matrices the loader converts all the same count (~50 MB at 1.3B)."""
     width = DTYPE_BYTES.get(str(dtype).lower()) if dtype is not None else None
     total = kept = 0
     for path in _weight_files(paths):
@@ -268,9 +263,10 @@ def footprint_from_paths(
     untied, cast = lm_head_bytes(stage_one, stage_one_lora, stage_one_dtype, **keep)
     stage_one_bytes = weight_bytes(stage_one, stage_one_dtype, **keep)
     single_file = folder is None and str(parts["transformer"][0] or "").endswith(".safetensors")
+    transformer, transformer_kept = _held_and_kept(parts["transformer"], transformer_dtype, cast_per_layer)
     return ModelFootprint(
-        transformer_mapped=kept_bytes(parts["transformer"], transformer_dtype) if single_file and cast_per_layer else 0,
-        transformer=weight_bytes(parts["transformer"], transformer_dtype, **keep),
+        transformer_mapped=transformer_kept if single_file else 0,  # kept matrices of a single file are mapped
+        transformer=transformer,
         vae=weight_bytes(parts["vae"], vae_dtype),
         text_encoder=weight_bytes(parts["text_encoder"], text_dtype, **keep),
         transformer_config=configs[0], vae_config=configs[1],
